@@ -1,0 +1,1 @@
+"""Evaluation plumbing shared by search spaces: population batching across devices."""

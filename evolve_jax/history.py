@@ -1,0 +1,51 @@
+"""Prints the experiment history: one JSON object per node (for jq or pandas.read_json(lines=True)).
+
+python -m evolve_jax.history --workdir=W [--status=ok] [--sort=score] [--limit=10]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+from evolve_jax.cli import parse_flags
+from evolve_jax.memory.history import History, HistoryError
+from evolve_jax.report import ranked
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (a path or gs:// URL).")
+_STATUS = flags.DEFINE_multi_enum(
+    "status", [], ["ok", "invalid", "failed", "timeout"], "Only nodes with this status."
+)
+_SORT = flags.DEFINE_enum("sort", "id", ["id", "score"], "Order: node id, or best score first.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Print at most this many nodes (0: all).", lower_bound=0)
+_RUN = flags.DEFINE_string("run_name", None, "Only nodes of this run.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not _WORKDIR.value:
+        print("error: --workdir is required", file=sys.stderr)
+        sys.exit(2)
+    try:
+        history = History(_WORKDIR.value, create=False)
+        nodes = history.nodes()
+        direction = history.direction
+    except HistoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if _STATUS.value:
+        nodes = [n for n in nodes if n.status in _STATUS.value]
+    if _RUN.value:
+        nodes = [n for n in nodes if n.origin.get("run") == _RUN.value]
+    if _SORT.value == "score":
+        nodes = ranked(nodes, direction) + [n for n in nodes if not n.ok]
+    if _LIMIT.value:
+        nodes = nodes[: _LIMIT.value]
+    for node in nodes:
+        print(json.dumps(node.summary(), sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

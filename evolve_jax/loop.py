@@ -1,0 +1,361 @@
+"""The research loop: sample, learn, design, experiment, analyze, record (DESIGN.md "The loop").
+
+Step 0 evaluates the search space's named seeds (the baseline among them); each later step
+proposes ``samples_per_step`` children from the history as it stood when the step began,
+evaluates them as one population, and commits each node atomically. Every random draw comes
+from ``(seed, step, slot)``, so a run killed at any moment and started again with the same
+command recomputes the same proposals, skips the nodes already committed, and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from evolve_jax import report
+from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
+from evolve_jax.agents.researcher import fingerprint
+from evolve_jax.config import RunConfig
+from evolve_jax.fitness import Fitness
+from evolve_jax.memory.cognition import Cognition, load_seed_file
+from evolve_jax.memory.history import History, Node, worst_score
+from evolve_jax.sampling import make_sampler
+from evolve_jax.search_space import SearchSpace, load
+
+
+class LoopError(RuntimeError):
+    """The run cannot go on; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    workdir: str
+    nodes: list[Node]
+    best: Node | None
+    direction: str
+    report: str
+
+
+class ResearchLoop:
+    def __init__(self, config: RunConfig, space: SearchSpace | None = None):
+        self.config = config
+        self.space = space or load(config.search_space, **dict(config.space_options))
+        self.task = self.space.describe()
+        self.history = History(config.workdir)
+        direction = "max" if self.space.baseline() else self.task.primary.direction
+        self.direction = self.history.initialise(self.space.name, direction)["direction"]
+        seed_file = self.space.cognition_seed()
+        self.cognition = Cognition(
+            load_seed_file(seed_file) if seed_file else (), history=self.history
+        )
+        self.sampler = make_sampler(config.sampler, self.direction, self.space.descriptors())
+        self.devices = jax.devices()
+        self.agents = make_agents(
+            config.agents,
+            AgentEnv(
+                space=self.space,
+                history=self.history,
+                cognition=self.cognition,
+                direction=self.direction,
+                devices=self.devices,
+                concurrency=config.concurrency,
+                max_repairs=config.max_repairs,
+            ),
+        )
+        self._started = time.perf_counter()
+        self._evaluated = 0  # candidates evaluated by this process (for the ETA)
+        self._remaining = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _mine(self) -> dict[tuple[int, int], Node]:
+        run = self.config.run_name
+        return {
+            (n.origin["step"], n.origin["slot"]): n
+            for n in self.history.nodes()
+            if n.origin.get("run") == run
+        }
+
+    def _view(self, step: int) -> list[Node]:
+        """The history as it stood when ``step`` began (this run's later nodes left out)."""
+        run = self.config.run_name
+        return [
+            n
+            for n in self.history.nodes()
+            if not (n.origin.get("run") == run and n.origin.get("step", 0) >= step)
+        ]
+
+    def _baseline_node(self) -> Node | None:
+        name = self.space.baseline()
+        if name is None:
+            return None
+        slot = list(self.space.seeds()).index(name)
+        return self._mine().get((0, slot))
+
+    def _fitness(self, stage: int) -> Fitness:
+        if self.space.baseline() is None:
+            return Fitness(self.task.metrics)
+        base = self._baseline_node()
+        if base is None or not base.ok:
+            raise LoopError(f"the baseline seed {self.space.baseline()!r} has no successful result")
+        if stage == 0:
+            metrics = base.metrics[self.task.stages[0].name]
+        else:
+            record = base.stages.get(stage)
+            if record is None or record["status"] != "ok":
+                raise LoopError(f"the baseline has no successful result at stage {stage}")
+            metrics = record["metrics"]
+        return Fitness(self.task.metrics, baseline=metrics)
+
+    def _score(self, outcome: Outcome, fitness: Fitness) -> tuple[Outcome, float, dict]:
+        if outcome.status != "ok":
+            return outcome, worst_score(self.direction), {}
+        score, stats = fitness.score(outcome.metrics)
+        if not math.isfinite(score):
+            outcome = dataclasses.replace(outcome, status="failed", reason=stats.get("error"))
+            return outcome, worst_score(self.direction), stats
+        return outcome, score, stats
+
+    def _best(self) -> Node | None:
+        ok = [n for n in self.history.cached().values() if n.ok]
+        return self.sampler.ranked(ok)[0] if ok else None
+
+    def _descriptor(self, candidate: Any) -> list[float]:
+        try:
+            return [float(v) for v in self.space.describe_genome(candidate)]
+        except Exception:
+            return []
+
+    def _record(
+        self,
+        step: int,
+        slot: int,
+        proposal: Proposal,
+        outcome: Outcome,
+        fitness: Fitness,
+        siblings: list[tuple[Proposal, float]],
+        design_seconds: float,
+    ) -> Node:
+        outcome, score, stats = self._score(outcome, fitness)
+        parents = [self.history.get(p) for p in proposal.parents]
+        analysis = self.agents.analyzer.analyze(proposal, outcome, score, parents, siblings)
+        stats = {**stats, "repairs": outcome.repairs}
+        node = self.history.append(
+            parents=list(proposal.parents),
+            search_space=self.space.name,
+            name=proposal.name,
+            motivation=proposal.motivation,
+            candidate=outcome.candidate,
+            status=outcome.status,
+            reason=outcome.reason,
+            metrics={self.task.stages[0].name: outcome.metrics} if outcome.metrics else {},
+            score=score,
+            stats=stats,
+            analysis=analysis,
+            timings={"design": design_seconds, "evaluate": outcome.seconds},
+            island=proposal.island,
+            created=time.time(),
+            operator=proposal.operator,
+            origin={"run": self.config.run_name, "step": step, "slot": slot},
+            descriptor=self._descriptor(outcome.candidate),
+            cognition_ids=list(proposal.cognition_ids),
+        )
+        siblings.append((proposal, score))
+        self._log(step, slot, node)
+        return node
+
+    def _log(self, step: int, slot: int, node: Node) -> None:
+        self._evaluated += 1
+        self._remaining = max(self._remaining - 1, 0)
+        elapsed = time.perf_counter() - self._started
+        eta = elapsed / self._evaluated * self._remaining
+        best = self._best()
+        best_text = f"{best.score:.4g} ({best.name})" if best else "none"
+        reason = f" [{node.reason}]" if node.reason else ""
+        logging.info(
+            "step %d/%d slot %d | %s | %s%s | score %.4g | best %s | elapsed %s | eta %s",
+            step, self.config.steps, slot, node.name, node.status, reason, node.score,
+            best_text, report.clock(elapsed), report.clock(eta),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ steps
+
+    def seed_step(self) -> None:
+        """Step 0: evaluates the named seeds (baseline included) not yet in the history."""
+        seeds = list(self.space.seeds().items())
+        mine = self._mine()
+        todo = [slot for slot in range(len(seeds)) if (0, slot) not in mine]
+        if not todo:
+            return
+        baseline = self.space.baseline()
+        if baseline is not None and baseline not in dict(seeds):
+            raise LoopError(f"baseline {baseline!r} is not one of the seeds")
+        proposals = [
+            Proposal(
+                name=name,
+                motivation=f"seed candidate {name!r} of {self.space.name}",
+                candidate=genome,
+                operator=None,
+                parents=(),
+                island=slot % self.config.sampler.num_islands,
+            )
+            for slot, (name, genome) in enumerate(seeds)
+        ]
+        outcomes = self.agents.engineer.run(
+            [proposals[s].candidate for s in todo], {}, 0, self.config.eval_seed_list
+        )
+        by_slot = dict(zip(todo, outcomes, strict=True))
+        fitness = Fitness(self.task.metrics)
+        if baseline is not None:
+            base_slot = [name for name, _ in seeds].index(baseline)
+            if base_slot in by_slot:  # record the baseline first: every score depends on it
+                todo = [base_slot] + [s for s in todo if s != base_slot]
+                outcome = by_slot[base_slot]
+                if outcome.status != "ok":
+                    raise LoopError(
+                        f"baseline seed {baseline!r} {outcome.status}: {outcome.reason}"
+                    )
+                fitness = Fitness(self.task.metrics, baseline=outcome.metrics)
+            else:
+                fitness = self._fitness(0)
+        siblings: list[tuple[Proposal, float]] = []
+        for slot in todo:
+            self._record(0, slot, proposals[slot], by_slot[slot], fitness, siblings, 0.0)
+
+    def evolve_step(self, step: int) -> None:
+        """One step: sample, learn, design every slot; evaluate and record the missing ones."""
+        cfg = self.config
+        mine = self._mine()
+        todo = [s for s in range(cfg.samples_per_step) if (step, s) not in mine]
+        view = self._view(step)
+        pool = [n for n in view if n.ok]
+        if not pool:
+            raise LoopError("no successful node to sample from: every seed failed (see history)")
+        self.sampler.sync(self.history, view, step)
+        self.agents.researcher.sync(view)
+        known = {fingerprint(n.candidate): n.id for n in view}
+        proposals: list[Proposal] = []
+        design_seconds = []
+        for slot in range(cfg.samples_per_step):
+            start = time.perf_counter()
+            rng = np.random.default_rng([cfg.seed, step, slot])
+            selection = self.sampler.select(pool, rng, slot)
+            query = " ".join(n.analysis for n in (selection.parent, *selection.references))
+            lessons = self.cognition.retrieve(query, cfg.retrieval_k, cfg.max_item_chars)
+            context = DesignContext(
+                step=step,
+                slot=slot,
+                selection=selection,
+                lessons=tuple(lessons),
+                siblings=tuple(proposals),
+                known=frozenset(known),
+                rng=rng,
+            )
+            proposals.append(self.agents.researcher.propose(context))
+            design_seconds.append(time.perf_counter() - start)
+        if todo:
+            outcomes = self.agents.engineer.run(
+                [proposals[s].candidate for s in todo], known, 0, cfg.eval_seed_list
+            )
+            fitness = self._fitness(0)
+            siblings = [
+                (proposals[s], mine[(step, s)].score)
+                for s in range(cfg.samples_per_step)
+                if (step, s) in mine
+            ]
+            for slot, outcome in zip(todo, outcomes, strict=True):
+                self._record(
+                    step, slot, proposals[slot], outcome, fitness, siblings, design_seconds[slot]
+                )
+        self.agents.analyzer.write_lessons(self.history.nodes(), step)
+
+    def promote(self) -> None:
+        """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages."""
+        k = self.config.promote_top_k
+        if k == 0 or len(self.task.stages) < 2:
+            return
+        self.history.refresh_stages()
+        ranked = self.sampler.ranked([n for n in self.history.nodes() if n.ok])
+        chosen = ranked[:k]
+        base = self._baseline_node()
+        if base is not None:
+            chosen = [base] + [n for n in chosen if n.id != base.id]
+        for stage in range(1, len(self.task.stages)):
+            todo = [n for n in chosen if stage not in n.stages]
+            if not todo:
+                continue
+            outcomes = self.agents.engineer.run(
+                [n.candidate for n in todo], {}, stage, self.config.eval_seed_list
+            )
+            for node, outcome in zip(todo, outcomes, strict=True):
+                if base is not None and node.id == base.id and outcome.status != "ok":
+                    raise LoopError(f"baseline failed at stage {stage}: {outcome.reason}")
+                fitness = self._fitness(stage) if node is not base else None
+                if fitness is None:
+                    fitness = Fitness(self.task.metrics, baseline=outcome.metrics)
+                outcome, score, stats = self._score(outcome, fitness)
+                self.history.add_stage_result(
+                    node.id,
+                    stage,
+                    {
+                        "stage": stage,
+                        "stage_name": self.task.stages[stage].name,
+                        "status": outcome.status,
+                        "reason": outcome.reason,
+                        "metrics": outcome.metrics,
+                        "score": score,
+                        "stats": stats,
+                        "seconds": outcome.seconds,
+                        "created": time.time(),
+                    },
+                )
+                logging.info(
+                    "promoted %s to stage %d (%s): %s score %.4g (stage 0: %.4g)",
+                    node.name, stage, self.task.stages[stage].name, outcome.status, score,
+                    node.score,
+                )  # fmt: skip
+
+    def run(self) -> RunSummary:
+        cfg = self.config
+        mine = self._mine()
+        total = len(self.space.seeds()) + cfg.steps * cfg.samples_per_step
+        self._remaining = total - len(mine)
+        if mine:
+            logging.info(
+                "resuming %r: %d of %d nodes already recorded", cfg.run_name, len(mine), total
+            )
+        self.seed_step()
+        self.agents.analyzer.write_lessons(self.history.nodes(), 0)
+        self.promote()
+        for step in range(1, cfg.steps + 1):
+            self.evolve_step(step)
+            self.promote()
+        nodes = self.history.nodes()
+        self.history.refresh_stages()
+        text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)
+        report.save(cfg.workdir, text)
+        return RunSummary(cfg.workdir, nodes, self._best(), self.direction, text)
+
+
+def run(config: RunConfig, space: SearchSpace | None = None) -> RunSummary:
+    """Runs (or resumes) the search described by ``config``; returns its summary."""
+    return ResearchLoop(config, space).run()
+
+
+def same_history(a: Sequence[Node], b: Sequence[Node]) -> bool:
+    """Whether two histories hold the same nodes, ignoring wall-clock fields."""
+
+    def strip(node: Node) -> dict:
+        record = node.to_json()
+        for key in ("created", "timings"):
+            record.pop(key)
+        return record
+
+    return [strip(n) for n in a] == [strip(n) for n in b]

@@ -1,0 +1,138 @@
+"""Runs a search: ``python -m evolve_jax.main --flagfile=configs/quickstart.flags``.
+
+Flags become a frozen RunConfig here; everything else is the library (evolve_jax.loop.run).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from evolve_jax import search_space
+from evolve_jax.cli import parse_flags
+from evolve_jax.config import RunConfig
+from evolve_jax.sampling import SAMPLERS, SamplerConfig
+
+_SEARCH_SPACE = flags.DEFINE_string(
+    "search_space", None, "Installed search space name, or 'package.module:factory'."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the history lives: a path or gs:// URL.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Evolution steps after the seed step.", lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw; same flags + seed = same run.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ucb1", list(SAMPLERS), "Parent sampler.")
+_NUM_REFERENCES = flags.DEFINE_integer(
+    "num_references", 2, "Reference nodes shown with each parent.", lower_bound=0
+)
+_UCB_C = flags.DEFINE_float("ucb_c", 1.414, "UCB1 exploration constant.", lower_bound=0)
+_NUM_ISLANDS = flags.DEFINE_integer("num_islands", 5, "Islands (sampler=islands).", lower_bound=1)
+_MIGRATION_INTERVAL = flags.DEFINE_integer(
+    "migration_interval", 10, "Steps between ring migrations.", lower_bound=1
+)
+_MIGRATION_RATE = flags.DEFINE_float(
+    "migration_rate", 0.1, "Share of each island that migrates.", lower_bound=0, upper_bound=1
+)
+_EXPLORATION = flags.DEFINE_float(
+    "exploration", 0.2, "Islands: chance of a random member.", lower_bound=0, upper_bound=1
+)
+_EXPLOITATION = flags.DEFINE_float(
+    "exploitation", 0.6, "Islands: chance of the best member.", lower_bound=0, upper_bound=1
+)
+_AGENTS = flags.DEFINE_enum("agents", "offline", ["offline"], "Agent backend.")
+_SAMPLES_PER_STEP = flags.DEFINE_integer(
+    "samples_per_step", 4, "Children proposed (one population) per step.", lower_bound=1
+)
+_CONCURRENCY = flags.DEFINE_integer(
+    "concurrency", 1, "Evaluation groups run at once.", lower_bound=1
+)
+_EVAL_SEEDS = flags.DEFINE_integer(
+    "eval_seeds", 1, "Seeds per candidate (paired with the baseline).", lower_bound=1
+)
+_PROMOTE_TOP_K = flags.DEFINE_integer(
+    "promote_top_k", 0, "Best nodes evaluated at the costlier stages.", lower_bound=0
+)
+_RUN_NAME = flags.DEFINE_string("run_name", "main", "Names this run's nodes in a shared history.")
+_RETRIEVAL_K = flags.DEFINE_integer("retrieval_k", 5, "Cognition items per design.", lower_bound=1)
+_MAX_ITEM_CHARS = flags.DEFINE_integer(
+    "max_item_chars", 600, "Length bound of a retrieved item.", lower_bound=1
+)
+_MAX_REPAIRS = flags.DEFINE_integer(
+    "max_repairs", 2, "Repair attempts per candidate.", lower_bound=0
+)
+_SPACE_OPT = flags.DEFINE_multi_string(
+    "space_opt", [], "key=value option passed to the search space (repeatable)."
+)
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", 0, "Split the CPU into N devices (testing sharding).", lower_bound=0
+)
+
+
+def config_from_flags() -> RunConfig:
+    options = []
+    for option in _SPACE_OPT.value:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--space_opt={option!r} is not key=value")
+        options.append((key, value))
+    return RunConfig(
+        search_space=_SEARCH_SPACE.value,
+        workdir=_WORKDIR.value,
+        steps=_STEPS.value,
+        seed=_SEED.value,
+        sampler=SamplerConfig(
+            name=_SAMPLER.value,
+            num_references=_NUM_REFERENCES.value,
+            ucb_c=_UCB_C.value,
+            num_islands=_NUM_ISLANDS.value,
+            migration_interval=_MIGRATION_INTERVAL.value,
+            migration_rate=_MIGRATION_RATE.value,
+            exploration=_EXPLORATION.value,
+            exploitation=_EXPLOITATION.value,
+        ),
+        agents=_AGENTS.value,
+        samples_per_step=_SAMPLES_PER_STEP.value,
+        concurrency=_CONCURRENCY.value,
+        eval_seeds=_EVAL_SEEDS.value,
+        promote_top_k=_PROMOTE_TOP_K.value,
+        run_name=_RUN_NAME.value,
+        retrieval_k=_RETRIEVAL_K.value,
+        max_item_chars=_MAX_ITEM_CHARS.value,
+        max_repairs=_MAX_REPAIRS.value,
+        space_options=tuple(options),
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for name in ("search_space", "workdir"):
+        if not flags.FLAGS[name].value:
+            print(f"error: --{name} is required", file=sys.stderr)
+            sys.exit(2)
+    # Everything that can be wrong with the input is checked before any work is done.
+    try:
+        config = config_from_flags()
+        space = search_space.load(config.search_space, **dict(config.space_options))
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if _NUM_CPU_DEVICES.value:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+
+    from evolve_jax.loop import LoopError, run
+    from evolve_jax.memory.cognition import CognitionError
+    from evolve_jax.memory.history import HistoryError
+
+    logging.set_verbosity(logging.INFO)
+    try:
+        summary = run(config, space)
+    except (LoopError, HistoryError, CognitionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(summary.report)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,1 @@
+"""The two memories: the experiment history (TensorStore) and the cognition base."""

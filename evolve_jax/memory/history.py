@@ -1,0 +1,305 @@
+"""The experiment history: an append-only TensorStore OCDBT key-value store.
+
+Layout (all values JSON):
+  meta                          written once: format, search space, score direction
+  counters/next_node            next node id, advanced by compare-and-swap
+  nodes/<id:010d>               one node, written once, in the same atomic transaction as
+                                the counter that allocated its id
+  stages/<id:010d>/<stage:02d>  a promoted node's result at a costlier stage, written once
+  records/<kind>/<key>          other write-once records (island migrations, lessons, ...)
+
+Nothing is ever rewritten, so an append costs the same at node 100 and node 100,000, a killed
+writer leaves either a whole node or none, and writers in several processes (or hosts sharing a
+gs:// workdir) only ever race on the counter, which they retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import tensorstore as ts
+
+FORMAT = 1
+STATUSES = ("ok", "invalid", "failed", "timeout")
+_NODE_PREFIX = b"nodes/"
+_STAGE_PREFIX = b"stages/"
+_COUNTER = b"counters/next_node"
+_MAX_CAS_ATTEMPTS = 10_000
+# The storage generation of a key with no value: writing with if_equal=_ABSENT succeeds only if
+# the key does not exist (if_equal=b"" would be unconditional).
+_ABSENT = ts.KvStore.open({"driver": "memory"}).result().read(b"k").result().stamp.generation
+
+
+class HistoryError(RuntimeError):
+    """The store cannot be opened or used as asked."""
+
+
+class CorruptRecordError(HistoryError):
+    """A stored value cannot be decoded; the message names its key."""
+
+
+@dataclasses.dataclass
+class Node:
+    """One experiment: a candidate, where it came from, and what happened to it.
+
+    ``metrics[stage][seed][metric]``; ``score`` is higher-is-better in ``meta.direction`` terms,
+    and a failure's score is the worst value for that direction (never a literal 0).
+    """
+
+    id: int
+    parents: list[int]
+    search_space: str
+    name: str
+    motivation: str
+    candidate: Any
+    status: str
+    reason: str | None
+    metrics: dict[str, dict[str, dict[str, float | None]]]
+    score: float
+    stats: dict[str, Any]
+    analysis: str
+    timings: dict[str, float]
+    island: int
+    created: float
+    operator: str | None = None
+    origin: dict[str, Any] = dataclasses.field(default_factory=dict)
+    descriptor: list[float] = dataclasses.field(default_factory=list)
+    cognition_ids: list[str] = dataclasses.field(default_factory=list)
+    # Results at costlier stages, filled from stages/ keys: {stage_index: record}.
+    stages: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record.pop("stages")
+        return _finite_or_none(record)
+
+    def summary(self) -> dict[str, Any]:
+        """The flat view printed by the history CLI (one JSON object per node)."""
+        record = self.to_json()
+        record["stages"] = {str(k): _finite_or_none(v) for k, v in sorted(self.stages.items())}
+        return record
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no inf/nan (jq and pandas choke on them): store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def worst_score(direction: str) -> float:
+    return -math.inf if direction == "max" else math.inf
+
+
+def _node_key(node_id: int) -> bytes:
+    return b"%s%010d" % (_NODE_PREFIX, node_id)
+
+
+def _stage_key(node_id: int, stage: int) -> bytes:
+    return b"%s%010d/%02d" % (_STAGE_PREFIX, node_id, stage)
+
+
+def kvstore_url(workdir: str) -> str:
+    """The OCDBT base URL of a workdir's history: a local path or a gs:// URL."""
+    if "://" in workdir:
+        return workdir.rstrip("/") + "/history/"
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HistoryError(f"workdir {workdir!r} is a file, not a directory")
+    history = os.path.join(path, "history")
+    if os.path.exists(history) and not os.path.isdir(history):
+        raise HistoryError(f"{history!r} is a file, not a history store directory")
+    return "file://" + history + "/"
+
+
+class History:
+    """The experiment history of one workdir. Reads are incremental; writes are append-only."""
+
+    def __init__(self, workdir: str, *, create: bool = True):
+        self.workdir = workdir
+        url = kvstore_url(workdir)
+        if not create and "://" not in workdir and not os.path.isdir(url[len("file://") :]):
+            raise HistoryError(f"no experiment history under {workdir!r}")
+        try:
+            self._kv = ts.KvStore.open({"driver": "ocdbt", "base": url}).result()
+        except ValueError as e:
+            raise HistoryError(f"cannot open the experiment history at {url}: {e}") from e
+        self._nodes: dict[int, Node] = {}
+        self._last_key = b""
+        self._meta: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- metadata
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = self._read_json(b"meta")
+        if self._meta is None:
+            raise HistoryError(f"the history under {self.workdir!r} has not been initialised")
+        return self._meta
+
+    def initialise(self, search_space: str, direction: str) -> dict[str, Any]:
+        """Writes the store's metadata once; later runs must name the same search space."""
+        meta = {
+            "format": FORMAT,
+            "search_space": search_space,
+            "direction": direction,
+            "created": time.time(),
+        }
+        self.write_once(b"meta", meta)
+        stored = self._read_json(b"meta")
+        if stored["search_space"] != search_space:
+            raise HistoryError(
+                f"workdir {self.workdir!r} holds a {stored['search_space']!r} history, "
+                f"not {search_space!r}: use another --workdir"
+            )
+        if stored.get("format") != FORMAT:
+            raise HistoryError(f"history format {stored.get('format')} is not {FORMAT}")
+        self._meta = stored
+        return stored
+
+    @property
+    def direction(self) -> str:
+        return self.meta["direction"]
+
+    # ----------------------------------------------------------------- reading
+
+    def _decode(self, key: bytes, value: bytes) -> Any:
+        try:
+            return json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptRecordError(
+                f"corrupted record {key.decode()!r} in {self._kv.base.url}: {e}"
+            ) from e
+
+    def _read_json(self, key: bytes) -> Any:
+        result = self._kv.read(key).result()
+        if result.state != "value":
+            return None
+        return self._decode(key, result.value)
+
+    def _read_many(self, keys: list[bytes]) -> list[tuple[bytes, Any]]:
+        futures = [self._kv.read(k) for k in keys]  # issued together, awaited together
+        return [(k, self._decode(k, f.result().value)) for k, f in zip(keys, futures, strict=True)]
+
+    def _node_from_json(self, key: bytes, record: Mapping[str, Any]) -> Node:
+        fields = {f.name for f in dataclasses.fields(Node)} - {"stages"}
+        missing = {"id", "parents", "name", "status", "candidate"} - set(record)
+        if missing or not isinstance(record, Mapping):
+            raise CorruptRecordError(
+                f"corrupted record {key.decode()!r}: missing fields {sorted(missing)}"
+            )
+        node = Node(**{k: v for k, v in record.items() if k in fields})
+        if node.score is None:
+            node.score = worst_score(self.direction)
+        return node
+
+    def refresh(self) -> list[Node]:
+        """Loads nodes appended since the last refresh (by any process); returns them."""
+        key_range = ts.KvStore.KeyRange(
+            inclusive_min=self._last_key + b"\0" if self._last_key else _NODE_PREFIX,
+            exclusive_max=b"nodes0",  # '0' follows '/'
+        )
+        keys = sorted(self._kv.list(key_range).result())
+        fresh = []
+        for key, record in self._read_many(keys):
+            node = self._node_from_json(key, record)
+            self._nodes[node.id] = node
+            fresh.append(node)
+        if keys:
+            self._last_key = keys[-1]
+        if fresh:
+            self._load_stages(fresh)
+        return fresh
+
+    def refresh_stages(self) -> None:
+        """Re-reads promoted-stage results of every loaded node."""
+        self._load_stages(self._nodes.values())
+
+    def _load_stages(self, nodes: Iterable[Node]) -> None:
+        ids = {n.id for n in nodes}
+        if not ids:
+            return
+        key_range = ts.KvStore.KeyRange(
+            inclusive_min=_stage_key(min(ids), 0), exclusive_max=b"stages0"
+        )
+        keys = [k for k in self._kv.list(key_range).result() if int(k[7:17]) in ids]
+        for key, record in self._read_many(sorted(keys)):
+            self._nodes[int(key[7:17])].stages[int(key[18:20])] = record
+
+    def nodes(self) -> list[Node]:
+        """Every node, in id order (refreshed first)."""
+        self.refresh()
+        return [self._nodes[i] for i in sorted(self._nodes)]
+
+    def cached(self) -> dict[int, Node]:
+        """Nodes loaded so far, without touching the store."""
+        return self._nodes
+
+    def get(self, node_id: int) -> Node:
+        if node_id not in self._nodes:
+            self.refresh()
+        return self._nodes[node_id]
+
+    # ----------------------------------------------------------------- writing
+
+    def append(self, **fields: Any) -> Node:
+        """Allocates the next id and commits the node in one atomic transaction; returns it."""
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            counter = self._kv.read(_COUNTER).result()
+            node_id = int(counter.value) if counter.state == "value" else 0
+            node = Node(id=node_id, **fields)
+            if node.status not in STATUSES:
+                raise ValueError(f"status {node.status!r} is not one of {STATUSES}")
+            value = json.dumps(node.to_json(), sort_keys=True, allow_nan=False).encode()
+            try:
+                with ts.Transaction(atomic=True) as txn:
+                    kv = self._kv.with_transaction(txn)
+                    kv.write(_COUNTER, b"%d" % (node_id + 1), if_equal=counter.stamp.generation)
+                    kv.write(_node_key(node_id), value, if_equal=_ABSENT)
+            except ValueError as e:
+                if "mismatch" in str(e).lower() or "ABORTED" in str(e):
+                    continue  # another writer took this id first: read the counter again
+                raise
+            self._nodes[node_id] = node
+            return node
+        raise HistoryError("could not allocate a node id: too many concurrent writers")
+
+    def add_stage_result(self, node_id: int, stage: int, record: Mapping[str, Any]) -> bool:
+        """Records a promoted node's result at ``stage`` once; False if it was already there."""
+        written = self.write_once(_stage_key(node_id, stage), record)
+        if node_id in self._nodes:
+            self._nodes[node_id].stages[stage] = self._read_json(_stage_key(node_id, stage))
+        return written
+
+    def write_once(self, key: bytes | str, value: Any) -> bool:
+        """Writes ``value`` at ``key`` unless the key exists; returns whether it was written."""
+        key = key.encode() if isinstance(key, str) else key
+        data = json.dumps(_finite_or_none(value), sort_keys=True, allow_nan=False).encode()
+        stamp = self._kv.write(key, data, if_equal=_ABSENT).result()
+        return bool(stamp.generation)
+
+    def records(self, kind: str) -> list[tuple[str, Any]]:
+        """Every ``records/<kind>/...`` value, sorted by key."""
+        prefix = f"records/{kind}/".encode()
+        keys = self._kv.list(
+            ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=prefix[:-1] + b"0")
+        ).result()
+        return [(k[len(prefix) :].decode(), v) for k, v in self._read_many(sorted(keys))]
+
+    def write_record(self, kind: str, key: str, value: Any) -> bool:
+        return self.write_once(f"records/{kind}/{key}", value)

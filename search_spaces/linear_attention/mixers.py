@@ -1,0 +1,467 @@
+"""Linear-attention token mixers in pure ``jax.numpy``: recurrent references and chunkwise forms.
+
+Every mixer carries a matrix-valued state ``S`` of shape ``[Dk, Dv]`` per (batch, head) and
+reads it with the scaled query, ``o_t = q_t^T S_t``, where ``S_t`` already includes step ``t``
+(causal, inclusive). Update rules (names are the keys of ``UPDATE_RULES``):
+
+* ``linear`` -- linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"):
+  ``S_t = S_{t-1} + k_t v_t^T``.
+* ``scalar_decay`` -- one log-decay ``g_t <= 0`` per head and step:
+  ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``. A fixed per-head decay is RetNet (Sun et al. 2023,
+  "Retentive Network"; see ``retnet_log_decay``); a data-dependent one is Mamba-2 / SSD
+  (Dao & Gu 2024, "Transformers are SSMs").
+* ``channel_decay`` -- a log-decay per key channel, ``S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T``
+  (GLA: Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient
+  Training").
+* ``delta`` -- DeltaNet (Schlag et al. 2021, "Linear Transformers Are Secretly Fast Weight
+  Programmers"): ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``. The chunkwise form
+  is the WY / UT-transform algorithm of Yang et al. 2024, "Parallelizing Linear Transformers
+  with the Delta Rule over Sequence Length".
+* ``gated_delta`` -- Gated DeltaNet (Yang, Kautz & Hatamizadeh 2025, "Gated Delta Networks"):
+  ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
+
+With L2-normalised keys, ``beta`` in (0, 2) instead of (0, 1) gives the negative-eigenvalue
+variant of the delta rules (Grazzi et al. 2025, "Unlocking State-Tracking in Linear RNNs
+Through Negative Eigenvalues"); nothing here changes for it.
+
+Each rule has two implementations that agree up to float32 round-off:
+
+* ``<rule>_recurrent`` -- the reference: ``jax.lax.scan`` over time, one rank-1 update per step.
+* ``<rule>_chunked`` -- the chunkwise-parallel form: ``jax.lax.scan`` over chunks of
+  ``chunk_size`` steps, with dense intra-chunk attention and the state carried across chunk
+  boundaries. T is padded up to a multiple of ``chunk_size`` with no-op steps
+  (q = k = v = 0, beta = 0, g = 0) and the outputs are sliced back.
+
+All functions share one keyword signature, ``fn(q, k, v, *, beta=None, g=None,
+initial_state=None, scale=None[, chunk_size=64])`` with ``q, k: [B, H, T, Dk]``,
+``v: [B, H, T, Dv]``, ``beta: [B, H, T]``, ``g: [B, H, T]`` (``[B, H, T, Dk]`` for
+``channel_decay``; anything broadcastable to that shape is accepted) and
+``initial_state: [B, H, Dk, Dv]``. Passing ``beta`` / ``g`` to a rule that does not use it, or
+omitting one a rule needs, raises ``ValueError``. ``q`` is multiplied by ``scale``
+(default ``Dk ** -0.5``). Everything is computed in float32 with HIGHEST matmul precision; ``o``
+is returned in ``q``'s dtype and the final state in float32. Feature maps, key normalisation,
+``beta = sigmoid(.)`` and the like belong to the caller. Every function is jit-compatible with
+``chunk_size`` static.
+
+Axis letters in variable names:
+    B batch, H heads, T time, K key/query features (Dk), V value features (Dv), N chunks,
+    C position within a chunk (``CC`` is [query position, key position]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+__all__ = [
+    "UPDATE_RULES",
+    "UpdateRule",
+    "channel_decay_chunked",
+    "channel_decay_recurrent",
+    "delta_chunked",
+    "delta_recurrent",
+    "gated_delta_chunked",
+    "gated_delta_recurrent",
+    "linear_chunked",
+    "linear_recurrent",
+    "mix",
+    "retnet_log_decay",
+    "scalar_decay_chunked",
+    "scalar_decay_recurrent",
+]
+
+DEFAULT_CHUNK_SIZE = 64
+
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+# rule -> (uses_beta, decay kind: None, "scalar" ([B,H,T]) or "channel" ([B,H,T,Dk])).
+_INPUT_SPEC: dict[str, tuple[bool, str | None]] = {
+    "linear": (False, None),
+    "scalar_decay": (False, "scalar"),
+    "channel_decay": (False, "channel"),
+    "delta": (True, None),
+    "gated_delta": (True, "scalar"),
+}
+
+# Per-chunk arrays handed to a chunk step: q_BHCK, k_BHCK, v_BHCV, beta_BHC | None,
+# g_BHC | g_BHCK | None.
+_ChunkInputs = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input handling
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare(rule, q, k, v, beta, g, initial_state, scale):
+    """Validates and casts inputs; returns float32 ``(q_BHTK * scale, k, v, beta, g, S0_BHKV)``."""
+    uses_beta, decay = _INPUT_SPEC[rule]
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"{rule}: expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if uses_beta != (beta is not None):
+        raise ValueError(f"{rule}: {'requires' if uses_beta else 'does not take'} beta")
+    if (decay is not None) != (g is not None):
+        raise ValueError(f"{rule}: {'requires' if decay else 'does not take'} g (log-decay)")
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    f32 = jnp.float32
+    scale = K**-0.5 if scale is None else scale
+    q_BHTK = q.astype(f32) * scale
+    k_BHTK = k.astype(f32)
+    v_BHTV = v.astype(f32)
+    beta_BHT = None if beta is None else jnp.broadcast_to(jnp.asarray(beta, f32), (B, H, T))
+    g_shape = (B, H, T, K) if decay == "channel" else (B, H, T)
+    g_BHTx = None if g is None else jnp.broadcast_to(jnp.asarray(g, f32), g_shape)
+    if initial_state is None:
+        S0_BHKV = jnp.zeros((B, H, K, V), f32)
+    else:
+        S0_BHKV = jnp.broadcast_to(jnp.asarray(initial_state, f32), (B, H, K, V))
+    return q_BHTK, k_BHTK, v_BHTV, beta_BHT, g_BHTx, S0_BHKV
+
+
+def _causal_mask(size: int, *, strict: bool = False) -> jax.Array:
+    """[size, size] bool, True where key position j <= (or <, if strict) query position i."""
+    return jnp.tril(jnp.ones((size, size), dtype=bool), k=-1 if strict else 0)
+
+
+def _decay_matrix(G_BHC: jax.Array) -> jax.Array:
+    """[B, H, C, C] with exp(G_i - G_j) for j <= i and 0 above the diagonal."""
+    C = G_BHC.shape[-1]
+    diff_BHCC = G_BHC[..., :, None] - G_BHC[..., None, :]
+    # Mask before exp: above the diagonal G_i - G_j >= 0 can overflow, and inf * 0 = nan
+    # (in the output and in the gradient) even if the product is masked afterwards.
+    return jnp.exp(jnp.where(_causal_mask(C), diff_BHCC, -jnp.inf))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recurrent reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_recurrent(rule, q, k, v, beta, g, initial_state, scale):
+    """Step-by-step scan covering all rules; returns (o [B,H,T,Dv], final state [B,H,Dk,Dv])."""
+    q_BHTK, k_BHTK, v_BHTV, beta_BHT, g_BHTx, S0_BHKV = _prepare(
+        rule, q, k, v, beta, g, initial_state, scale
+    )
+    if g_BHTx is not None and g_BHTx.ndim == 3:
+        g_BHTx = g_BHTx[..., None]  # a scalar decay is a channel decay shared by all channels
+
+    def step(S_BHKV, xs):
+        q_BHK, k_BHK, v_BHV, beta_BH, g_BHx = xs
+        if g_BHx is not None:
+            S_BHKV = S_BHKV * jnp.exp(g_BHx)[..., None]
+        if beta_BH is not None:
+            # (I - b k k^T) S + b k v^T  ==  S + k (b (v - S^T k))^T: write only the error
+            # between the new value and what S (already decayed) recalls for k.
+            recalled_BHV = _einsum("bhk,bhkv->bhv", k_BHK, S_BHKV)
+            v_BHV = beta_BH[..., None] * (v_BHV - recalled_BHV)
+        S_BHKV = S_BHKV + k_BHK[..., :, None] * v_BHV[..., None, :]
+        o_BHV = _einsum("bhk,bhkv->bhv", q_BHK, S_BHKV)
+        return S_BHKV, o_BHV
+
+    time_major = jax.tree.map(
+        lambda x: jnp.moveaxis(x, 2, 0), (q_BHTK, k_BHTK, v_BHTV, beta_BHT, g_BHTx)
+    )
+    S_BHKV, o_TBHV = jax.lax.scan(step, S0_BHKV, time_major)
+    return jnp.moveaxis(o_TBHV, 0, 2).astype(jnp.asarray(q).dtype), S_BHKV
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunkwise-parallel form
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_chunked(rule, chunk_step, q, k, v, beta, g, initial_state, scale, chunk_size):
+    """Pads T, scans ``chunk_step`` over chunks; returns (o [B,H,T,Dv], final state)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive (static) int, got {chunk_size!r}")
+    q_BHTK, k_BHTK, v_BHTV, beta_BHT, g_BHTx, S0_BHKV = _prepare(
+        rule, q, k, v, beta, g, initial_state, scale
+    )
+    B, H, T, _ = q_BHTK.shape
+    V = v_BHTV.shape[-1]
+    C = chunk_size
+    N = -(-T // C)
+
+    def to_chunks(x_BHTx):
+        # Zero padding is a no-op step for every rule: k = v = 0 writes nothing, beta = 0
+        # erases nothing and g = 0 decays nothing, so the final state is unaffected.
+        pad = [(0, 0), (0, 0), (0, N * C - T)] + [(0, 0)] * (x_BHTx.ndim - 3)
+        x_BHNCx = jnp.pad(x_BHTx, pad).reshape(B, H, N, C, *x_BHTx.shape[3:])
+        return jnp.moveaxis(x_BHNCx, 2, 0)
+
+    chunks = jax.tree.map(to_chunks, (q_BHTK, k_BHTK, v_BHTV, beta_BHT, g_BHTx))
+    S_BHKV, o_NBHCV = jax.lax.scan(chunk_step, S0_BHKV, chunks)
+    o_BHTV = jnp.moveaxis(o_NBHCV, 0, 2).reshape(B, H, N * C, V)[:, :, :T]
+    return o_BHTV.astype(jnp.asarray(q).dtype), S_BHKV
+
+
+def _linear_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    q_BHCK, k_BHCK, v_BHCV, _, _ = xs
+    C = q_BHCK.shape[-2]
+    attn_BHCC = jnp.where(_causal_mask(C), _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK), 0.0)
+    o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK, S_BHKV) + _einsum(
+        "bhij,bhjv->bhiv", attn_BHCC, v_BHCV
+    )
+    S_BHKV = S_BHKV + _einsum("bhck,bhcv->bhkv", k_BHCK, v_BHCV)
+    return S_BHKV, o_BHCV
+
+
+def _scalar_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    q_BHCK, k_BHCK, v_BHCV, _, g_BHC = xs
+    G_BHC = jnp.cumsum(g_BHC, axis=-1)  # log of the decay from the chunk start through step i
+    G_end_BH = G_BHC[..., -1]
+    attn_BHCC = _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK) * _decay_matrix(G_BHC)
+    o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK * jnp.exp(G_BHC)[..., None], S_BHKV) + _einsum(
+        "bhij,bhjv->bhiv", attn_BHCC, v_BHCV
+    )
+    # G_end - G_j <= 0, so every exponent below is <= 0 and nothing overflows.
+    k_to_end_BHCK = k_BHCK * jnp.exp(G_end_BH[..., None] - G_BHC)[..., None]
+    S_BHKV = jnp.exp(G_end_BH)[..., None, None] * S_BHKV + _einsum(
+        "bhck,bhcv->bhkv", k_to_end_BHCK, v_BHCV
+    )
+    return S_BHKV, o_BHCV
+
+
+def _channel_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    q_BHCK, k_BHCK, v_BHCV, _, g_BHCK = xs
+    C = q_BHCK.shape[-2]
+    G_BHCK = jnp.cumsum(g_BHCK, axis=-2)
+    G_end_BHK = G_BHCK[..., -1, :]
+    # The full [C, C, Dk] pairwise decay, masked before exp, keeps every exponent <= 0. The
+    # cheaper factorisation (q e^G)(k e^-G)^T overflows once a channel decays by more than
+    # ~e^88 within one chunk.
+    diff_BHCCK = G_BHCK[..., :, None, :] - G_BHCK[..., None, :, :]
+    decay_BHCCK = jnp.exp(jnp.where(_causal_mask(C)[..., None], diff_BHCCK, -jnp.inf))
+    attn_BHCC = _einsum("bhik,bhjk,bhijk->bhij", q_BHCK, k_BHCK, decay_BHCCK)
+    o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK * jnp.exp(G_BHCK), S_BHKV) + _einsum(
+        "bhij,bhjv->bhiv", attn_BHCC, v_BHCV
+    )
+    k_to_end_BHCK = k_BHCK * jnp.exp(G_end_BHK[..., None, :] - G_BHCK)
+    S_BHKV = jnp.exp(G_end_BHK)[..., None] * S_BHKV + _einsum(
+        "bhck,bhcv->bhkv", k_to_end_BHCK, v_BHCV
+    )
+    return S_BHKV, o_BHCV
+
+
+def _ut_transform(strict_BHCC, beta_BHC, w_rhs_BHCK, v_BHCV):
+    """Returns (W, U) = (I + A)^-1 [beta * w_rhs, beta * v] with A = strict_BHCC * beta_i.
+
+    This is the UT / WY representation of the chunk's product of Householder-like factors;
+    solving against the unit-lower-triangular (I + A) avoids forming the inverse.
+    """
+    C, K = w_rhs_BHCK.shape[-2:]
+    A_BHCC = jnp.where(_causal_mask(C, strict=True), beta_BHC[..., :, None] * strict_BHCC, 0.0)
+    rhs_BHCx = beta_BHC[..., None] * jnp.concatenate([w_rhs_BHCK, v_BHCV], axis=-1)
+    eye_CC = jnp.eye(C, dtype=A_BHCC.dtype)
+    WU_BHCx = solve_triangular(eye_CC + A_BHCC, rhs_BHCx, lower=True, unit_diagonal=True)
+    return WU_BHCx[..., :K], WU_BHCx[..., K:]
+
+
+def _delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    q_BHCK, k_BHCK, v_BHCV, beta_BHC, _ = xs
+    C = q_BHCK.shape[-2]
+    kk_BHCC = _einsum("bhik,bhjk->bhij", k_BHCK, k_BHCK)
+    W_BHCK, U_BHCV = _ut_transform(kk_BHCC, beta_BHC, k_BHCK, v_BHCV)
+    # The effective per-step writes once the incoming state's recall is subtracted.
+    U_BHCV = U_BHCV - _einsum("bhck,bhkv->bhcv", W_BHCK, S_BHKV)
+    attn_BHCC = jnp.where(_causal_mask(C), _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK), 0.0)
+    o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK, S_BHKV) + _einsum(
+        "bhij,bhjv->bhiv", attn_BHCC, U_BHCV
+    )
+    S_BHKV = S_BHKV + _einsum("bhck,bhcv->bhkv", k_BHCK, U_BHCV)
+    return S_BHKV, o_BHCV
+
+
+def _gated_delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    q_BHCK, k_BHCK, v_BHCV, beta_BHC, g_BHC = xs
+    G_BHC = jnp.cumsum(g_BHC, axis=-1)
+    G_end_BH = G_BHC[..., -1]
+    gamma_BHCC = _decay_matrix(G_BHC)
+    kk_BHCC = _einsum("bhik,bhjk->bhij", k_BHCK, k_BHCK) * gamma_BHCC
+    # The incoming state is seen by step i decayed by exp(G_i), hence exp(G) on the W side.
+    decay_BHC1 = jnp.exp(G_BHC)[..., None]
+    W_BHCK, U_BHCV = _ut_transform(kk_BHCC, beta_BHC, decay_BHC1 * k_BHCK, v_BHCV)
+    U_BHCV = U_BHCV - _einsum("bhck,bhkv->bhcv", W_BHCK, S_BHKV)
+    attn_BHCC = _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK) * gamma_BHCC
+    o_BHCV = _einsum("bhck,bhkv->bhcv", decay_BHC1 * q_BHCK, S_BHKV) + _einsum(
+        "bhij,bhjv->bhiv", attn_BHCC, U_BHCV
+    )
+    k_to_end_BHCK = k_BHCK * jnp.exp(G_end_BH[..., None] - G_BHC)[..., None]
+    S_BHKV = jnp.exp(G_end_BH)[..., None, None] * S_BHKV + _einsum(
+        "bhck,bhcv->bhkv", k_to_end_BHCK, U_BHCV
+    )
+    return S_BHKV, o_BHCV
+
+
+# ----------------------------------------------------------------------------------------------
+# Public per-rule functions
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_recurrent(q, k, v, *, beta=None, g=None, initial_state=None, scale=None):
+    """Linear attention, step by step. Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32)."""
+    return _run_recurrent("linear", q, k, v, beta, g, initial_state, scale)
+
+
+def linear_chunked(
+    q, k, v, *, beta=None, g=None, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE
+):
+    """Linear attention, chunkwise. Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32)."""
+    args = (q, k, v, beta, g, initial_state, scale, chunk_size)
+    return _run_chunked("linear", _linear_chunk, *args)
+
+
+def scalar_decay_recurrent(q, k, v, *, beta=None, g=None, initial_state=None, scale=None):
+    """Per-head scalar decay (RetNet / Mamba-2), step by step. ``g: [B,H,T]`` log-decay.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    return _run_recurrent("scalar_decay", q, k, v, beta, g, initial_state, scale)
+
+
+def scalar_decay_chunked(
+    q, k, v, *, beta=None, g=None, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE
+):
+    """Per-head scalar decay (RetNet / Mamba-2 SSD), chunkwise. ``g: [B,H,T]`` log-decay.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    args = (q, k, v, beta, g, initial_state, scale, chunk_size)
+    return _run_chunked("scalar_decay", _scalar_decay_chunk, *args)
+
+
+def channel_decay_recurrent(q, k, v, *, beta=None, g=None, initial_state=None, scale=None):
+    """Per-key-channel decay (GLA), step by step. ``g: [B,H,T,Dk]`` log-decay.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    return _run_recurrent("channel_decay", q, k, v, beta, g, initial_state, scale)
+
+
+def channel_decay_chunked(
+    q, k, v, *, beta=None, g=None, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE
+):
+    """Per-key-channel decay (GLA), chunkwise. ``g: [B,H,T,Dk]`` log-decay.
+
+    Builds a [B, H, C, C, Dk] intra-chunk decay tensor per chunk (stable, O(C^2 Dk) memory).
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    args = (q, k, v, beta, g, initial_state, scale, chunk_size)
+    return _run_chunked("channel_decay", _channel_decay_chunk, *args)
+
+
+def delta_recurrent(q, k, v, *, beta=None, g=None, initial_state=None, scale=None):
+    """DeltaNet, step by step. ``beta: [B,H,T]`` write strength.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    return _run_recurrent("delta", q, k, v, beta, g, initial_state, scale)
+
+
+def delta_chunked(
+    q, k, v, *, beta=None, g=None, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE
+):
+    """DeltaNet, chunkwise via the UT / WY transform. ``beta: [B,H,T]`` write strength.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    args = (q, k, v, beta, g, initial_state, scale, chunk_size)
+    return _run_chunked("delta", _delta_chunk, *args)
+
+
+def gated_delta_recurrent(q, k, v, *, beta=None, g=None, initial_state=None, scale=None):
+    """Gated DeltaNet, step by step. ``beta: [B,H,T]``, ``g: [B,H,T]`` log-decay.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    return _run_recurrent("gated_delta", q, k, v, beta, g, initial_state, scale)
+
+
+def gated_delta_chunked(
+    q, k, v, *, beta=None, g=None, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE
+):
+    """Gated DeltaNet, chunkwise via the gated UT transform. ``beta, g: [B,H,T]``.
+
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
+    """
+    args = (q, k, v, beta, g, initial_state, scale, chunk_size)
+    return _run_chunked("gated_delta", _gated_delta_chunk, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    """One update rule's two implementations and which optional inputs it takes."""
+
+    recurrent: Callable[..., tuple[jax.Array, jax.Array]]
+    chunked: Callable[..., tuple[jax.Array, jax.Array]]
+    uses_beta: bool
+    uses_decay: bool
+
+
+def _rule(name: str, recurrent, chunked) -> UpdateRule:
+    uses_beta, decay = _INPUT_SPEC[name]
+    return UpdateRule(recurrent, chunked, uses_beta=uses_beta, uses_decay=decay is not None)
+
+
+UPDATE_RULES: dict[str, UpdateRule] = {
+    "linear": _rule("linear", linear_recurrent, linear_chunked),
+    "scalar_decay": _rule("scalar_decay", scalar_decay_recurrent, scalar_decay_chunked),
+    "channel_decay": _rule("channel_decay", channel_decay_recurrent, channel_decay_chunked),
+    "delta": _rule("delta", delta_recurrent, delta_chunked),
+    "gated_delta": _rule("gated_delta", gated_delta_recurrent, gated_delta_chunked),
+}
+
+_IMPLS = ("chunked", "recurrent")
+
+
+def mix(
+    rule: str,
+    q,
+    k,
+    v,
+    *,
+    beta=None,
+    g=None,
+    initial_state=None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    impl: str = "chunked",
+    scale: float | None = None,
+):
+    """Runs update rule ``rule`` with ``impl``. Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv]).
+
+    Under ``jax.jit``, ``rule``, ``impl`` and ``chunk_size`` must be static.
+    """
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"unknown update rule {rule!r}; expected one of {sorted(UPDATE_RULES)}")
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {list(_IMPLS)}")
+    spec = UPDATE_RULES[rule]
+    kwargs = dict(beta=beta, g=g, initial_state=initial_state, scale=scale)
+    if impl == "chunked":
+        return spec.chunked(q, k, v, chunk_size=chunk_size, **kwargs)
+    return spec.recurrent(q, k, v, **kwargs)
+
+
+def retnet_log_decay(num_heads: int) -> jax.Array:
+    """[num_heads] float32 log(gamma_h) with RetNet's gamma_h = 1 - 2^(-5 - h).
+
+    Broadcast it as ``g = log_decay[None, :, None]`` for ``scalar_decay``.
+    """
+    h = jnp.arange(num_heads, dtype=jnp.float32)
+    # log1p keeps gamma_h distinguishable from 1 for many heads (1 - 2^-30 rounds to 1 in f32).
+    return jnp.log1p(-jnp.exp2(-5.0 - h))
