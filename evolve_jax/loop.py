@@ -225,7 +225,8 @@ class ResearchLoop:
                 fitness = Fitness(self.task.metrics, baseline=outcome.metrics)
             else:
                 fitness = self._fitness(0)
-        siblings: list[tuple[Proposal, float]] = []
+        done = sorted((n.id, slot) for (step, slot), n in mine.items() if step == 0)
+        siblings = [(proposals[slot], mine[(0, slot)].score) for _, slot in done]
         for slot in todo:
             self._record(0, slot, proposals[slot], by_slot[slot], fitness, siblings, 0.0)
 
@@ -274,15 +275,19 @@ class ResearchLoop:
                 self._record(
                     step, slot, proposals[slot], outcome, fitness, siblings, design_seconds[slot]
                 )
-        self.agents.analyzer.write_lessons(self.history.nodes(), step)
+        self.agents.analyzer.write_lessons(self._view(step + 1), step)
 
-    def promote(self) -> None:
-        """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages."""
+    def promote(self, step: int) -> None:
+        """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages.
+
+        The ranking is of the history as it stood at the end of ``step``, so a resumed run
+        promotes what the uninterrupted run did.
+        """
         k = self.config.promote_top_k
         if k == 0 or len(self.task.stages) < 2:
             return
         self.history.refresh_stages()
-        ranked = self.sampler.ranked([n for n in self.history.nodes() if n.ok])
+        ranked = self.sampler.ranked([n for n in self._view(step + 1) if n.ok])
         chosen = ranked[:k]
         base = self._baseline_node()
         if base is not None:
@@ -332,11 +337,11 @@ class ResearchLoop:
                 "resuming %r: %d of %d nodes already recorded", cfg.run_name, len(mine), total
             )
         self.seed_step()
-        self.agents.analyzer.write_lessons(self.history.nodes(), 0)
-        self.promote()
+        self.agents.analyzer.write_lessons(self._view(1), 0)
+        self.promote(0)
         for step in range(1, cfg.steps + 1):
             self.evolve_step(step)
-            self.promote()
+            self.promote(step)
         nodes = self.history.nodes()
         self.history.refresh_stages()
         text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)

@@ -17,10 +17,10 @@ from typing import Any
 
 import bm25s
 
+from evolve_jax.memory.history import History
+
 # bm25s logs every index build at DEBUG through the root logger; keep run logs readable.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
-
-from evolve_jax.memory.history import History
 
 
 class CognitionError(ValueError):

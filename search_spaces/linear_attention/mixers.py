@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable
 
 import jax
@@ -133,13 +134,20 @@ def _causal_mask(size: int, *, strict: bool = False) -> jax.Array:
     return jnp.tril(jnp.ones((size, size), dtype=bool), k=-1 if strict else 0)
 
 
-def _decay_matrix(G_BHC: jax.Array) -> jax.Array:
-    """[B, H, C, C] with exp(G_i - G_j) for j <= i and 0 above the diagonal."""
-    C = G_BHC.shape[-1]
-    diff_BHCC = G_BHC[..., :, None] - G_BHC[..., None, :]
-    # Mask before exp: above the diagonal G_i - G_j >= 0 can overflow, and inf * 0 = nan
-    # (in the output and in the gradient) even if the product is masked afterwards.
-    return jnp.exp(jnp.where(_causal_mask(C), diff_BHCC, -jnp.inf))
+def _decay_matrix(g_BHCX: jax.Array) -> jax.Array:
+    """[B, H, C, C, X]: exp(G_i - G_j) = exp(sum_{j < s <= i} g_s) for j <= i, 0 for j > i.
+
+    ``G`` is the within-chunk cumsum of the log-decay ``g_BHCX`` (X = 1 or Dk). Its row C - 1
+    is the decay from each step to the chunk end, exp(G_end - G_j).
+    """
+    C = g_BHCX.shape[-2]
+    strict_CC1 = _causal_mask(C, strict=True)[:, :, None]
+    # Sum each segment directly instead of differencing cumsums: G_i - G_j loses about
+    # eps * |G| absolute precision once a chunk decays strongly (|G| in the hundreds), which
+    # would perturb even the near-diagonal, barely-decayed entries. Above the diagonal the
+    # sums are empty (0), so exp cannot overflow there and the mask can come after it.
+    seg_BHCCX = jnp.cumsum(jnp.where(strict_CC1, g_BHCX[..., :, None, :], 0.0), axis=-3)
+    return jnp.where(_causal_mask(C)[:, :, None], jnp.exp(seg_BHCCX), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,14 +190,17 @@ def _run_recurrent(rule, q, k, v, beta, g, initial_state, scale):
 
 def _run_chunked(rule, chunk_step, q, k, v, beta, g, initial_state, scale, chunk_size):
     """Pads T, scans ``chunk_step`` over chunks; returns (o [B,H,T,Dv], final state)."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    try:
+        C = operator.index(chunk_size)
+    except TypeError:
+        C = 0
+    if C < 1:
         raise ValueError(f"chunk_size must be a positive (static) int, got {chunk_size!r}")
     q_BHTK, k_BHTK, v_BHTV, beta_BHT, g_BHTx, S0_BHKV = _prepare(
         rule, q, k, v, beta, g, initial_state, scale
     )
     B, H, T, _ = q_BHTK.shape
     V = v_BHTV.shape[-1]
-    C = chunk_size
     N = -(-T // C)
 
     def to_chunks(x_BHTx):
@@ -206,6 +217,7 @@ def _run_chunked(rule, chunk_step, q, k, v, beta, g, initial_state, scale, chunk
 
 
 def _linear_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    """One chunk of linear attention; returns (state after the chunk, o_BHCV)."""
     q_BHCK, k_BHCK, v_BHCV, _, _ = xs
     C = q_BHCK.shape[-2]
     attn_BHCC = jnp.where(_causal_mask(C), _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK), 0.0)
@@ -217,50 +229,47 @@ def _linear_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
 
 
 def _scalar_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    """One chunk of scalar decay; returns (state after the chunk, o_BHCV)."""
     q_BHCK, k_BHCK, v_BHCV, _, g_BHC = xs
     G_BHC = jnp.cumsum(g_BHC, axis=-1)  # log of the decay from the chunk start through step i
-    G_end_BH = G_BHC[..., -1]
-    attn_BHCC = _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK) * _decay_matrix(G_BHC)
+    decay_BHCC = _decay_matrix(g_BHC[..., None])[..., 0]
+    attn_BHCC = _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK) * decay_BHCC
     o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK * jnp.exp(G_BHC)[..., None], S_BHKV) + _einsum(
         "bhij,bhjv->bhiv", attn_BHCC, v_BHCV
     )
-    # G_end - G_j <= 0, so every exponent below is <= 0 and nothing overflows.
-    k_to_end_BHCK = k_BHCK * jnp.exp(G_end_BH[..., None] - G_BHC)[..., None]
-    S_BHKV = jnp.exp(G_end_BH)[..., None, None] * S_BHKV + _einsum(
+    k_to_end_BHCK = k_BHCK * decay_BHCC[..., -1, :, None]
+    S_BHKV = jnp.exp(G_BHC[..., -1])[..., None, None] * S_BHKV + _einsum(
         "bhck,bhcv->bhkv", k_to_end_BHCK, v_BHCV
     )
     return S_BHKV, o_BHCV
 
 
 def _channel_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    """One chunk of channel decay; returns (state after the chunk, o_BHCV)."""
     q_BHCK, k_BHCK, v_BHCV, _, g_BHCK = xs
-    C = q_BHCK.shape[-2]
     G_BHCK = jnp.cumsum(g_BHCK, axis=-2)
-    G_end_BHK = G_BHCK[..., -1, :]
-    # The full [C, C, Dk] pairwise decay, masked before exp, keeps every exponent <= 0. The
-    # cheaper factorisation (q e^G)(k e^-G)^T overflows once a channel decays by more than
-    # ~e^88 within one chunk.
-    diff_BHCCK = G_BHCK[..., :, None, :] - G_BHCK[..., None, :, :]
-    decay_BHCCK = jnp.exp(jnp.where(_causal_mask(C)[..., None], diff_BHCCK, -jnp.inf))
+    # The full [C, C, Dk] pairwise decay keeps every exponent <= 0. The cheaper factorisation
+    # (q e^G)(k e^-G)^T overflows once a channel decays by more than ~e^88 within one chunk.
+    decay_BHCCK = _decay_matrix(g_BHCK)
     attn_BHCC = _einsum("bhik,bhjk,bhijk->bhij", q_BHCK, k_BHCK, decay_BHCCK)
     o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK * jnp.exp(G_BHCK), S_BHKV) + _einsum(
         "bhij,bhjv->bhiv", attn_BHCC, v_BHCV
     )
-    k_to_end_BHCK = k_BHCK * jnp.exp(G_end_BHK[..., None, :] - G_BHCK)
-    S_BHKV = jnp.exp(G_end_BHK)[..., None] * S_BHKV + _einsum(
+    k_to_end_BHCK = k_BHCK * decay_BHCCK[..., -1, :, :]
+    S_BHKV = jnp.exp(G_BHCK[..., -1, :])[..., None] * S_BHKV + _einsum(
         "bhck,bhcv->bhkv", k_to_end_BHCK, v_BHCV
     )
     return S_BHKV, o_BHCV
 
 
-def _ut_transform(strict_BHCC, beta_BHC, w_rhs_BHCK, v_BHCV):
-    """Returns (W, U) = (I + A)^-1 [beta * w_rhs, beta * v] with A = strict_BHCC * beta_i.
+def _ut_transform(kk_BHCC, beta_BHC, w_rhs_BHCK, v_BHCV):
+    """Returns (W, U) = (I + A)^-1 [beta * w_rhs, beta * v], A = tril(diag(beta) kk, -1).
 
     This is the UT / WY representation of the chunk's product of Householder-like factors;
     solving against the unit-lower-triangular (I + A) avoids forming the inverse.
     """
     C, K = w_rhs_BHCK.shape[-2:]
-    A_BHCC = jnp.where(_causal_mask(C, strict=True), beta_BHC[..., :, None] * strict_BHCC, 0.0)
+    A_BHCC = jnp.where(_causal_mask(C, strict=True), beta_BHC[..., :, None] * kk_BHCC, 0.0)
     rhs_BHCx = beta_BHC[..., None] * jnp.concatenate([w_rhs_BHCK, v_BHCV], axis=-1)
     eye_CC = jnp.eye(C, dtype=A_BHCC.dtype)
     WU_BHCx = solve_triangular(eye_CC + A_BHCC, rhs_BHCx, lower=True, unit_diagonal=True)
@@ -268,6 +277,7 @@ def _ut_transform(strict_BHCC, beta_BHC, w_rhs_BHCK, v_BHCV):
 
 
 def _delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    """One chunk of DeltaNet; returns (state after the chunk, o_BHCV)."""
     q_BHCK, k_BHCK, v_BHCV, beta_BHC, _ = xs
     C = q_BHCK.shape[-2]
     kk_BHCC = _einsum("bhik,bhjk->bhij", k_BHCK, k_BHCK)
@@ -283,10 +293,10 @@ def _delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
 
 
 def _gated_delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
+    """One chunk of Gated DeltaNet; returns (state after the chunk, o_BHCV)."""
     q_BHCK, k_BHCK, v_BHCV, beta_BHC, g_BHC = xs
     G_BHC = jnp.cumsum(g_BHC, axis=-1)
-    G_end_BH = G_BHC[..., -1]
-    gamma_BHCC = _decay_matrix(G_BHC)
+    gamma_BHCC = _decay_matrix(g_BHC[..., None])[..., 0]
     kk_BHCC = _einsum("bhik,bhjk->bhij", k_BHCK, k_BHCK) * gamma_BHCC
     # The incoming state is seen by step i decayed by exp(G_i), hence exp(G) on the W side.
     decay_BHC1 = jnp.exp(G_BHC)[..., None]
@@ -296,8 +306,8 @@ def _gated_delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
     o_BHCV = _einsum("bhck,bhkv->bhcv", decay_BHC1 * q_BHCK, S_BHKV) + _einsum(
         "bhij,bhjv->bhiv", attn_BHCC, U_BHCV
     )
-    k_to_end_BHCK = k_BHCK * jnp.exp(G_end_BH[..., None] - G_BHC)[..., None]
-    S_BHKV = jnp.exp(G_end_BH)[..., None, None] * S_BHKV + _einsum(
+    k_to_end_BHCK = k_BHCK * gamma_BHCC[..., -1, :, None]
+    S_BHKV = jnp.exp(G_BHC[..., -1])[..., None, None] * S_BHKV + _einsum(
         "bhck,bhcv->bhkv", k_to_end_BHCK, U_BHCV
     )
     return S_BHKV, o_BHCV

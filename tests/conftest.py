@@ -1,0 +1,32 @@
+"""Test setup: several CPU devices (for population sharding) and helpers for the toy space."""
+
+import os
+import subprocess
+import sys
+
+# Must happen before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = "tests.toy_space:make"
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """Runs ``python -m module args`` from the repo root; returns the finished process."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return str(tmp_path / "run")

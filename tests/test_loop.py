@@ -1,0 +1,225 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from evolve_jax.config import RunConfig
+from evolve_jax.loop import ResearchLoop, run, same_history
+from evolve_jax.memory.history import History
+from evolve_jax.sampling import SAMPLERS, SamplerConfig
+from tests.conftest import REPO, TOY, run_cli
+from tests.toy_space import ToySpace
+
+
+def _config(workdir, **overrides):
+    values = dict(search_space=TOY, workdir=workdir, steps=3, samples_per_step=3, seed=0)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_end_to_end_run_with_every_sampler(tmp_path, sampler):
+    config = _config(str(tmp_path / sampler), sampler=SamplerConfig(name=sampler, num_islands=2))
+    summary = run(config, ToySpace())
+    nodes = summary.nodes
+    assert len(nodes) == 3 + 3 * 3
+    assert [n.name for n in nodes[:3]] == ["origin", "corner", "ridge"]
+    children = nodes[3:]
+    assert all(n.parents and n.operator and n.analysis for n in children)
+    assert all(n.origin["run"] == "main" for n in nodes)
+    assert summary.best.ok and "rank" in summary.report
+    for node in nodes:
+        if node.ok:
+            assert math.isfinite(node.score) and node.metrics["cheap"]
+        else:
+            assert node.score == -math.inf and node.reason
+    assert os.path.exists(os.path.join(str(tmp_path / sampler), "report.txt"))
+
+
+def test_search_improves_on_the_seeds(tmp_path):
+    summary = run(_config(str(tmp_path / "r"), steps=8, samples_per_step=4), ToySpace())
+    seed_best = max(n.score for n in summary.nodes[:3])
+    assert summary.best.score > seed_best
+
+
+def test_same_flags_and_seed_give_the_same_history(tmp_path):
+    a = run(_config(str(tmp_path / "a"), sampler=SamplerConfig(name="islands")), ToySpace())
+    b = run(_config(str(tmp_path / "b"), sampler=SamplerConfig(name="islands")), ToySpace())
+    assert same_history(a.nodes, b.nodes)
+    c = run(_config(str(tmp_path / "c"), seed=1), ToySpace())
+    assert not same_history(a.nodes, c.nodes)
+
+
+def test_rerunning_a_finished_run_adds_nothing(tmp_path):
+    config = _config(str(tmp_path / "r"))
+    first = run(config, ToySpace())
+    again = run(config, ToySpace())
+    assert same_history(first.nodes, again.nodes)
+
+
+def test_baseline_normalised_scores_and_failures_in_min_direction(tmp_path):
+    space = ToySpace(direction="min", baseline="origin")
+    summary = run(_config(str(tmp_path / "r"), steps=4, eval_seeds=2), space)
+    base = summary.nodes[0]
+    assert base.name == "origin" and base.score == pytest.approx(0.5)
+    assert summary.direction == "max"  # normalised scores are higher-is-better
+    for node in summary.nodes:
+        if node.ok:
+            assert 0 < node.score < 1
+            assert node.stats["vs_baseline"]["loss"]["n"] == 2
+        else:
+            assert node.score == -math.inf
+
+
+def test_raw_min_direction_failure_scores_plus_infinity(tmp_path):
+    summary = run(_config(str(tmp_path / "r"), steps=6), ToySpace(direction="min"))
+    assert summary.direction == "min"
+    failed = [n for n in summary.nodes if n.status == "failed"]
+    assert failed and all(n.score == math.inf for n in failed)
+    assert summary.best.score == min(n.score for n in summary.nodes)
+
+
+def test_promotion_records_costlier_stage_and_correlation(tmp_path):
+    config = _config(str(tmp_path / "r"), promote_top_k=3, eval_seeds=2)
+    summary = run(config, ToySpace(baseline="none"))
+    promoted = [n for n in summary.nodes if 1 in n.stages]
+    assert len(promoted) >= 3
+    assert all(n.stages[1]["stage_name"] == "full" for n in promoted)
+    assert "Spearman rank correlation" in summary.report
+
+
+def test_lessons_are_written_back_with_provenance(tmp_path):
+    loop = ResearchLoop(_config(str(tmp_path / "r"), steps=6, samples_per_step=4), ToySpace())
+    loop.run()
+    lessons = [i for i in loop.cognition.items() if i.source == "analyzer"]
+    assert lessons
+    ids = {n.id for n in loop.history.nodes()}
+    assert all(set(i.provenance["nodes"]) <= ids for i in lessons)
+    used = {c for n in loop.history.nodes() for c in n.cognition_ids}
+    assert used  # the Researcher saw retrieved items
+
+
+def _main_args(workdir, *extra):
+    return (f"--search_space={TOY}", f"--workdir={workdir}", *extra)
+
+
+def test_cli_runs_and_history_prints_json_lines(tmp_path):
+    workdir = str(tmp_path / "cli")
+    flagfile = tmp_path / "toy.flags"
+    flagfile.write_text("--steps=5\n--samples_per_step=2\n--sampler=greedy\n")
+    done = run_cli("evolve_jax.main", f"--flagfile={flagfile}", *_main_args(workdir, "--steps=1"))
+    assert done.returncode == 0, done.stderr
+    assert "rank" in done.stdout and workdir in done.stdout
+    assert "step 1/1 slot 1" in done.stderr  # progress lines; --steps=1 overrode the file
+    listing = run_cli("evolve_jax.history", f"--workdir={workdir}", "--sort=score")
+    rows = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert len(rows) == 3 + 2
+    assert {"id", "parents", "name", "status", "score", "metrics"} <= set(rows[0])
+    ok_scores = [r["score"] for r in rows if r["status"] == "ok"]
+    assert ok_scores == sorted(ok_scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--bogus=1",), "Unknown command line flag 'bogus'"),
+        (("--sampler=best",), "flag --sampler=best"),
+        (("--steps=-1",), "flag --steps=-1"),
+        (("--space_opt=oops",), "--space_opt='oops' is not key=value"),
+    ],
+)
+def test_bad_flags_fail_before_any_work_with_one_line(tmp_path, args, message):
+    workdir = str(tmp_path / "never")
+    done = run_cli("evolve_jax.main", *_main_args(workdir, *args))
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(workdir)
+
+
+def test_unknown_search_space_fails_with_one_line(tmp_path):
+    workdir = str(tmp_path / "never")
+    done = run_cli("evolve_jax.main", "--search_space=nope", f"--workdir={workdir}")
+    assert done.returncode == 2
+    assert "unknown search space 'nope'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not os.path.exists(workdir)
+
+
+def test_workdir_that_is_a_file_fails_with_one_line(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("keep me")
+    done = run_cli("evolve_jax.main", *_main_args(str(path)))
+    assert done.returncode == 1 and "is a file" in done.stderr
+    assert path.read_text() == "keep me"
+
+
+def test_malformed_cognition_file_fails_naming_it(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+
+    class BadSeed(ToySpace):
+        def cognition_seed(self):
+            return str(bad)
+
+    with pytest.raises(ValueError, match=r"bad\.jsonl', line 1"):
+        run(_config(str(tmp_path / "r")), BadSeed())
+
+
+def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tmp_path):
+    extra = ("--steps=4", "--samples_per_step=3", "--sampler=islands", "--migration_interval=2")
+    reference = run_cli("evolve_jax.main", *_main_args(str(tmp_path / "ref"), *extra))
+    assert reference.returncode == 0, reference.stderr
+
+    workdir = str(tmp_path / "killed")
+    args = [sys.executable, "-m", "evolve_jax.main", *_main_args(workdir, *extra)]
+    args.append("--space_opt=delay=0.7")  # slow evaluations: kills land mid-step
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    rng = np.random.default_rng(0)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(3.0, 7.0)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert History(workdir).nodes() is not None  # readable after every kill
+    assert kills >= 2
+    done = run_cli("evolve_jax.main", *_main_args(workdir, *extra))
+    assert done.returncode == 0, done.stderr
+    resumed = History(workdir).nodes()
+    expected = History(str(tmp_path / "ref")).nodes()
+    assert len(resumed) == 3 + 4 * 3
+    assert same_history(resumed, expected)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_after", [1, 4, 5, 7, 10])
+def test_crash_between_any_two_appends_then_resume_matches(tmp_path, crash_after):
+    """A crash after the k-th committed node (mid-step included) resumes to the same history."""
+    config = _config(str(tmp_path / "crashed"), steps=3, samples_per_step=3)
+    loop = ResearchLoop(config, ToySpace())
+    append = loop.history.append
+    calls = []
+
+    def crashing_append(**fields):
+        if len(calls) == crash_after:
+            raise _Crash
+        calls.append(1)
+        return append(**fields)
+
+    loop.history.append = crashing_append
+    with pytest.raises(_Crash):
+        loop.run()
+    assert len(History(config.workdir).nodes()) == crash_after
+    resumed = run(config, ToySpace())
+    expected = run(_config(str(tmp_path / "ref"), steps=3, samples_per_step=3), ToySpace())
+    assert same_history(resumed.nodes, expected.nodes)
