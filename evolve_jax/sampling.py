@@ -192,11 +192,26 @@ class MapElites(Sampler):
             for v, a in zip(node.descriptor, self.axes, strict=True)
         )
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._elites: dict[tuple[int, ...], Node] = {}
+        self._seen: set[int] = set()
+
+    def sync(self, history, view, step):
+        del history, view, step
+        self._elites, self._seen = {}, set()  # rebuilt from the step's pool on first select
+
     def archive(self, pool: Sequence[Node]) -> dict[tuple[int, ...], Node]:
-        elites: dict[tuple[int, ...], Node] = {}
-        for node in self.ranked(pool):  # best first: the first node seen in a cell is its elite
-            elites.setdefault(self.cell(node), node)
-        return elites
+        """The best node per cell, updated incrementally with nodes not seen before."""
+        for node in pool:
+            if node.id in self._seen:
+                continue
+            self._seen.add(node.id)
+            cell = self.cell(node)
+            held = self._elites.get(cell)
+            if held is None or (self.rank_key(node), -node.id) > (self.rank_key(held), -held.id):
+                self._elites[cell] = node
+        return self._elites
 
     def select(self, pool, rng, slot):
         elites = list(self.archive(pool).values())

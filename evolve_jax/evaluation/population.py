@@ -51,7 +51,7 @@ def evaluate_population(
     return jax.tree.map(lambda x: np.asarray(x)[:size], out)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # one entry per (function, mesh): bounded, not per run
 def _compiled(fn, mesh: Mesh, num_args: int):
     def per_device(pop, *args):
         return jax.vmap(lambda c: fn(c, *args))(pop)
