@@ -60,7 +60,12 @@ class Sampler(abc.ABC):
         return node.score if self.direction == "max" else -node.score
 
     def ranked(self, pool: Sequence[Node]) -> list[Node]:
-        return sorted(pool, key=lambda n: (-self.rank_key(n), n.id))
+        """``pool`` best first; the last ranking is reused while the same pool is passed in."""
+        held = getattr(self, "_ranked_of", None)  # holding the pool keeps its identity unique
+        if held is None or held[0] is not pool or held[1] != len(pool):
+            ranking = sorted(pool, key=lambda n: (-self.rank_key(n), n.id))
+            self._ranked_of = (pool, len(pool), ranking)
+        return self._ranked_of[2]
 
     def sync(self, history: History, view: Sequence[Node], step: int) -> None:
         """Rebuilds the sampler's state from the nodes visible at the start of ``step``."""
@@ -101,15 +106,24 @@ class UCB1(Sampler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.visits: Counter[int] = Counter()
+        self._cache: tuple[Sequence[Node], int, np.ndarray, np.ndarray] | None = None
 
     def sync(self, history, view, step):
         self.visits = Counter(p for n in view for p in n.parents[:1])
+        self._cache = None
+
+    def _arrays(self, pool: Sequence[Node]) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised scores and visit counts of ``pool``, built once per pool."""
+        if self._cache is None or self._cache[0] is not pool or self._cache[1] != len(pool):
+            keys = np.fromiter((self.rank_key(n) for n in pool), float, len(pool))
+            low, high = keys.min(), keys.max()
+            norm = (keys - low) / (high - low) if high > low else np.zeros_like(keys)
+            visits = np.fromiter((self.visits[n.id] for n in pool), float, len(pool))
+            self._cache = (pool, len(pool), norm, visits)
+        return self._cache[2], self._cache[3]
 
     def select(self, pool, rng, slot):
-        keys = np.array([self.rank_key(n) for n in pool])
-        low, high = keys.min(), keys.max()
-        norm = (keys - low) / (high - low) if high > low else np.zeros_like(keys)
-        visits = np.array([self.visits[n.id] for n in pool], float)
+        norm, visits = self._arrays(pool)
         total = visits.sum() + 1
         with np.errstate(divide="ignore"):
             bonus = np.where(
@@ -119,8 +133,10 @@ class UCB1(Sampler):
             )
         value = norm + bonus
         best = np.flatnonzero(value == value.max())
-        parent = pool[int(rng.choice(best))]
+        index = int(rng.choice(best))
+        parent = pool[index]
         self.visits[parent.id] += 1
+        visits[index] += 1
         return Selection(parent, self.references(pool, parent), parent.island)
 
 

@@ -31,6 +31,10 @@ _NODE_PREFIX = b"nodes/"
 _STAGE_PREFIX = b"stages/"
 _COUNTER = b"counters/next_node"
 _MAX_CAS_ATTEMPTS = 10_000
+# Small B-tree nodes: a commit rewrites only the O(log N) nodes on its path, so appending the
+# 10,000th node costs what the 100th did (the 8 MiB default makes every commit rewrite one big
+# leaf). Fixed when the store is created; later opens read it from the manifest.
+_OCDBT_CONFIG = {"max_decoded_node_bytes": 32 * 1024}
 # The storage generation of a key with no value: writing with if_equal=_ABSENT succeeds only if
 # the key does not exist (if_equal=b"" would be unconditional).
 _ABSENT = ts.KvStore.open({"driver": "memory"}).result().read(b"k").result().stamp.generation
@@ -135,7 +139,9 @@ class History:
         if not create and "://" not in workdir and not os.path.isdir(url[len("file://") :]):
             raise HistoryError(f"no experiment history under {workdir!r}")
         try:
-            self._kv = ts.KvStore.open({"driver": "ocdbt", "base": url}).result()
+            self._kv = ts.KvStore.open(
+                {"driver": "ocdbt", "base": url, "config": _OCDBT_CONFIG}
+            ).result()
         except ValueError as e:
             raise HistoryError(f"cannot open the experiment history at {url}: {e}") from e
         self._nodes: dict[int, Node] = {}
