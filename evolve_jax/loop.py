@@ -49,6 +49,7 @@ class ResearchLoop:
         self.space = space or load(config.search_space, **dict(config.space_options))
         self.task = self.space.describe()
         self.history = History(config.workdir)
+        self.space.bind(config.workdir)
         direction = "max" if self.space.baseline() else self.task.primary.direction
         self.direction = self.history.initialise(self.space.name, direction)["direction"]
         seed_file = self.space.cognition_seed()
@@ -100,19 +101,20 @@ class ResearchLoop:
         return self._mine().get((0, slot))
 
     def _fitness(self, stage: int) -> Fitness:
+        metrics = self.task.stage_metrics(stage)
         if self.space.baseline() is None:
-            return Fitness(self.task.metrics)
+            return Fitness(metrics)
         base = self._baseline_node()
         if base is None or not base.ok:
             raise LoopError(f"the baseline seed {self.space.baseline()!r} has no successful result")
         if stage == 0:
-            metrics = base.metrics[self.task.stages[0].name]
+            by_seed = base.metrics[self.task.stages[0].name]
         else:
             record = base.stages.get(stage)
             if record is None or record["status"] != "ok":
                 raise LoopError(f"the baseline has no successful result at stage {stage}")
-            metrics = record["metrics"]
-        return Fitness(self.task.metrics, baseline=metrics)
+            by_seed = record["metrics"]
+        return Fitness(metrics, baseline=by_seed)
 
     def _score(self, outcome: Outcome, fitness: Fitness) -> tuple[Outcome, float, dict]:
         if outcome.status != "ok":
@@ -212,7 +214,7 @@ class ResearchLoop:
             [proposals[s].candidate for s in todo], {}, 0, self.config.eval_seed_list
         )
         by_slot = dict(zip(todo, outcomes, strict=True))
-        fitness = Fitness(self.task.metrics)
+        fitness = Fitness(self.task.stage_metrics(0))
         if baseline is not None:
             base_slot = [name for name, _ in seeds].index(baseline)
             if base_slot in by_slot:  # record the baseline first: every score depends on it
@@ -222,7 +224,7 @@ class ResearchLoop:
                     raise LoopError(
                         f"baseline seed {baseline!r} {outcome.status}: {outcome.reason}"
                     )
-                fitness = Fitness(self.task.metrics, baseline=outcome.metrics)
+                fitness = Fitness(self.task.stage_metrics(0), baseline=outcome.metrics)
             else:
                 fitness = self._fitness(0)
         done = sorted((n.id, slot) for (step, slot), n in mine.items() if step == 0)
@@ -304,7 +306,7 @@ class ResearchLoop:
                     raise LoopError(f"baseline failed at stage {stage}: {outcome.reason}")
                 fitness = self._fitness(stage) if node is not base else None
                 if fitness is None:
-                    fitness = Fitness(self.task.metrics, baseline=outcome.metrics)
+                    fitness = Fitness(self.task.stage_metrics(stage), baseline=outcome.metrics)
                 outcome, score, stats = self._score(outcome, fitness)
                 self.history.add_stage_result(
                     node.id,

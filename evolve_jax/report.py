@@ -49,7 +49,7 @@ def render(
         + f"); score is {'higher' if direction == 'max' else 'lower'}-is-better",
         f"{'rank':>4}  {'id':>5}  {'score':>9}  {'later stages':>14}  {'vs baseline':>22}  name",
     ]
-    primary = task.primary.name
+    primary = task.stage_metrics(0)[0].name
     for rank, node in enumerate(ranked(nodes, direction)[:k], start=1):
         later = " ".join(
             f"{r['score']:.4g}" if r.get("score") is not None else r.get("status", "?")

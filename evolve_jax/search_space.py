@@ -52,6 +52,8 @@ class Stage:
 
     name: str
     description: str = ""
+    # What this stage's fitness is made of; empty means the task's metrics.
+    metrics: tuple[Metric, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,9 @@ class TaskDescription:
     @property
     def primary(self) -> Metric:
         return self.metrics[0]
+
+    def stage_metrics(self, stage: int) -> tuple[Metric, ...]:
+        return self.stages[stage].metrics or self.metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +159,10 @@ class SearchSpace(abc.ABC):
     def describe_genome(self, genome: Genome) -> tuple[float, ...]:
         """Behaviour descriptor values of a genome, one per ``descriptors()`` axis."""
         return ()
+
+    def bind(self, workdir: str) -> None:
+        """Tells the search space the run's workdir (for checkpoints and caches)."""
+        del workdir
 
     def cognition_seed(self) -> str | None:
         """Path of the JSON-lines file of prior-knowledge items, or None."""

@@ -62,5 +62,8 @@ def _compiled(fn, mesh: Mesh, num_args: int):
             mesh=mesh,
             in_specs=(PartitionSpec(POP),) + (PartitionSpec(),) * num_args,
             out_specs=PartitionSpec(POP),
+            # Candidates never communicate; without this, every scan whose carry starts as a
+            # constant (zeros state, fresh optimiser) would need an explicit pcast.
+            check_vma=False,
         )
     )

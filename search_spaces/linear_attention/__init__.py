@@ -1,0 +1,1 @@
+"""Linear-attention architecture search: genome, Flax model, MQAR and byte-LM tasks, checks."""

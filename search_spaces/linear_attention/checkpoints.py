@@ -1,0 +1,63 @@
+"""Orbax checkpoints of trained candidates: parameters plus the genome and options that built them.
+
+Layout: ``WORKDIR/checkpoints/<candidate fingerprint>/stage<k>_seed<s>/`` (an Orbax composite
+checkpoint with items ``params`` and ``meta``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from search_spaces.linear_attention import model
+
+
+def _path(directory: str, stage: int, seed: int) -> str:
+    return os.path.join(directory, f"stage{stage}_seed{seed}")
+
+
+def save(
+    directory: str, genome: dict, stage: int, params_by_seed: dict[int, Any], options: dict
+) -> list[str]:
+    """Saves each seed's parameters; returns the checkpoint paths (existing ones are kept)."""
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    paths = []
+    for seed, params in params_by_seed.items():
+        path = _path(directory, stage, seed)
+        if not os.path.exists(path):
+            meta = {"genome": genome, "stage": stage, "seed": seed, "options": options}
+            checkpointer.save(
+                path,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+        paths.append(path)
+    return paths
+
+
+def restore(path: str, cfg_for: Any) -> tuple[nnx.Module, dict]:
+    """Rebuilds the model saved at ``path``; ``cfg_for(meta)`` gives its ModelConfig."""
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    cfg: model.ModelConfig = cfg_for(meta)
+    graphdef, abstract_params = model.abstract(cfg)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params)
+    )
+    restored = checkpointer.restore(
+        path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )["params"]
+    nnx.replace_by_pure_dict(abstract_params, restored)
+    return nnx.merge(graphdef, abstract_params), meta
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(os.path.join(directory, d) for d in os.listdir(directory))

@@ -1,0 +1,93 @@
+"""The Engineer's static checks for an architecture, each failing with a named reason.
+
+They run in seconds, before any training: output shapes (``jax.eval_shape``), causality (the
+gradient of the output at position t with respect to every later input must vanish),
+sub-quadratic cost (compiled FLOPs at 2T against T) and the parameter budget. The "finite loss
+after a few steps" check runs inside training (``train.TrainConfig.finite_probe_steps``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from evolve_jax.search_space import CheckFailure
+from search_spaces.linear_attention import model
+
+
+def check_shapes(cfg: model.ModelConfig, seq_len: int) -> CheckFailure | None:
+    graphdef, params = model.abstract(cfg)
+    tokens = jax.ShapeDtypeStruct((2, seq_len), jnp.int32)
+    try:
+        out = jax.eval_shape(lambda p, t: nnx.merge(graphdef, p)(t), params, tokens)
+    except Exception as e:
+        return CheckFailure("shapes", f"the model does not trace: {type(e).__name__}: {e}")
+    if out.shape != (2, seq_len, cfg.vocab_size):
+        return CheckFailure(
+            "shapes", f"logits {out.shape}, expected {(2, seq_len, cfg.vocab_size)}"
+        )
+    return None
+
+
+def future_dependence(forward, x_BTD: jax.Array, t: int) -> tuple[float, float]:
+    """(max |d out[t] / d x[s]| over s > t, the same over s <= t) for ``forward: x -> out``."""
+    grad_TD = np.asarray(jax.jit(jax.grad(lambda x: forward(x)[0, t].sum()))(x_BTD)[0])
+    return float(np.abs(grad_TD[t + 1 :]).max(initial=0.0)), float(np.abs(grad_TD[: t + 1]).max())
+
+
+def check_causality(cfg: model.ModelConfig, seq_len: int, position: int | None = None):
+    """Gradient probe: d logits[t] / d embeddings[s] must be zero for every s > t."""
+    t = seq_len // 2 if position is None else position
+    graphdef, params = model.init(cfg, jax.random.key(0))
+    x_BTD = jax.random.normal(jax.random.key(1), (1, seq_len, cfg.d_model))
+    future, past = future_dependence(
+        lambda x: nnx.merge(graphdef, params).from_embeddings(x), x_BTD, t
+    )
+    if not np.isfinite(future) or future > 1e-6 * max(past, 1.0):
+        return CheckFailure(
+            "causality", f"output at position {t} depends on later inputs (|grad| {future:.3g})"
+        )
+    return None
+
+
+def flops(forward, *args) -> float:
+    """Compiled FLOPs of ``forward(*args)`` (args may be ShapeDtypeStructs); 0 if unknown."""
+    cost = jax.jit(forward).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list):  # older JAX returns one dict per computation
+        cost = cost[0]
+    return float((cost or {}).get("flops", 0.0))
+
+
+def growth_failure(low: float, high: float, seq_len: int, max_ratio: float):
+    """A failure when FLOPs grow by more than ``max_ratio`` as T doubles."""
+    if low <= 0:
+        return None  # the backend reports no cost model; nothing to conclude
+    ratio = high / low
+    if ratio > max_ratio:
+        return CheckFailure(
+            "subquadratic",
+            f"FLOPs grow {ratio:.2f}x when T doubles from {seq_len} (max {max_ratio})",
+        )
+    return None
+
+
+def check_subquadratic(cfg: model.ModelConfig, seq_len: int, max_ratio: float = 2.6):
+    """Doubling T must at most ~double the compiled FLOPs (quadratic attention gives ~4x)."""
+    graphdef, params = model.abstract(cfg)
+
+    def forward(p, t):
+        return nnx.merge(graphdef, p)(t)
+
+    def at(T):
+        return flops(forward, params, jax.ShapeDtypeStruct((1, T), jnp.int32))
+
+    return growth_failure(at(seq_len), at(2 * seq_len), seq_len, max_ratio)
+
+
+def check_param_budget(cfg: model.ModelConfig, budget: int) -> CheckFailure | None:
+    count = model.param_count(cfg)
+    if count > budget:
+        return CheckFailure("param_budget", f"{count:,} parameters exceed the budget of {budget:,}")
+    return None

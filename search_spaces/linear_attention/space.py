@@ -1,0 +1,256 @@
+"""The linear-attention architecture search space (ASI-Arch's task, at laptop scale).
+
+Stage 0 ("mqar") trains every candidate on multi-query associative recall; stage 1
+("byte_lm") trains promoted candidates, twice as wide, on byte-level language modelling of a
+real corpus. Fitness is normalised against DeltaNet trained with the same budget and seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from evolve_jax.agents.researcher import fingerprint
+from evolve_jax.search_space import (
+    CheckFailure,
+    DescriptorAxis,
+    EvalResult,
+    Metric,
+    SearchSpace,
+    Stage,
+    TaskDescription,
+)
+from search_spaces.linear_attention import checks, data, genome, model, train
+
+_TEXT = """\
+Design the token mixer of a causal language model with linear (sub-quadratic) cost: a
+recurrent state S updated per token and read by the query. Choose the state update (additive,
+fixed decay, data-dependent decay, per-channel gating, delta rule, gated delta rule), the q/k
+feature map and normalisation, a short causal convolution, the form of beta, the decay
+parametrisation, output norm and gate, head shapes, the MLP, depth and width. Candidates are
+trained on multi-query associative recall (MQAR, Zoology) and the best on byte-level language
+modelling; fitness is normalised against DeltaNet trained with the same budget and seeds."""
+
+
+def _flag(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Search-space options (``--space_opt=key=value``), validated at construction."""
+
+    mqar_steps: int = 800
+    mqar_batch: int = 32
+    vocab_size: int = 512
+    seq_len: int = 64
+    num_pairs: int = 8
+    learning_rate: float = 1e-2
+    lm_steps: int = 300
+    lm_batch: int = 16
+    lm_seq_len: int = 128
+    lm_width: int = 2
+    corpus: tuple[str, ...] = ()
+    impl: str = "auto"
+    chunk_size: int = 64
+    param_budget: int = 600_000
+    baseline: str = "deltanet"
+    checkpoint: bool = True
+
+    @classmethod
+    def parse(cls, **raw: Any) -> Options:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in raw.items():
+            if key not in fields:
+                raise ValueError(
+                    f"unknown linear_attention option {key!r} (known: {', '.join(fields)})"
+                )
+            kind = type(getattr(cls, key))
+            try:
+                if kind is tuple:
+                    values[key] = tuple(p for p in str(value).split(",") if p)
+                elif kind is bool:
+                    values[key] = _flag(value)
+                else:
+                    values[key] = kind(value)
+            except ValueError as e:
+                raise ValueError(f"linear_attention option {key}={value!r}: {e}") from e
+        options = cls(**values)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        for name in ("mqar_steps", "mqar_batch", "lm_steps", "lm_batch", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"linear_attention option {name} must be >= 1")
+        if self.impl not in ("auto", *model.IMPLS):
+            raise ValueError(
+                f"linear_attention option impl={self.impl!r} (auto, chunked, recurrent)"
+            )
+        if self.baseline not in genome.SEEDS:
+            raise ValueError(
+                f"baseline {self.baseline!r} is not a seed ({', '.join(genome.SEEDS)})"
+            )
+        for path in self.corpus:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"corpus path {path!r} does not exist")
+        # MQAR's own argument checks, run now rather than at the first evaluation.
+        data.make_mqar(
+            np.random.default_rng(0), 1, vocab_size=self.vocab_size, seq_len=self.seq_len,
+            num_pairs=self.num_pairs,
+        )  # fmt: skip
+
+
+class LinearAttentionSpace(SearchSpace):
+    name = "linear_attention"
+
+    def __init__(self, **options: Any):
+        self.options = Options.parse(**options)
+        self._checked: dict[str, list[CheckFailure]] = {}
+        self._corpus: np.ndarray | None = None
+        self._checkpoint_dir: str | None = None
+
+    # -------------------------------------------------------------------- contract
+
+    def describe(self) -> TaskDescription:
+        mqar = Metric("mqar_accuracy", "max")
+        return TaskDescription(
+            title="Linear-attention architecture search",
+            text=_TEXT,
+            metrics=(mqar,),
+            stages=(
+                Stage("mqar", "MQAR recall, every candidate", (mqar,)),
+                Stage(
+                    "byte_lm",
+                    "byte-level LM, wider model, promoted only",
+                    (Metric("val_bpb", "min"),),
+                ),
+            ),
+        )
+
+    def seeds(self) -> dict[str, genome.Genome]:
+        return {name: dict(g) for name, g in genome.SEEDS.items()}
+
+    def baseline(self) -> str:
+        return self.options.baseline
+
+    def genome_schema(self) -> dict[str, Any]:
+        return genome.json_schema()
+
+    def validate(self, candidate: genome.Genome) -> genome.Genome:
+        return genome.validate(candidate)
+
+    def operators(self):
+        return genome.OPERATORS
+
+    def model_config(self, candidate: genome.Genome, stage: int = 0) -> model.ModelConfig:
+        o = self.options
+        impl = "chunked" if o.impl == "auto" else o.impl  # Pallas joins "auto" with the kernels
+        if stage == 0:
+            return model.ModelConfig(tuple(candidate.items()), o.vocab_size, o.chunk_size, impl)
+        return model.ModelConfig(
+            tuple(candidate.items()), data.BYTE_VOCAB_SIZE, o.chunk_size, impl, o.lm_width
+        )
+
+    def check(self, candidate: genome.Genome) -> list[CheckFailure]:
+        key = fingerprint(candidate)
+        if key not in self._checked:
+            cfg = self.model_config(candidate)
+            seq = self.options.seq_len
+            failures = [checks.check_param_budget(cfg, self.options.param_budget)]
+            failures.append(checks.check_shapes(cfg, seq))
+            if not any(failures):
+                failures.append(checks.check_causality(cfg, seq))
+                failures.append(checks.check_subquadratic(cfg, 4 * self.options.chunk_size))
+            self._checked[key] = [f for f in failures if f is not None]
+        return self._checked[key]
+
+    def evaluate(
+        self, candidates: Sequence[genome.Genome], stage: int, seeds: Sequence[int], devices
+    ) -> list[EvalResult]:
+        o = self.options
+        results = []
+        for candidate in candidates:
+            cfg = self.model_config(candidate, stage)
+            try:
+                if stage == 0:
+                    per_seed = train.train_mqar(
+                        cfg,
+                        train.MQARConfig(o.vocab_size, o.seq_len, o.num_pairs),
+                        train.TrainConfig(o.mqar_steps, o.mqar_batch, o.learning_rate),
+                        seeds,
+                        devices,
+                    )
+                else:
+                    per_seed = train.train_byte_lm(
+                        cfg,
+                        train.ByteLMConfig(o.lm_seq_len),
+                        train.TrainConfig(o.lm_steps, o.lm_batch, o.learning_rate / 3),
+                        seeds,
+                        devices,
+                        self.corpus(),
+                    )
+            except Exception as e:
+                results.append(EvalResult(error=f"{type(e).__name__}: {e}"))
+                continue
+            errors = [r.error for r in per_seed if r.error]
+            if errors:
+                results.append(EvalResult(error=errors[0]))
+                continue
+            if stage > 0 and o.checkpoint and self._checkpoint_dir:
+                self._save(candidate, stage, seeds, [r.params for r in per_seed])
+            results.append(
+                EvalResult(metrics={s: r.metrics for s, r in zip(seeds, per_seed, strict=True)})
+            )
+        return results
+
+    def descriptors(self) -> tuple[DescriptorAxis, ...]:
+        return (
+            DescriptorAxis("update_rule", 0, len(genome.UPDATE_RULES), len(genome.UPDATE_RULES)),
+            DescriptorAxis("log2_params", 15, 21, 6),
+        )
+
+    def describe_genome(self, candidate: genome.Genome) -> tuple[float, ...]:
+        rule = list(genome.UPDATE_RULES).index(candidate["update_rule"])
+        return (rule + 0.5, float(np.log2(model.param_count(self.model_config(candidate)))))
+
+    def bind(self, workdir: str) -> None:
+        if "://" not in workdir:
+            self._checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+
+    def cognition_seed(self) -> str:
+        return os.path.join(os.path.dirname(__file__), "cognition.jsonl")
+
+    # -------------------------------------------------------------------- helpers
+
+    def corpus(self) -> np.ndarray:
+        if self._corpus is None:
+            self._corpus = data.load_corpus(self.options.corpus or None)
+        return self._corpus
+
+    def _save(self, candidate, stage: int, seeds: Sequence[int], params: list) -> None:
+        from search_spaces.linear_attention import checkpoints
+
+        checkpoints.save(
+            os.path.join(self._checkpoint_dir, fingerprint(candidate)),
+            candidate,
+            stage,
+            {int(s): p for s, p in zip(seeds, params, strict=True)},
+            json.loads(json.dumps(dataclasses.asdict(self.options))),
+        )
+
+
+def make(**options: Any) -> LinearAttentionSpace:
+    return LinearAttentionSpace(**options)

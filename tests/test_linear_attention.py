@@ -1,0 +1,207 @@
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from evolve_jax.config import RunConfig
+from evolve_jax.loop import run
+from evolve_jax.search_space import GenomeError
+from search_spaces.linear_attention import checks, genome, model
+from search_spaces.linear_attention.space import LinearAttentionSpace
+from tests.conftest import run_cli
+
+SEED_NAMES = ["linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet"]
+TINY = dict(d_model=32, head_dim=16, num_layers=1, mlp_ratio=2)
+
+
+def _tiny(name):
+    return genome.validate({**genome.SEEDS[name], **TINY})
+
+
+def _cfg(g, impl="chunked", vocab=64, chunk=16):
+    return model.ModelConfig(tuple(g.items()), vocab, chunk, impl)
+
+
+# ------------------------------------------------------------------------------ genome
+
+
+def test_seeds_are_named_and_valid():
+    assert list(genome.SEEDS) == SEED_NAMES
+    rules = {n: g["update_rule"] for n, g in genome.SEEDS.items()}
+    assert rules == {
+        "linear_attention": "linear",
+        "retnet": "retention",
+        "gla": "channel_decay",
+        "mamba2": "scalar_decay",
+        "deltanet": "delta",
+        "gated_deltanet": "gated_delta",
+    }
+    for g in genome.SEEDS.values():
+        assert genome.validate(g) == g
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(GenomeError, match=r"unknown genome field\(s\) \['colour'\]"):
+        genome.validate({"colour": "red"})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("num_heads", 3), ("update_rule", "softmax"), ("short_conv", 1), ("d_model", True)],
+)
+def test_out_of_range_value_is_named(field, value):
+    with pytest.raises(GenomeError, match=f"genome field '{field}' = {value!r} is out of range"):
+        genome.validate({field: value})
+
+
+def test_inactive_genes_are_canonical():
+    a = genome.validate({"update_rule": "linear", "beta": "sigmoid_x2", "decay": "logsigmoid"})
+    b = genome.validate({"update_rule": "linear"})
+    assert a == b
+
+
+def test_json_schema_lists_every_gene():
+    schema = genome.json_schema()
+    assert set(schema["properties"]) == {g.name for g in genome.GENES}
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("name", sorted(genome.OPERATORS))
+def test_operators_only_produce_valid_genomes(name):
+    op = genome.OPERATORS[name]
+    rng = np.random.default_rng(0)
+    parents = [genome.SEEDS["deltanet"], genome.SEEDS["gla"]]
+    changed = 0
+    for _ in range(100):
+        child = op.fn(rng, parents[: op.arity])
+        assert genome.validate(child) == child
+        changed += child != parents[0]
+    assert changed > 0
+
+
+# ------------------------------------------------------------------------------ model
+
+
+@pytest.mark.parametrize("name", SEED_NAMES)
+def test_every_seed_builds_and_chunked_equals_recurrent(name):
+    g = _tiny(name)
+    tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, 64)
+    outs = {}
+    for impl in ("chunked", "recurrent"):
+        graphdef, params = model.init(_cfg(g, impl), jax.random.key(1))
+        outs[impl] = nnx.merge(graphdef, params)(tokens)
+    assert outs["chunked"].shape == (2, 21, 64)
+    assert bool(jnp.isfinite(outs["chunked"]).all())
+    np.testing.assert_allclose(outs["chunked"], outs["recurrent"], rtol=1e-4, atol=1e-4)
+
+
+def test_param_count_matches_initialised_model():
+    cfg = _cfg(_tiny("gated_deltanet"))
+    _, params = model.init(cfg, jax.random.key(0))
+    assert model.param_count(cfg) == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown mixer implementation 'pallas2'"):
+        _cfg(_tiny("deltanet"), impl="pallas2")
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "gated_deltanet"])
+def test_seeds_pass_every_check(name):
+    cfg = _cfg(_tiny(name))
+    assert checks.check_shapes(cfg, 32) is None
+    assert checks.check_causality(cfg, 32) is None
+    assert checks.check_subquadratic(cfg, 64) is None
+    assert checks.check_param_budget(cfg, 10**7) is None
+
+
+def test_causality_probe_catches_a_look_ahead():
+    x = jax.random.normal(jax.random.key(0), (1, 16, 4))
+    future, _ = checks.future_dependence(lambda x: jnp.cumsum(x[:, ::-1], 1)[:, ::-1], x, 8)
+    assert future > 0.5
+    future, _ = checks.future_dependence(lambda x: jnp.cumsum(x, 1), x, 8)
+    assert future == 0.0
+
+
+def test_subquadratic_check_catches_softmax_attention():
+    def attention(x):
+        return jax.nn.softmax(x @ x.T) @ x
+
+    low = checks.flops(attention, jax.ShapeDtypeStruct((128, 16), jnp.float32))
+    high = checks.flops(attention, jax.ShapeDtypeStruct((256, 16), jnp.float32))
+    failure = checks.growth_failure(low, high, 128, 2.6)
+    assert failure is not None and failure.check == "subquadratic"
+
+
+def test_param_budget_failure_is_named():
+    failure = checks.check_param_budget(_cfg(_tiny("deltanet")), 1000)
+    assert failure.check == "param_budget" and "exceed the budget of 1,000" in failure.reason
+
+
+# ------------------------------------------------------------------------------ space
+
+TINY_OPTIONS = dict(
+    mqar_steps="6", mqar_batch="4", vocab_size="64", seq_len="32", num_pairs="4",
+    lm_steps="4", lm_batch="2", lm_seq_len="32", chunk_size="16",
+)  # fmt: skip
+
+
+def test_bad_options_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown linear_attention option 'layers'"):
+        LinearAttentionSpace(layers="2")
+    with pytest.raises(ValueError, match="mqar_steps='many'"):
+        LinearAttentionSpace(mqar_steps="many")
+    missing = str(tmp_path / "no_such_corpus")
+    with pytest.raises(FileNotFoundError, match="no_such_corpus"):
+        LinearAttentionSpace(corpus=missing)
+    with pytest.raises(ValueError, match="baseline 'transformer' is not a seed"):
+        LinearAttentionSpace(baseline="transformer")
+
+
+def test_evaluate_both_stages_and_a_diverging_candidate():
+    space = LinearAttentionSpace(**TINY_OPTIONS)
+    tiny = _tiny("deltanet")
+    assert space.check(tiny) == []
+    [cheap] = space.evaluate([tiny], 0, [0, 1], jax.devices())
+    assert cheap.error is None and set(cheap.metrics) == {0, 1}
+    assert 0.0 <= cheap.metrics[0]["mqar_accuracy"] <= 1.0
+    [costly] = space.evaluate([tiny], 1, [0], jax.devices())
+    assert costly.error is None and 0 < costly.metrics[0]["val_bpb"] < 10
+    diverging = LinearAttentionSpace(**{**TINY_OPTIONS, "learning_rate": "1e30"})
+    [blown] = diverging.evaluate([tiny], 0, [0], jax.devices())
+    assert blown.error is not None and blown.error.startswith("finite_loss")
+
+
+def test_quick_search_end_to_end_with_checkpoint_restore(tmp_path):
+    workdir = str(tmp_path / "la")
+    options = tuple(TINY_OPTIONS.items())
+    config = RunConfig(
+        search_space="linear_attention", workdir=workdir, steps=1, samples_per_step=2,
+        promote_top_k=1, space_options=options,
+    )  # fmt: skip
+    summary = run(config)
+    names = [n.name for n in summary.nodes]
+    # The baseline is recorded first: every other score is normalised against it.
+    assert names[0] == "deltanet" and sorted(names[:6]) == sorted(SEED_NAMES)
+    assert len(names) == 8
+    base = summary.nodes[0]
+    assert base.score == pytest.approx(0.5)
+    promoted = [n for n in summary.nodes if 1 in n.stages]
+    assert base in promoted and len(promoted) == 2
+    assert all(math.isfinite(n.stages[1]["metrics"]["0"]["val_bpb"]) for n in promoted)
+    node = next(n for n in promoted if n is not base)
+    done = run_cli(
+        "search_spaces.linear_attention.restore", f"--workdir={workdir}", f"--node={node.id}"
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.splitlines()[0])
+    assert record["node"] == node.id and os.path.isdir(record["checkpoint"])
+    assert record["val_bpb"] == pytest.approx(node.stages[1]["metrics"]["0"]["val_bpb"], rel=0.5)
