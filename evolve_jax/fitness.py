@@ -78,9 +78,9 @@ class Fitness:
             return means[self.metrics[0].name], stats
 
         parts, weights, paired = [], [], {}
+        base_by_str = {str(b): v for b, v in self.baseline.items()}
+        base_seeds = [s for s in seeds if str(s) in base_by_str]  # paired: seeds both ran
         for m in self.metrics:
-            base_seeds = [s for s in seeds if str(s) in {str(b) for b in self.baseline}]
-            base_by_str = {str(b): v for b, v in self.baseline.items()}
             base_values = [base_by_str[str(s)][m.name] for s in base_seeds]
             if not base_values or not all(_is_finite(v) for v in base_values):
                 return self.worst, {"error": f"baseline has no finite {m.name!r}"}

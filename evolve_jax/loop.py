@@ -21,13 +21,12 @@ from absl import logging
 
 from evolve_jax import report
 from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
-from evolve_jax.agents.researcher import fingerprint
 from evolve_jax.config import RunConfig
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, worst_score
 from evolve_jax.sampling import make_sampler
-from evolve_jax.search_space import SearchSpace, load
+from evolve_jax.search_space import SearchSpace, fingerprint, load
 
 
 class LoopError(RuntimeError):
@@ -76,11 +75,13 @@ class ResearchLoop:
 
     # ------------------------------------------------------------------ helpers
 
+    # The helpers read the nodes loaded so far; each step refreshes from the store once.
+
     def _mine(self) -> dict[tuple[int, int], Node]:
         run = self.config.run_name
         return {
             (n.origin["step"], n.origin["slot"]): n
-            for n in self.history.nodes()
+            for n in self.history.nodes(refresh=False)
             if n.origin.get("run") == run
         }
 
@@ -89,7 +90,7 @@ class ResearchLoop:
         run = self.config.run_name
         return [
             n
-            for n in self.history.nodes()
+            for n in self.history.nodes(refresh=False)
             if not (n.origin.get("run") == run and n.origin.get("step", 0) >= step)
         ]
 
@@ -192,6 +193,7 @@ class ResearchLoop:
     def seed_step(self) -> None:
         """Step 0: evaluates the named seeds (baseline included) not yet in the history."""
         seeds = list(self.space.seeds().items())
+        self.history.refresh()
         mine = self._mine()
         todo = [slot for slot in range(len(seeds)) if (0, slot) not in mine]
         if not todo:
@@ -235,6 +237,7 @@ class ResearchLoop:
     def evolve_step(self, step: int) -> None:
         """One step: sample, learn, design every slot; evaluate and record the missing ones."""
         cfg = self.config
+        self.history.refresh()
         mine = self._mine()
         todo = [s for s in range(cfg.samples_per_step) if (step, s) not in mine]
         view = self._view(step)
@@ -288,7 +291,6 @@ class ResearchLoop:
         k = self.config.promote_top_k
         if k == 0 or len(self.task.stages) < 2:
             return
-        self.history.refresh_stages()
         ranked = self.sampler.ranked([n for n in self._view(step + 1) if n.ok])
         chosen = ranked[:k]
         base = self._baseline_node()
@@ -331,6 +333,7 @@ class ResearchLoop:
 
     def run(self) -> RunSummary:
         cfg = self.config
+        self.history.refresh()
         mine = self._mine()
         total = len(self.space.seeds()) + cfg.steps * cfg.samples_per_step
         self._remaining = total - len(mine)

@@ -54,6 +54,8 @@ class Sampler(abc.ABC):
         self.config = config
         self.direction = direction
         self.axes = tuple(axes)
+        # (pool, its length, its ranking): holding the pool keeps its identity unique.
+        self._ranked_of: tuple[Sequence[Node], int, list[Node]] | None = None
 
     def rank_key(self, node: Node) -> float:
         """Larger is better, whatever the score's direction."""
@@ -61,7 +63,7 @@ class Sampler(abc.ABC):
 
     def ranked(self, pool: Sequence[Node]) -> list[Node]:
         """``pool`` best first; the last ranking is reused while the same pool is passed in."""
-        held = getattr(self, "_ranked_of", None)  # holding the pool keeps its identity unique
+        held = self._ranked_of
         if held is None or held[0] is not pool or held[1] != len(pool):
             ranking = sorted(pool, key=lambda n: (-self.rank_key(n), n.id))
             self._ranked_of = (pool, len(pool), ranking)

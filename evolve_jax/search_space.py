@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import importlib
 import importlib.metadata
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -167,6 +169,12 @@ class SearchSpace(abc.ABC):
     def cognition_seed(self) -> str | None:
         """Path of the JSON-lines file of prior-knowledge items, or None."""
         return None
+
+
+def fingerprint(candidate: Genome | str) -> str:
+    """A stable hash of a candidate (genome or source), for novelty checks and file names."""
+    text = candidate if isinstance(candidate, str) else json.dumps(candidate, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:

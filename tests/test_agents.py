@@ -6,9 +6,10 @@ from evolve_jax.agents import AGENT_BACKENDS, make_agents
 from evolve_jax.agents.analyzer import OfflineAnalyzer
 from evolve_jax.agents.base import AgentEnv
 from evolve_jax.agents.engineer import RuleEngineer
-from evolve_jax.agents.researcher import OperatorBandit, fingerprint
+from evolve_jax.agents.researcher import OperatorBandit
 from evolve_jax.memory.cognition import Cognition
 from evolve_jax.memory.history import History, Node
+from evolve_jax.search_space import fingerprint
 from tests.toy_space import ToySpace
 
 

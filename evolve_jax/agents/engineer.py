@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evolve_jax.agents.base import Engineer, Outcome
-from evolve_jax.agents.researcher import fingerprint
-from evolve_jax.search_space import EvalResult, Genome, GenomeError, SearchSpace
+from evolve_jax.search_space import EvalResult, Genome, GenomeError, SearchSpace, fingerprint
 
 
 def _metrics_json(result: EvalResult) -> dict[str, dict[str, float | None]]:

@@ -6,8 +6,6 @@ are rebuilt from the history at every step, so a resumed run chooses as the orig
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,15 +14,9 @@ import numpy as np
 
 from evolve_jax.agents.base import DesignContext, Proposal, Researcher
 from evolve_jax.memory.history import Node
-from evolve_jax.search_space import Genome, SearchSpace
+from evolve_jax.search_space import SearchSpace, fingerprint
 
 _NOVELTY_ATTEMPTS = 8
-
-
-def fingerprint(candidate: Genome | str) -> str:
-    """A stable hash of a candidate, for novelty checks."""
-    text = candidate if isinstance(candidate, str) else json.dumps(candidate, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def family(name: str) -> str:

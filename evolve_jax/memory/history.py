@@ -204,8 +204,10 @@ class History:
 
     def _node_from_json(self, key: bytes, record: Mapping[str, Any]) -> Node:
         fields = {f.name for f in dataclasses.fields(Node)} - {"stages"}
+        if not isinstance(record, Mapping):
+            raise CorruptRecordError(f"corrupted record {key.decode()!r}: not a JSON object")
         missing = {"id", "parents", "name", "status", "candidate"} - set(record)
-        if missing or not isinstance(record, Mapping):
+        if missing:
             raise CorruptRecordError(
                 f"corrupted record {key.decode()!r}: missing fields {sorted(missing)}"
             )
@@ -247,9 +249,10 @@ class History:
         for key, record in self._read_many(sorted(keys)):
             self._nodes[int(key[7:17])].stages[int(key[18:20])] = record
 
-    def nodes(self) -> list[Node]:
-        """Every node, in id order (refreshed first)."""
-        self.refresh()
+    def nodes(self, refresh: bool = True) -> list[Node]:
+        """Every node, in id order; ``refresh=False`` skips reading the store."""
+        if refresh:
+            self.refresh()
         return [self._nodes[i] for i in sorted(self._nodes)]
 
     def cached(self) -> dict[int, Node]:

@@ -89,7 +89,7 @@ class ShortConv(nnx.Module):
 
 
 class Mixer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         g = cfg.g
         self.cfg = cfg
         self.rule = UPDATE_RULES[g["update_rule"]]
@@ -192,9 +192,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.mixer_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-        self.mixer = Mixer(cfg, layer, rngs=rngs)
+        self.mixer = Mixer(cfg, rngs=rngs)
         self.has_mlp = cfg.g["mlp"] != "none"
         if self.has_mlp:
             self.mlp_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
@@ -211,7 +211,7 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.g["num_layers"])])
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.g["num_layers"])])
         self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
 
@@ -235,6 +235,7 @@ def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.eval_shape(lambda: nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(params=0))))
 
 
+@functools.lru_cache(maxsize=4096)  # the checks and the behaviour descriptor both ask
 def param_count(cfg: ModelConfig) -> int:
     _, state = abstract(cfg)
     return sum(int(x.size) for x in jax.tree.leaves(state))

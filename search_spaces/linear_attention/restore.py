@@ -20,9 +20,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from evolve_jax.agents.researcher import fingerprint
 from evolve_jax.cli import parse_flags
 from evolve_jax.memory.history import History, HistoryError
+from evolve_jax.search_space import fingerprint
 from search_spaces.linear_attention import checkpoints, data
 from search_spaces.linear_attention.space import LinearAttentionSpace
 

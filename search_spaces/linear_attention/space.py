@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from evolve_jax.agents.researcher import fingerprint
 from evolve_jax.search_space import (
     CheckFailure,
     DescriptorAxis,
@@ -24,6 +23,7 @@ from evolve_jax.search_space import (
     SearchSpace,
     Stage,
     TaskDescription,
+    fingerprint,
 )
 from search_spaces.linear_attention import checks, data, genome, model, train
 
