@@ -13,7 +13,7 @@ from evolve_jax.loop import run
 from evolve_jax.search_space import GenomeError
 from search_spaces.linear_attention import checks, genome, model
 from search_spaces.linear_attention.space import LinearAttentionSpace
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 SEED_NAMES = ["linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet"]
 TINY = dict(d_model=32, head_dim=16, num_layers=1, mlp_ratio=2)
@@ -198,8 +198,9 @@ def test_quick_search_end_to_end_with_checkpoint_restore(tmp_path):
     assert base in promoted and len(promoted) == 2
     assert all(math.isfinite(n.stages[1]["metrics"]["0"]["val_bpb"]) for n in promoted)
     node = next(n for n in promoted if n is not base)
+    relative = os.path.relpath(workdir, REPO)  # as a user types it, e.g. runs/quickstart
     done = run_cli(
-        "search_spaces.linear_attention.restore", f"--workdir={workdir}", f"--node={node.id}"
+        "search_spaces.linear_attention.restore", f"--workdir={relative}", f"--node={node.id}"
     )
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.splitlines()[0])

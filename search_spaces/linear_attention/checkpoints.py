@@ -17,7 +17,8 @@ from search_spaces.linear_attention import model
 
 
 def _path(directory: str, stage: int, seed: int) -> str:
-    return os.path.join(directory, f"stage{stage}_seed{seed}")
+    # Orbax refuses relative paths, and a workdir such as runs/quickstart is one.
+    return os.path.abspath(os.path.join(directory, f"stage{stage}_seed{seed}"))
 
 
 def save(
@@ -43,6 +44,7 @@ def save(
 
 def restore(path: str, cfg_for: Any) -> tuple[nnx.Module, dict]:
     """Rebuilds the model saved at ``path``; ``cfg_for(meta)`` gives its ModelConfig."""
+    path = os.path.abspath(path)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg: model.ModelConfig = cfg_for(meta)
