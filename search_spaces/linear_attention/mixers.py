@@ -58,6 +58,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.wy import unit_lower_solve
+
 __all__ = [
     "UPDATE_RULES",
     "UpdateRule",
@@ -272,35 +274,6 @@ def _ut_transform(kk_BHCC, beta_BHC, w_rhs_BHCK, v_BHCV):
     rhs_BHCx = beta_BHC[..., None] * jnp.concatenate([w_rhs_BHCK, v_BHCV], axis=-1)
     WU_BHCx = unit_lower_solve(A_BHCC, rhs_BHCx)
     return WU_BHCx[..., :K], WU_BHCx[..., K:]
-
-
-def unit_lower_solve(A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16) -> jax.Array:
-    """Solves (I + A) X = rhs for strictly lower-triangular A, with matmuls only.
-
-    Within blocks of ``block`` rows the inverse is the exact product form
-    (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...; blocks are then joined by forward substitution.
-    Small blocks keep the powers of A (path sums) far from float32 overflow, and no LAPACK
-    call is involved: the same algorithm runs on CPU, GPU and inside TPU kernels.
-    """
-    C = A_BHCC.shape[-1]
-    b = min(block, C)
-    if C % b:
-        b = C  # odd chunk sizes: a single block
-    steps = max(1, (b - 1).bit_length())
-    X_blocks = []
-    for start in range(0, C, b):
-        rows = slice(start, start + b)
-        r_BHbx = rhs_BHCx[..., rows, :]
-        if X_blocks:  # subtract what the solved blocks contribute
-            X_done = jnp.concatenate(X_blocks, axis=-2)
-            r_BHbx = r_BHbx - _einsum("bhij,bhjx->bhix", A_BHCC[..., rows, :start], X_done)
-        N_BHbb = -A_BHCC[..., rows, rows]
-        x_BHbx = r_BHbx
-        for _ in range(steps):  # x <- (I + N^(2^m)) x, and square N
-            x_BHbx = x_BHbx + _einsum("bhij,bhjx->bhix", N_BHbb, x_BHbx)
-            N_BHbb = _einsum("bhij,bhjk->bhik", N_BHbb, N_BHbb)
-        X_blocks.append(x_BHbx)
-    return jnp.concatenate(X_blocks, axis=-2)
 
 
 def _delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):

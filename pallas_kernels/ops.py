@@ -1,0 +1,124 @@
+"""Public entry points: linear attention (optionally with scalar decay), the delta rule and the
+gated delta rule, on Pallas kernels.
+
+They take the arguments of the jnp references in ``search_spaces.linear_attention.mixers``:
+``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, ``beta, g [B, H, T]`` (log-decay ``g <= 0``),
+``initial_state [B, H, Dk, Dv]``; ``q`` is scaled by ``scale`` (default ``Dk ** -0.5``). They
+return ``(o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] float32)`` and are
+differentiable in every input. Matmuls run in the inputs' dtype (bfloat16 or float32) with
+float32 accumulation; the state is always float32.
+
+The work around the kernels is plain XLA: padding T to a multiple of the chunk (no-op steps),
+the within-chunk cumsum of ``g`` and, for the delta rules, the WY transform (``wy``).
+
+``backend``: "gpu" (Triton) or "tpu" (Mosaic); by default the platform's, and "gpu" on CPU.
+``interpret``: run the kernel in the Pallas interpreter; by default only where the backend is
+not the platform (always on CPU, about 10x slower than jnp there).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.recurrence import KernelConfig, chunk_recurrence
+from pallas_kernels.wy import wy_transform
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def kernel_config(head_dim: int, value_dim: int, chunk_size, backend=None, interpret=None):
+    """Resolves and validates the static kernel settings; raises ValueError naming the problem."""
+    platform = jax.default_backend()
+    backend = backend or ("tpu" if platform == "tpu" else "gpu")
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f"unknown Pallas backend {backend!r}; expected 'gpu' or 'tpu'")
+    interpret = platform != backend if interpret is None else bool(interpret)
+    try:
+        C = operator.index(chunk_size)
+    except TypeError:
+        C = 0
+    if backend == "gpu":
+        # Triton tiles: power-of-two sizes, and at least 16 for tensor-core matmuls.
+        block_v = min(value_dim, 64)
+        for name, size in (("chunk_size", C), ("head dim", head_dim), ("value dim", value_dim)):
+            if not (_is_pow2(size) and size >= 16):
+                raise ValueError(f"GPU kernels need {name} a power of two >= 16, got {size}")
+    else:
+        # Mosaic: (8, 128)-aligned blocks; the value dimension splits only in blocks of 128.
+        block_v = 128 if value_dim % 128 == 0 else value_dim
+        if C < 8 or C % 8:
+            raise ValueError(f"TPU kernels need chunk_size a multiple of 8, got {chunk_size!r}")
+    return KernelConfig(chunk=C, block_v=block_v, backend=backend, interpret=interpret)
+
+
+def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret):
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    cfg = kernel_config(K, V, chunk_size, backend, interpret)
+    C, dtype, f32 = cfg.chunk, q.dtype, jnp.float32
+    N = -(-T // C)
+    scale = K**-0.5 if scale is None else scale
+
+    def flat(x, trailing=()):
+        # [B, H, T, ...] -> [BH, N * C, ...]; padded steps are no-ops (k = v = beta = g = 0).
+        x = jnp.broadcast_to(x, (B, H, T, *trailing)).reshape(B * H, T, *trailing)
+        return jnp.pad(x, [(0, 0), (0, N * C - T)] + [(0, 0)] * len(trailing))
+
+    q_ = flat((q.astype(f32) * scale).astype(dtype), (K,))
+    k_, v_ = flat(k.astype(dtype), (K,)), flat(v.astype(dtype), (V,))
+    G = None
+    if g is not None:
+        G = jnp.cumsum(flat(jnp.asarray(g, f32)).reshape(B * H, N, C), axis=-1)
+    w = None
+    u = v_
+    if beta is not None:
+        w, u = wy_transform(
+            k_.reshape(B * H, N, C, K), v_.reshape(B * H, N, C, V),
+            flat(jnp.asarray(beta, f32)).reshape(B * H, N, C), G,
+        )  # fmt: skip
+        w, u = w.reshape(B * H, N * C, K).astype(dtype), u.reshape(B * H, N * C, V).astype(dtype)
+    if G is not None:
+        G = G.reshape(B * H, N * C)
+    if initial_state is None:
+        s0 = jnp.zeros((B * H, K, V), f32)
+    else:
+        s0 = jnp.broadcast_to(jnp.asarray(initial_state, f32), (B, H, K, V)).reshape(B * H, K, V)
+    o, sT = chunk_recurrence(q_, k_, w, u, G, s0, cfg)
+    return o[:, :T].reshape(B, H, T, V), sT.reshape(B, H, K, V)
+
+
+def linear_attention(
+    q, k, v, *, g=None, initial_state=None, scale=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None,
+):  # fmt: skip
+    """Linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T`` (no decay when ``g`` is None)."""
+    return _run(q, k, v, None, g, initial_state, scale, chunk_size, backend, interpret)
+
+
+def delta_rule(
+    q, k, v, *, beta, initial_state=None, scale=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None,
+):  # fmt: skip
+    """DeltaNet, ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
+    return _run(q, k, v, beta, None, initial_state, scale, chunk_size, backend, interpret)
+
+
+def gated_delta_rule(
+    q, k, v, *, beta, g, initial_state=None, scale=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None,
+):  # fmt: skip
+    """Gated DeltaNet, ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
+    return _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret)

@@ -1,0 +1,67 @@
+"""The chunk recurrence as one differentiable function: Pallas forward and backward kernels
+joined by ``jax.custom_vjp`` (``pallas_call`` has no transpose rule of its own).
+
+The forward kernel saves the state entering every chunk; the backward kernel walks the chunks
+in reverse, carrying the state's gradient, and recomputes each chunk's intermediates from the
+saved state. See ``chunk_math`` for the recurrence and its gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import gpu, tpu
+
+BACKENDS = {"gpu": gpu, "tpu": tpu}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static kernel settings: chunk length, value block width, backend, interpret mode."""
+
+    chunk: int
+    block_v: int
+    backend: str  # "gpu" (Triton) or "tpu" (Mosaic)
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def chunk_recurrence(q, k, w, u, G, s0, cfg: KernelConfig):
+    """Runs the recurrence over ``[BH, T, .]`` inputs (T a multiple of ``cfg.chunk``).
+
+    ``w`` is None for rules without the delta correction and ``G`` (``[BH, T]`` float32
+    within-chunk cumulative log-decay) None for rules without decay. Returns
+    ``(o [BH, T, V] in q's dtype, final state [BH, K, V] float32)``.
+    """
+    o, sT, _ = _forward(q, k, w, u, G, s0, cfg, save_states=False)
+    return o, sT
+
+
+def _forward(q, k, w, u, G, s0, cfg, *, save_states):
+    return BACKENDS[cfg.backend].forward(
+        q, k, w, u, G, s0, chunk=cfg.chunk, block_v=cfg.block_v,
+        save_states=save_states, interpret=cfg.interpret,
+    )  # fmt: skip
+
+
+def _fwd(q, k, w, u, G, s0, cfg):
+    o, sT, states = _forward(q, k, w, u, G, s0, cfg, save_states=True)
+    return (o, sT), (q, k, w, u, G, s0, states)
+
+
+def _bwd(cfg, residuals, cotangents):
+    q, k, w, u, G, s0, states = residuals
+    dO, dsT = cotangents
+    dq, dk, dw, du, dG, ds0 = BACKENDS[cfg.backend].backward(
+        q, k, w, u, G, states, dO.astype(q.dtype), dsT.astype(jnp.float32),
+        chunk=cfg.chunk, block_v=cfg.block_v, interpret=cfg.interpret,
+    )  # fmt: skip
+    cast = lambda grad, like: None if like is None else grad.astype(like.dtype)  # noqa: E731
+    return cast(dq, q), cast(dk, k), cast(dw, w), cast(du, u), cast(dG, G), cast(ds0, s0)
+
+
+chunk_recurrence.defvjp(_fwd, _bwd)
