@@ -14,10 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def unit_lower_solve(A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16) -> jax.Array:
+def unit_lower_solve(
+    A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16, precision=HIGHEST
+) -> jax.Array:
     """Solves (I + A) X = rhs for strictly lower-triangular A, with matmuls only.
 
     Within blocks of ``block`` rows the inverse is the exact product form
@@ -25,6 +27,7 @@ def unit_lower_solve(A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16) ->
     Small blocks keep the powers of A (path sums) far from float32 overflow, and no LAPACK
     call is involved: the same algorithm runs on CPU, GPU and TPU.
     """
+    _einsum = functools.partial(jnp.einsum, precision=precision)
     C = A_BHCC.shape[-1]
     b = min(block, C)
     if C % b:
@@ -46,11 +49,12 @@ def unit_lower_solve(A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16) ->
     return jnp.concatenate(X_blocks, axis=-2)
 
 
-def wy_transform(k_XNCK, v_XNCV, beta_XNC, G_XNC=None):
+def wy_transform(k_XNCK, v_XNCV, beta_XNC, G_XNC=None, precision=HIGHEST):
     """Returns float32 ``(w, u)`` for chunks ``[X, N, C, .]`` (X = batch * heads, N chunks).
 
     ``G`` is the within-chunk cumulative log-decay (Gated DeltaNet) or None (DeltaNet).
     """
+    _einsum = functools.partial(jnp.einsum, precision=precision)
     C = k_XNCK.shape[-2]
     k, v, beta = (x.astype(jnp.float32) for x in (k_XNCK, v_XNCV, beta_XNC))
     strict = jnp.tril(jnp.ones((C, C), dtype=bool), k=-1)
@@ -63,6 +67,6 @@ def wy_transform(k_XNCK, v_XNCV, beta_XNC, G_XNC=None):
         k_rhs = k * jnp.exp(G_XNC)[..., None]
     A_XNCC = jnp.where(strict, beta[..., :, None] * kk_XNCC, 0.0)
     rhs = beta[..., None] * jnp.concatenate([k_rhs, v], axis=-1)
-    wu = unit_lower_solve(A_XNCC, rhs)
+    wu = unit_lower_solve(A_XNCC, rhs, precision=precision)
     K = k.shape[-1]
     return wu[..., :K], wu[..., K:]

@@ -58,9 +58,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from pallas_kernels.wy import unit_lower_solve
 
 __all__ = [
+    "IMPLS",
     "UPDATE_RULES",
     "UpdateRule",
     "channel_decay_chunked",
@@ -72,6 +74,7 @@ __all__ = [
     "linear_chunked",
     "linear_recurrent",
     "mix",
+    "resolve_impl",
     "retnet_log_decay",
     "scalar_decay_chunked",
     "scalar_decay_recurrent",
@@ -436,7 +439,38 @@ UPDATE_RULES: dict[str, UpdateRule] = {
     "gated_delta": _rule("gated_delta", gated_delta_recurrent, gated_delta_chunked),
 }
 
-_IMPLS = ("chunked", "recurrent")
+IMPLS = ("auto", "chunked", "recurrent", "pallas")
+
+# Rules with a Pallas kernel (GLA's per-channel decay has none: it runs chunked jnp).
+_PALLAS = {
+    "linear": pallas_kernels.linear_attention,
+    "scalar_decay": pallas_kernels.linear_attention,
+    "delta": pallas_kernels.delta_rule,
+    "gated_delta": pallas_kernels.gated_delta_rule,
+}
+
+
+def resolve_impl(impl: str, rule: str, head_dim: int, value_dim: int, chunk_size: int) -> str:
+    """The implementation ``impl`` means for this rule and shape on the current platform.
+
+    "auto" is Pallas on TPU and GPU where the rule has a kernel and the shapes suit it, and
+    chunked jnp otherwise (on CPU the kernels would only run interpreted). "pallas" on a rule
+    without a kernel runs chunked; on unsuitable shapes it raises the kernel's error.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {list(IMPLS)}")
+    if impl in ("chunked", "recurrent"):
+        return impl
+    if rule not in _PALLAS:
+        return "chunked"
+    if impl == "auto":
+        if jax.default_backend() not in ("gpu", "tpu"):
+            return "chunked"
+        try:
+            pallas_kernels.kernel_config(head_dim, value_dim, chunk_size)
+        except ValueError:
+            return "chunked"
+    return "pallas"
 
 
 def mix(
@@ -452,16 +486,24 @@ def mix(
     impl: str = "chunked",
     scale: float | None = None,
 ):
-    """Runs update rule ``rule`` with ``impl``. Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv]).
+    """Runs update rule ``rule`` with ``impl`` (see ``IMPLS`` and ``resolve_impl``).
 
-    Under ``jax.jit``, ``rule``, ``impl`` and ``chunk_size`` must be static.
+    Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv]). Under ``jax.jit``, ``rule``, ``impl`` and
+    ``chunk_size`` must be static.
     """
     if rule not in UPDATE_RULES:
         raise ValueError(f"unknown update rule {rule!r}; expected one of {sorted(UPDATE_RULES)}")
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {list(_IMPLS)}")
+    impl = resolve_impl(impl, rule, jnp.shape(q)[-1], jnp.shape(v)[-1], chunk_size)
     spec = UPDATE_RULES[rule]
     kwargs = dict(beta=beta, g=g, initial_state=initial_state, scale=scale)
+    if impl == "pallas":
+        _prepare(rule, q, k, v, beta, g, initial_state, scale)  # the references' input checks
+        if not spec.uses_decay:
+            del kwargs["g"]
+        if not spec.uses_beta:
+            del kwargs["beta"]
+        o, state = _PALLAS[rule](q, k, v, chunk_size=chunk_size, **kwargs)
+        return o.astype(jnp.asarray(q).dtype), state
     if impl == "chunked":
         return spec.chunked(q, k, v, chunk_size=chunk_size, **kwargs)
     return spec.recurrent(q, k, v, **kwargs)

@@ -1,0 +1,100 @@
+"""flash-linear-attention's Triton kernels at the shapes of ``kernel_bench.py``, for comparison.
+
+    pip install flash-linear-attention   # needs PyTorch with CUDA
+    python benchmarks/fla_bench.py --out=fla.json
+
+Times ``chunk_simple_gla`` (scalar decay), ``chunk_delta_rule`` and ``chunk_gated_delta_rule``
+on bfloat16 inputs in fla's own layout ([B, T, H, D]), forward and forward plus backward
+(gradients of every input), with ``triton.testing.do_bench`` (median ms), and reports TFLOP/s
+with ``kernel_bench.nominal_flops`` so the two tables compare directly. Not part of the
+project's dependencies: it runs where PyTorch and a GPU are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from absl import app, flags
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_bench import nominal_flops
+
+_SHAPES = flags.DEFINE_list(
+    "shapes", ["1x8192x96x128", "4x4096x64x128", "8x1024x8x64"], "BxTxHxD per shape."
+)
+_RULES = flags.DEFINE_list("rules", ["scalar_decay", "delta", "gated_delta"], "Update rules.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+
+
+def _call(rule, q, k, v, beta, g):
+    from fla.ops.delta_rule import chunk_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    if rule == "scalar_decay":
+        return chunk_simple_gla(q, k, v, g=g)[0]
+    if rule == "delta":
+        return chunk_delta_rule(q, k, v, beta)[0]
+    return chunk_gated_delta_rule(q, k, v, g, beta)[0]
+
+
+def bench_case(rule, B, T, H, D):
+    dev, bf16 = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(B, T, H, D, device=dev, dtype=bf16)
+    k = F.normalize(torch.randn(B, T, H, D, device=dev), dim=-1).to(bf16)
+    v = torch.randn(B, T, H, D, device=dev, dtype=bf16)
+    beta = torch.randn(B, T, H, device=dev).sigmoid()
+    g = F.logsigmoid(torch.randn(B, T, H, device=dev) + 4.0)
+    do = torch.randn(B, T, H, D, device=dev, dtype=bf16)
+    inputs = [q, k, v, beta, g]
+    for x in inputs:
+        x.requires_grad_(True)
+
+    def forward_backward():
+        _call(rule, *inputs).backward(do)
+
+    with torch.no_grad():
+        fwd_ms = do_bench(lambda: _call(rule, *inputs))
+    fb_ms = do_bench(forward_backward, grad_to_none=inputs)
+    flops = nominal_flops(rule, B, T, H, D, 64)
+    return {
+        "rule": rule, "impl": "fla", "B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16",
+        "fwd_ms": fwd_ms, "fwd_tflops": flops / fwd_ms / 1e9,
+        "fwdbwd_ms": fb_ms, "fwdbwd_tflops": 3 * flops / fb_ms / 1e9,
+    }  # fmt: skip
+
+
+def main(argv):
+    del argv
+    import fla
+
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}, torch {torch.__version__}, fla {fla.__version__}")
+    rows = []
+    for shape in _SHAPES.value:
+        B, T, H, D = (int(x) for x in shape.split("x"))
+        for rule in _RULES.value:
+            try:
+                row = bench_case(rule, B, T, H, D)
+            except Exception as e:  # report and go on
+                rows.append({"rule": rule, "impl": "fla", "B": B, "T": T, "H": H, "D": D,
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})  # fmt: skip
+                print(f"{shape:>14} {rule:>12} {'fla':>9} {rows[-1]['error']}", flush=True)
+                continue
+            rows.append(row)
+            print(f"{shape:>14} {rule:>12} {'fla':>9} {row['fwd_ms']:9.2f} "
+                  f"{row['fwd_tflops']:8.1f} {row['fwdbwd_ms']:9.2f} "
+                  f"{row['fwdbwd_tflops']:8.1f}", flush=True)  # fmt: skip
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({"device": device, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

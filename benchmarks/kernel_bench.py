@@ -1,0 +1,135 @@
+"""Linear-attention kernel speed: Pallas against chunked jnp and the recurrent jnp reference.
+
+    python benchmarks/kernel_bench.py --out=kernels.json
+    python benchmarks/kernel_bench.py --shapes=1x256x2x64 --impls=pallas,chunked   # CPU smoke
+
+For each shape BxTxHxD (q, k, v [B, H, T, D]; default: the flash-linear-attention README's,
+REFERENCE.md section 4), rule and implementation it times the forward pass and forward plus
+backward (a VJP against a random cotangent, gradients of every input), compilation excluded,
+and reports milliseconds (median) and TFLOP/s. TFLOP/s counts the chunked algorithm's nominal
+FLOPs (``nominal_flops``) for every implementation, so the column ranks like the times do.
+The recurrent reference's backward keeps every step's state; it is skipped where that
+would pass ``--recurrent_bwd_gib``. ``benchmarks/fla_bench.py`` times flash-linear-attention's
+Triton kernels at the same shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from search_spaces.linear_attention import mixers
+
+_SHAPES = flags.DEFINE_list(
+    "shapes", ["1x8192x96x128", "4x4096x64x128", "8x1024x8x64"], "BxTxHxD per shape."
+)
+_RULES = flags.DEFINE_list("rules", ["scalar_decay", "delta", "gated_delta"], "Update rules.")
+_IMPLS = flags.DEFINE_list("impls", ["pallas", "chunked", "recurrent"], "Implementations.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk length.")
+_MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.5, "Time each case for at least this long.")
+_RECURRENT_BWD_GIB = flags.DEFINE_float(
+    "recurrent_bwd_gib", 4.0, "Skip the recurrent backward above this many GiB of saved states."
+)
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+
+
+def nominal_flops(rule: str, B: int, T: int, H: int, D: int, C: int) -> float:
+    """Forward FLOPs of the chunked algorithm (K = V = D): per chunk, q k^T and P U (2 C^2 D
+    each), q S and k^T U (2 C D^2 each); the delta rules add w S (2 C D^2), k k^T (2 C^2 D) and
+    the triangular solve against [w | u] (2 C^2 D)."""
+    per_chunk = 4 * C * C * D + 4 * C * D * D
+    if rule in ("delta", "gated_delta"):
+        per_chunk += 2 * C * D * D + 4 * C * C * D
+    return float(B * H * (-(-T // C)) * per_chunk)
+
+
+def _inputs(rule, B, T, H, D, dtype):
+    keys = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(keys[0], (B, H, T, D), dtype)
+    k = jax.random.normal(keys[1], (B, H, T, D), jnp.float32)
+    k = (k * jax.lax.rsqrt(jnp.sum(k * k, -1, keepdims=True))).astype(dtype)
+    v = jax.random.normal(keys[2], (B, H, T, D), dtype)
+    kw = {}
+    if rule in ("delta", "gated_delta"):
+        kw["beta"] = jax.nn.sigmoid(jax.random.normal(keys[3], (B, H, T)))
+    if rule in ("scalar_decay", "gated_delta"):
+        kw["g"] = jax.nn.log_sigmoid(jax.random.normal(keys[4], (B, H, T)) + 4.0)
+    do = jax.random.normal(keys[5], (B, H, T, D), dtype)
+    return (q, k, v), kw, do
+
+
+def _time(fn, *args) -> float:
+    """Median milliseconds of ``fn(*args)`` after one warm-up (compilation) call."""
+    jax.block_until_ready(fn(*args))
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < _MIN_SECONDS.value and len(times) < 50):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def bench_case(rule, impl, B, T, H, D, dtype):
+    (q, k, v), kw, do = _inputs(rule, B, T, H, D, dtype)
+    C = _CHUNK.value
+
+    def forward(q, k, v, kw):
+        return mixers.mix(rule, q, k, v, impl=impl, chunk_size=C, **kw)[0]
+
+    def forward_backward(q, k, v, kw, do):
+        o, vjp = jax.vjp(forward, q, k, v, kw)
+        return o, vjp(do)
+
+    flops = nominal_flops(rule, B, T, H, D, C)
+    row = {"rule": rule, "impl": impl, "B": B, "T": T, "H": H, "D": D, "dtype": str(dtype)}
+    row["fwd_ms"] = _time(jax.jit(forward), q, k, v, kw)
+    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+    saved_gib = B * H * T * D * D * 4 / 2**30
+    if impl == "recurrent" and saved_gib > _RECURRENT_BWD_GIB.value:
+        row["fwdbwd_ms"] = None
+        row["note"] = f"backward skipped: {saved_gib:.0f} GiB of per-step states"
+    else:
+        row["fwdbwd_ms"] = _time(jax.jit(forward_backward), q, k, v, kw, do)
+        row["fwdbwd_tflops"] = 3 * flops / row["fwdbwd_ms"] / 1e9
+    return row
+
+
+def main(argv):
+    del argv
+    dtype = jnp.dtype(_DTYPE.value)
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    )
+    print(f"{'BxTxHxD':>14} {'rule':>12} {'impl':>9} {'fwd ms':>9} {'TFLOP/s':>8} "
+          f"{'f+b ms':>9} {'TFLOP/s':>8}")  # fmt: skip
+    rows = []
+    for shape in _SHAPES.value:
+        B, T, H, D = (int(x) for x in shape.split("x"))
+        for rule in _RULES.value:
+            for impl in _IMPLS.value:
+                try:
+                    row = bench_case(rule, impl, B, T, H, D, dtype)
+                except Exception as e:  # a failing case is reported, the others still run
+                    row = {"rule": rule, "impl": impl, "B": B, "T": T, "H": H, "D": D,
+                           "error": f"{type(e).__name__}: {str(e)[:300]}"}  # fmt: skip
+                    print(f"{shape:>14} {rule:>12} {impl:>9} {row['error']}", flush=True)
+                    rows.append(row)
+                    continue
+                rows.append(row)
+                fb = row["fwdbwd_ms"]
+                fb_text = f"{fb:9.2f} {row['fwdbwd_tflops']:8.1f}" if fb else "  skipped"
+                print(f"{shape:>14} {rule:>12} {impl:>9} {row['fwd_ms']:9.2f} "
+                      f"{row['fwd_tflops']:8.1f} {fb_text}", flush=True)  # fmt: skip
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

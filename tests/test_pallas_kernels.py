@@ -1,0 +1,166 @@
+"""Pallas kernels against the jnp recurrent references: outputs, final states and gradients.
+
+On CPU every kernel runs in the Pallas interpreter, both the GPU (Triton) and the TPU (Mosaic)
+variant. On a GPU machine the GPU variant is compiled and run for real (the TPU variant stays
+interpreted), so the same file is the device check.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from search_spaces.linear_attention import mixers
+
+# rule name in mixers -> (kernel entry point, takes beta, takes g)
+RULES = {
+    "linear": (pk.linear_attention, False, False),
+    "scalar_decay": (pk.linear_attention, False, True),
+    "delta": (pk.delta_rule, True, False),
+    "gated_delta": (pk.gated_delta_rule, True, True),
+}
+
+
+def _inputs(rule, B=2, H=2, T=40, K=32, V=32, dtype=jnp.float32, seed=0):
+    _, uses_beta, uses_g = RULES[rule]
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(keys[0], (B, H, T, K))
+    k = jax.random.normal(keys[1], (B, H, T, K))
+    k = k * jax.lax.rsqrt(jnp.sum(k * k, -1, keepdims=True))  # as the models feed the delta rule
+    v = jax.random.normal(keys[2], (B, H, T, V))
+    kw = {"initial_state": 0.1 * jax.random.normal(keys[3], (B, H, K, V))}
+    if uses_beta:
+        kw["beta"] = jax.nn.sigmoid(jax.random.normal(keys[4], (B, H, T)))
+    if uses_g:
+        kw["g"] = -0.3 * jax.nn.softplus(jax.random.normal(keys[5], (B, H, T)))
+    # Round once to the test dtype, so reference and kernel see the same numbers.
+    cast = lambda x: x.astype(dtype).astype(jnp.float32)  # noqa: E731
+    return cast(q), cast(k), cast(v), {n: cast(x) for n, x in kw.items()}
+
+
+def _loss(fn, q, k, v, kw):
+    """A scalar mixing o and the final state non-linearly, so every cotangent is non-trivial."""
+    o, s = fn(q, k, v, **kw)
+    o = o.astype(jnp.float32)
+    return jnp.sum(o * jnp.cos(o)) + jnp.sum(jnp.sin(s))
+
+
+def _value_and_grads(fn, q, k, v, kw):
+    outs = fn(q, k, v, **kw)
+    grads = jax.grad(functools.partial(_loss, fn), argnums=(0, 1, 2, 3))(q, k, v, kw)
+    return outs, grads
+
+
+def _check(rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, **shape):
+    fn = RULES[rule][0]
+    q, k, v, kw = _inputs(rule, dtype=dtype, **shape)
+    reference = functools.partial(mixers.mix, rule, impl="recurrent")
+    kernel = functools.partial(fn, chunk_size=chunk, backend=backend)
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    (o_ref, s_ref), g_ref = _value_and_grads(reference, q, k, v, kw)
+    (o, s), g = _value_and_grads(
+        lambda q, k, v, **kw: kernel(cast(q), cast(k), cast(v), **kw), q, k, v, kw
+    )
+    assert o.dtype == dtype and s.dtype == jnp.float32 and o.shape == o_ref.shape
+    named = {"o": (o, o_ref), "final state": (s, s_ref)}
+    for name, a, b in zip(("dq", "dk", "dv"), g[:3], g_ref[:3], strict=True):
+        named[name] = (a, b)
+    for name in g_ref[3]:
+        named[f"d{name}"] = (g[3][name], g_ref[3][name])
+    for name, (a, b) in named.items():
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = 1.0 + np.max(np.abs(b))
+        err = np.max(np.abs(a - b)) / scale
+        assert err < tol, f"{rule}/{backend}/{dtype.__name__}: {name} off by {err:.2e} (scaled)"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_matches_recurrent_reference(rule, backend):
+    # T = 40 is not a multiple of the chunk (16); batch x heads = 4; initial state given.
+    _check(rule, backend)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("rule", ["delta", "gated_delta"])
+def test_head_dims(rule, head_dim):
+    _check(rule, "gpu", B=1, H=2, T=24, K=head_dim, V=head_dim)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_head_dim_128_tpu_and_gpu_scalar_decay(backend):
+    _check("scalar_decay", backend, B=1, H=2, T=24, K=128, V=128)
+
+
+def test_value_blocks_sum_on_gpu():
+    # V = 128 splits into two 64-wide value blocks whose partial dq/dk/dw/dG must add up.
+    _check("gated_delta", "gpu", B=1, H=2, T=24, K=32, V=128)
+
+
+def test_value_blocks_sum_on_tpu():
+    _check("gated_delta", "tpu", B=1, H=1, T=16, K=32, V=256)
+
+
+@pytest.mark.parametrize(
+    ("rule", "backend"), [(r, "gpu") for r in RULES] + [("gated_delta", "tpu")]
+)
+def test_bfloat16(rule, backend):
+    _check(rule, backend, dtype=jnp.bfloat16, tol=3e-2)
+
+
+def test_chunk_64_long_sequence():
+    _check("gated_delta", "gpu", chunk=64, B=1, H=2, T=200)
+
+
+def test_mix_dispatches_pallas():
+    q, k, v, kw = _inputs("gated_delta")
+    want, _ = mixers.mix("gated_delta", q, k, v, impl="chunked", chunk_size=16, **kw)
+    got, _ = mixers.mix("gated_delta", q, k, v, impl="pallas", chunk_size=16, **kw)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk_size": 24}, "GPU kernels need chunk_size a power of two >= 16, got 24"),
+        ({"chunk_size": 12, "backend": "tpu"}, "TPU kernels need chunk_size a multiple of 8"),
+        ({"backend": "cuda"}, "unknown Pallas backend 'cuda'"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    q, k, v, kw = _inputs("delta")
+    with pytest.raises(ValueError, match=message):
+        pk.delta_rule(q, k, v, **kw, **kwargs)
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, _ = _inputs("linear")
+    with pytest.raises(ValueError, match=r"expected q, k \[B, H, T, Dk\]"):
+        pk.linear_attention(q, k[..., :16], v)
+    with pytest.raises(ValueError, match="GPU kernels need head dim a power of two >= 16, got 24"):
+        pk.linear_attention(q[..., :24], k[..., :24], v, backend="gpu")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
+def test_kernels_lower_for_their_platform(backend, platform, dtype):
+    """Forward and backward lower to Triton / Mosaic custom calls, also on a CPU-only machine.
+
+    Lowering runs the Pallas backend's own checks (Mosaic block shapes, ops either backend
+    supports); only the final compilation to the device needs the device.
+    """
+    q, k, v, kw = _inputs("gated_delta", B=1, H=2, T=128, K=128, V=128)
+    fn = functools.partial(pk.gated_delta_rule, chunk_size=64, backend=backend, interpret=False)
+
+    def forward_backward(q, k, v, kw):
+        o, vjp = jax.vjp(lambda *a: fn(*a[:3], **a[3])[0], q, k, v, kw)
+        return vjp(o)
+
+    args = [x.astype(dtype) for x in (q, k, v)]
+    text = jax.jit(forward_backward).trace(*args, kw).lower(lowering_platforms=(platform,))
+    text = text.as_text()
+    marker = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+    assert text.count(marker) >= 2, f"expected forward and backward {marker} calls"
