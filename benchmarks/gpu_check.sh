@@ -13,12 +13,12 @@ PY=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/device.txt"
-timeout 90 $PY -m pytest tests/test_pallas_kernels.py -q -k "not tpu" -p no:cacheprovider \
+timeout 180 $PY -m pytest tests/test_pallas_kernels.py -q -k "not tpu" -p no:cacheprovider \
   2>&1 | tee "$OUT/tests.log" | tail -15
 timeout 45 $PY -m pytest tests/test_pallas_model.py -q -p no:cacheprovider \
   2>&1 | tee "$OUT/tests_model.log" | tail -5
-timeout 180 $PY benchmarks/kernel_bench.py --min_seconds=0.2 --out="$OUT/kernels.json" \
+timeout 150 $PY benchmarks/kernel_bench.py --min_seconds=0.2 --out="$OUT/kernels.json" \
   2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/kernel_bench.log"
 if $PY -c "import fla" 2>/dev/null; then
-  timeout 100 $PY benchmarks/fla_bench.py --out="$OUT/fla.json" 2>&1 | tee "$OUT/fla_bench.log"
+  timeout 90 $PY benchmarks/fla_bench.py --out="$OUT/fla.json" 2>&1 | tee "$OUT/fla_bench.log"
 fi

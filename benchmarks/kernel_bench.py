@@ -7,7 +7,7 @@ For each shape BxTxHxD (q, k, v [B, H, T, D]; default: the flash-linear-attentio
 REFERENCE.md section 4), rule and implementation it times the forward pass and forward plus
 backward (a VJP against a random cotangent, gradients of every input), compilation excluded,
 and reports milliseconds (median) and TFLOP/s. TFLOP/s counts the chunked algorithm's nominal
-FLOPs (``nominal_flops``) for every implementation, so the column ranks like the times do.
+FLOPs (``shapes.nominal_flops``) for every implementation, so the column ranks like the times do.
 The recurrent reference's backward keeps every step's state; it is skipped where that
 would pass ``--recurrent_bwd_gib``. ``benchmarks/fla_bench.py`` times flash-linear-attention's
 Triton kernels at the same shapes.
@@ -22,13 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from shapes import FLA_README_SHAPES, RULES, nominal_flops, parse_shape  # benchmarks/shapes.py
 
 from search_spaces.linear_attention import mixers
 
-_SHAPES = flags.DEFINE_list(
-    "shapes", ["1x8192x96x128", "4x4096x64x128", "8x1024x8x64"], "BxTxHxD per shape."
-)
-_RULES = flags.DEFINE_list("rules", ["scalar_decay", "delta", "gated_delta"], "Update rules.")
+_SHAPES = flags.DEFINE_list("shapes", FLA_README_SHAPES, "BxTxHxD per shape.")
+_RULES = flags.DEFINE_list("rules", RULES, "Update rules.")
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "chunked", "recurrent"], "Implementations.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk length.")
@@ -37,16 +36,6 @@ _RECURRENT_BWD_GIB = flags.DEFINE_float(
     "recurrent_bwd_gib", 4.0, "Skip the recurrent backward above this many GiB of saved states."
 )
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
-
-
-def nominal_flops(rule: str, B: int, T: int, H: int, D: int, C: int) -> float:
-    """Forward FLOPs of the chunked algorithm (K = V = D): per chunk, q k^T and P U (2 C^2 D
-    each), q S and k^T U (2 C D^2 each); the delta rules add w S (2 C D^2), k k^T (2 C^2 D) and
-    the triangular solve against [w | u] (2 C^2 D)."""
-    per_chunk = 4 * C * C * D + 4 * C * D * D
-    if rule in ("delta", "gated_delta"):
-        per_chunk += 2 * C * D * D + 4 * C * C * D
-    return float(B * H * (-(-T // C)) * per_chunk)
 
 
 def _inputs(rule, B, T, H, D, dtype):
@@ -110,7 +99,7 @@ def main(argv):
           f"{'f+b ms':>9} {'TFLOP/s':>8}")  # fmt: skip
     rows = []
     for shape in _SHAPES.value:
-        B, T, H, D = (int(x) for x in shape.split("x"))
+        B, T, H, D = parse_shape(shape)
         for rule in _RULES.value:
             for impl in _IMPLS.value:
                 try:
