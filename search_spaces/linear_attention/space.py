@@ -95,9 +95,9 @@ class Options:
         for name in ("mqar_steps", "mqar_batch", "lm_steps", "lm_batch", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"linear_attention option {name} must be >= 1")
-        if self.impl not in ("auto", *model.IMPLS):
+        if self.impl not in model.IMPLS:
             raise ValueError(
-                f"linear_attention option impl={self.impl!r} (auto, chunked, recurrent)"
+                f"linear_attention option impl={self.impl!r} ({', '.join(model.IMPLS)})"
             )
         if self.baseline not in genome.SEEDS:
             raise ValueError(
@@ -157,7 +157,7 @@ class LinearAttentionSpace(SearchSpace):
 
     def model_config(self, candidate: genome.Genome, stage: int = 0) -> model.ModelConfig:
         o = self.options
-        impl = "chunked" if o.impl == "auto" else o.impl  # Pallas joins "auto" with the kernels
+        impl = o.impl
         if stage == 0:
             return model.ModelConfig(tuple(candidate.items()), o.vocab_size, o.chunk_size, impl)
         return model.ModelConfig(

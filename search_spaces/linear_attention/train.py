@@ -49,6 +49,20 @@ class ByteLMConfig:
     corpus_paths: tuple[str, ...] = ()
 
 
+# Parameters left out of weight decay: the Mamba2 decay's A_log and dt_bias (Mamba2 marks them
+# _no_weight_decay; decaying them pulls the initial near-1 decay towards fast forgetting) and the
+# output gate's bias (decaying it pulls the identity-initialised gate towards silu(0) = 0).
+_NO_WEIGHT_DECAY = (("A_log",), ("dt_bias",), ("g_proj", "bias"))
+
+
+def _weight_decay_mask(params):
+    def decayed(path, _):
+        names = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        return not any(names[-len(tail) :] == tail for tail in _NO_WEIGHT_DECAY)
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
@@ -58,7 +72,8 @@ def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         end_value=cfg.learning_rate * cfg.decay_to,
     )
     return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay)
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_weight_decay_mask),
     )
 
 
