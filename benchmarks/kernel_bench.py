@@ -24,11 +24,15 @@ import numpy as np
 from absl import app, flags
 from shapes import FLA_README_SHAPES, RULES, nominal_flops, parse_shape  # benchmarks/shapes.py
 
+import pallas_kernels
 from search_spaces.linear_attention import mixers
 
 _SHAPES = flags.DEFINE_list("shapes", FLA_README_SHAPES, "BxTxHxD per shape.")
 _RULES = flags.DEFINE_list("rules", RULES, "Update rules.")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "chunked", "recurrent"], "Implementations.")
+_IMPLS = flags.DEFINE_list(
+    "impls", ["pallas", "pallas_split", "chunked", "recurrent"], "Implementations (mixers.mix"
+    " impls; pallas_split: the GPU kernels' split schedule)."
+)  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk length.")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.5, "Time each case for at least this long.")
@@ -69,6 +73,11 @@ def bench_case(rule, impl, B, T, H, D, dtype):
     C = _CHUNK.value
 
     def forward(q, k, v, kw):
+        if impl == "pallas_split":  # the GPU backend's split schedule
+            kernel = {"scalar_decay": pallas_kernels.linear_attention,
+                      "delta": pallas_kernels.delta_rule,
+                      "gated_delta": pallas_kernels.gated_delta_rule}[rule]  # fmt: skip
+            return kernel(q, k, v, chunk_size=C, schedule="split", **kw)[0]
         return mixers.mix(rule, q, k, v, impl=impl, chunk_size=C, **kw)[0]
 
     def forward_backward(q, k, v, kw, do):

@@ -14,6 +14,7 @@ the within-chunk cumsum of ``g`` and, for the delta rules, the WY transform (``w
 ``backend``: "gpu" (Triton) or "tpu" (Mosaic); by default the platform's, and "gpu" on CPU.
 ``interpret``: run the kernel in the Pallas interpreter; by default only where the backend is
 not the platform (always on CPU, about 10x slower than jnp there).
+``schedule``: "fused" (default) or, on the GPU backend, "split" (see ``recurrence.KernelConfig``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def kernel_config(head_dim: int, value_dim: int, chunk_size, backend=None, interpret=None):
+def kernel_config(
+    head_dim: int, value_dim: int, chunk_size, backend=None, interpret=None, schedule=None
+):
     """Resolves and validates the static kernel settings; raises ValueError naming the problem."""
     platform = jax.default_backend()
     backend = backend or ("tpu" if platform == "tpu" else "gpu")
@@ -55,10 +58,13 @@ def kernel_config(head_dim: int, value_dim: int, chunk_size, backend=None, inter
         block_v = 128 if value_dim % 128 == 0 else value_dim
         if C < 8 or C % 8:
             raise ValueError(f"TPU kernels need chunk_size a multiple of 8, got {chunk_size!r}")
-    return KernelConfig(chunk=C, block_v=block_v, backend=backend, interpret=interpret)
+    schedule = schedule or "fused"
+    if schedule not in ("fused", "split") or (schedule == "split" and backend != "gpu"):
+        raise ValueError(f"schedule {schedule!r}: 'fused', or 'split' on the GPU backend")
+    return KernelConfig(C, block_v, backend, interpret, schedule)
 
 
-def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret):
+def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule):
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -67,7 +73,7 @@ def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret)
         )
     B, H, T, K = q.shape
     V = v.shape[-1]
-    cfg = kernel_config(K, V, chunk_size, backend, interpret)
+    cfg = kernel_config(K, V, chunk_size, backend, interpret, schedule)
     C, dtype, f32 = cfg.chunk, q.dtype, jnp.float32
     N = -(-T // C)
     scale = K**-0.5 if scale is None else scale
@@ -104,23 +110,23 @@ def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret)
 
 def linear_attention(
     q, k, v, *, g=None, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
 ):  # fmt: skip
     """Linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T`` (no decay when ``g`` is None)."""
-    return _run(q, k, v, None, g, initial_state, scale, chunk_size, backend, interpret)
+    return _run(q, k, v, None, g, initial_state, scale, chunk_size, backend, interpret, schedule)
 
 
 def delta_rule(
     q, k, v, *, beta, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
 ):  # fmt: skip
     """DeltaNet, ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
-    return _run(q, k, v, beta, None, initial_state, scale, chunk_size, backend, interpret)
+    return _run(q, k, v, beta, None, initial_state, scale, chunk_size, backend, interpret, schedule)
 
 
 def gated_delta_rule(
     q, k, v, *, beta, g, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
 ):  # fmt: skip
     """Gated DeltaNet, ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
-    return _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret)
+    return _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule)

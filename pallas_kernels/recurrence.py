@@ -1,8 +1,8 @@
 """The chunk recurrence as one differentiable function: Pallas forward and backward kernels
 joined by ``jax.custom_vjp`` (``pallas_call`` has no transpose rule of its own).
 
-The forward kernel saves the state entering every chunk; the backward kernel walks the chunks
-in reverse, carrying the state's gradient, and recomputes each chunk's intermediates from the
+The forward pass saves the state entering every chunk; the backward pass walks the chunks in
+reverse, carrying the state's gradient, and recomputes each chunk's intermediates from the
 saved state. See ``chunk_math`` for the recurrence and its gradients.
 """
 
@@ -14,19 +14,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import gpu, tpu
+from pallas_kernels import gpu, gpu_split, tpu
 
 BACKENDS = {"gpu": gpu, "tpu": tpu}
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static kernel settings: chunk length, value block width, backend, interpret mode."""
+    """Static kernel settings: chunk length, value block width, backend, interpret mode and
+    schedule ("fused": each chunk done whole inside the sequential loop; "split", GPU only:
+    the loop keeps the recurrence and the rest runs parallel over chunks, ``gpu_split``)."""
 
     chunk: int
     block_v: int
     backend: str  # "gpu" (Triton) or "tpu" (Mosaic)
     interpret: bool
+    schedule: str = "fused"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -42,6 +45,11 @@ def chunk_recurrence(q, k, w, u, G, s0, cfg: KernelConfig):
 
 
 def _forward(q, k, w, u, G, s0, cfg, *, save_states):
+    """Returns (o, final state, residual for backward: None unless ``save_states``)."""
+    if cfg.schedule == "split":
+        return gpu_split.forward(
+            q, k, w, u, G, s0, chunk=cfg.chunk, block_v=cfg.block_v, interpret=cfg.interpret
+        )
     return BACKENDS[cfg.backend].forward(
         q, k, w, u, G, s0, chunk=cfg.chunk, block_v=cfg.block_v,
         save_states=save_states, interpret=cfg.interpret,
@@ -49,15 +57,16 @@ def _forward(q, k, w, u, G, s0, cfg, *, save_states):
 
 
 def _fwd(q, k, w, u, G, s0, cfg):
-    o, sT, states = _forward(q, k, w, u, G, s0, cfg, save_states=True)
-    return (o, sT), (q, k, w, u, G, s0, states)
+    o, sT, residual = _forward(q, k, w, u, G, s0, cfg, save_states=True)
+    return (o, sT), (q, k, w, u, G, s0, residual)
 
 
 def _bwd(cfg, residuals, cotangents):
-    q, k, w, u, G, s0, states = residuals
+    q, k, w, u, G, s0, residual = residuals
     dO, dsT = cotangents
-    dq, dk, dw, du, dG, ds0 = BACKENDS[cfg.backend].backward(
-        q, k, w, u, G, states, dO.astype(q.dtype), dsT.astype(jnp.float32),
+    kernels = gpu_split if cfg.schedule == "split" else BACKENDS[cfg.backend]
+    dq, dk, dw, du, dG, ds0 = kernels.backward(
+        q, k, w, u, G, residual, dO.astype(q.dtype), dsT.astype(jnp.float32),
         chunk=cfg.chunk, block_v=cfg.block_v, interpret=cfg.interpret,
     )  # fmt: skip
     cast = lambda grad, like: None if like is None else grad.astype(like.dtype)  # noqa: E731

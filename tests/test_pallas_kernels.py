@@ -55,10 +55,12 @@ def _value_and_grads(fn, q, k, v, kw):
 
 
 def _check(rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, **shape):
+    """``backend``: "gpu", "tpu", or "gpu-split" (the GPU backend's split schedule)."""
     fn = RULES[rule][0]
     q, k, v, kw = _inputs(rule, dtype=dtype, **shape)
     reference = functools.partial(mixers.mix, rule, impl="recurrent")
-    kernel = functools.partial(fn, chunk_size=chunk, backend=backend)
+    backend, _, schedule = backend.partition("-")
+    kernel = functools.partial(fn, chunk_size=chunk, backend=backend, schedule=schedule or None)
     cast = lambda x: x.astype(dtype)  # noqa: E731
     (o_ref, s_ref), g_ref = _value_and_grads(reference, q, k, v, kw)
     (o, s), g = _value_and_grads(
@@ -77,7 +79,7 @@ def _check(rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, **shape):
         assert err < tol, f"{rule}/{backend}/{dtype.__name__}: {name} off by {err:.2e} (scaled)"
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend", ["gpu", "gpu-split", "tpu"])
 @pytest.mark.parametrize("rule", list(RULES))
 def test_matches_recurrent_reference(rule, backend):
     # T = 40 is not a multiple of the chunk (16); batch x heads = 4; initial state given.
@@ -90,14 +92,18 @@ def test_head_dims(rule, head_dim):
     _check(rule, "gpu", B=1, H=2, T=24, K=head_dim, V=head_dim)
 
 
-@pytest.mark.parametrize("rule", ["scalar_decay", "gated_delta"])
-def test_head_dim_128_on_tpu(rule):
-    _check(rule, "tpu", B=1, H=2, T=24, K=128, V=128)
+@pytest.mark.parametrize(
+    ("rule", "backend"),
+    [("scalar_decay", "tpu"), ("gated_delta", "tpu"), ("gated_delta", "gpu-split")],
+)
+def test_head_dim_128_on_tpu_and_split(rule, backend):
+    _check(rule, backend, B=1, H=2, T=24, K=128, V=128)
 
 
-def test_value_blocks_sum_on_gpu():
+@pytest.mark.parametrize("backend", ["gpu", "gpu-split"])
+def test_value_blocks_sum_on_gpu(backend):
     # V = 128 splits into two 64-wide value blocks whose partial dq/dk/dw/dG must add up.
-    _check("gated_delta", "gpu", B=1, H=2, T=24, K=32, V=128)
+    _check("gated_delta", backend, B=1, H=2, T=24, K=32, V=128)
 
 
 def test_value_blocks_sum_on_tpu():
@@ -105,14 +111,16 @@ def test_value_blocks_sum_on_tpu():
 
 
 @pytest.mark.parametrize(
-    ("rule", "backend"), [(r, "gpu") for r in RULES] + [("gated_delta", "tpu")]
+    ("rule", "backend"),
+    [(r, "gpu") for r in RULES] + [("gated_delta", "gpu-split"), ("gated_delta", "tpu")],
 )
 def test_bfloat16(rule, backend):
     _check(rule, backend, dtype=jnp.bfloat16, tol=3e-2)
 
 
-def test_chunk_64_long_sequence():
-    _check("gated_delta", "gpu", chunk=64, B=1, H=2, T=200)
+@pytest.mark.parametrize("backend", ["gpu", "gpu-split"])
+def test_chunk_64_long_sequence(backend):
+    _check("gated_delta", backend, chunk=64, B=1, H=2, T=200)
 
 
 def test_mix_dispatches_pallas():
@@ -128,6 +136,7 @@ def test_mix_dispatches_pallas():
         ({"chunk_size": 24}, "GPU kernels need chunk_size a power of two >= 16, got 24"),
         ({"chunk_size": 12, "backend": "tpu"}, "TPU kernels need chunk_size a multiple of 8"),
         ({"backend": "cuda"}, "unknown Pallas backend 'cuda'"),
+        ({"backend": "tpu", "schedule": "split"}, "schedule 'split': 'fused', or 'split' on"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -145,15 +154,20 @@ def test_bad_shapes_are_refused():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
-def test_kernels_lower_for_their_platform(backend, platform, dtype):
+@pytest.mark.parametrize(
+    ("backend", "schedule", "platform"),
+    [("gpu", "fused", "cuda"), ("gpu", "split", "cuda"), ("tpu", "fused", "tpu")],
+)
+def test_kernels_lower_for_their_platform(backend, schedule, platform, dtype):
     """Forward and backward lower to Triton / Mosaic custom calls, also on a CPU-only machine.
 
     Lowering runs the Pallas backend's own checks (Mosaic block shapes, ops either backend
     supports); only the final compilation to the device needs the device.
     """
     q, k, v, kw = _inputs("gated_delta", B=1, H=2, T=128, K=128, V=128)
-    fn = functools.partial(pk.gated_delta_rule, chunk_size=64, backend=backend, interpret=False)
+    fn = functools.partial(
+        pk.gated_delta_rule, chunk_size=64, backend=backend, interpret=False, schedule=schedule
+    )
 
     def forward_backward(q, k, v, kw):
         o, vjp = jax.vjp(lambda *a: fn(*a[:3], **a[3])[0], q, k, v, kw)

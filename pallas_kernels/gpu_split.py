@@ -1,0 +1,212 @@
+"""GPU kernels (Pallas on Triton) with the recurrence split from the per-chunk work.
+
+``gpu.py`` does each chunk completely inside the sequential loop, so one program per
+(batch*head, value block) carries all the arithmetic. Here, as in flash-linear-attention, the
+loop keeps only what depends on the previous chunk (``chunk_math.state_step`` forward,
+``state_grad_step`` backward) and writes every chunk's state; the outputs and the inputs'
+gradients (``output``, ``local_grads``) then run with one program per chunk, N times more
+parallel work for the GPU to schedule.
+
+Forward: states kernel (sequential) -> output kernel (parallel over chunks).
+Backward: state-gradient kernel (sequential, reverse) -> local-gradient kernel (parallel).
+Extra memory against ``gpu.py``: the writes ``U`` ([BH, T, V], kept from forward) and the state
+gradients ([BH, N, K, V] float32) during backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import chunk_math
+from pallas_kernels.gpu import _inputs, _load_chunk, _spec, _split
+
+f32 = jnp.float32
+
+
+def _params(num_warps):
+    return plt.CompilerParams(num_warps=num_warps, num_stages=2)
+
+
+def _chunk_inputs(arrays, chunk, block_v):
+    """Specs for per-chunk blocks on the grid (BH, N, NV), for arrays named in ``arrays``.
+
+    ``arrays`` maps a role to an array: "feature" [BH, T, K], "value" [BH, T, V] (value block
+    j), "g" [BH, T] or "state" [BH, N, K, V]; None entries are dropped.
+    """
+    specs = {
+        "feature": lambda a: _spec((1, chunk, a.shape[-1]), lambda i, n, j: (i, n, 0)),
+        "value": lambda a: _spec((1, chunk, block_v), lambda i, n, j: (i, n, j)),
+        "g": lambda a: _spec((1, chunk), lambda i, n, j: (i, n)),
+        "state": lambda a: _spec((1, 1, a.shape[2], block_v), lambda i, n, j: (i, n, 0, j)),
+    }
+    kept = [(role, a) for role, a in arrays if a is not None]
+    return [a for _, a in kept], [specs[role](a) for role, a in kept]
+
+
+def _g_views(G_ref):
+    if G_ref is None:
+        return None, None
+    G = G_ref[0, :]
+    return G[:, None], G[None, :]
+
+
+def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
+    """Returns (o [BH, T, V] in q's dtype, final state [BH, K, V] f32, residual for backward)."""
+    BH, T, K = q.shape
+    V = u.shape[-1]
+    N, NV, dtype = T // chunk, V // block_v, q.dtype
+    has_w, has_g = w is not None, G is not None
+
+    def states_kernel(*refs):
+        r, (s0_ref, states_ref, U_ref, sT_ref) = _split(refs, has_w, has_g)
+
+        def body(n, S):
+            states_ref[0, n, :, :] = S.astype(states_ref.dtype)
+            start = pl.multiple_of(n * chunk, chunk)
+            _, k, w, u, G_col, _ = _load_chunk(r, start, chunk)
+            U, S = chunk_math.state_step(k, w, u, G_col, S, dtype)
+            U_ref[0, pl.ds(start, chunk), :] = U.astype(U_ref.dtype)
+            return S
+
+        sT_ref[0, :, :] = jax.lax.fori_loop(0, N, body, s0_ref[0, :, :])
+
+    arrays, in_specs = _inputs(q, k, w, u, G, block_v)
+    state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
+    states, U, sT = pl.pallas_call(
+        states_kernel,
+        grid=(BH, NV),
+        in_specs=[*in_specs, state_spec],
+        out_specs=[
+            _spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)),
+            _spec((1, T, block_v), lambda i, j: (i, 0, j)),
+            state_spec,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, N, K, V), dtype),
+            jax.ShapeDtypeStruct((BH, T, V), dtype),
+            jax.ShapeDtypeStruct((BH, K, V), f32),
+        ],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="chunk_states_fwd",
+    )(*arrays, s0)
+
+    def output_kernel(q_ref, k_ref, U_ref, *refs):
+        G_ref = refs[0] if has_g else None
+        S_ref, o_ref = refs[-2:]
+        G_col, G_row = _g_views(G_ref)
+        S = S_ref[0, 0, :, :].astype(f32)
+        o = chunk_math.output(q_ref[0], k_ref[0], U_ref[0], G_col, G_row, S, dtype)
+        o_ref[0, :, :] = o.astype(o_ref.dtype)
+
+    arrays, in_specs = _chunk_inputs(
+        [("feature", q), ("feature", k), ("value", U), ("g", G), ("state", states)],
+        chunk, block_v,
+    )  # fmt: skip
+    o = pl.pallas_call(
+        output_kernel,
+        grid=(BH, N, NV),
+        in_specs=in_specs,
+        out_specs=_spec((1, chunk, block_v), lambda i, n, j: (i, n, j)),
+        out_shape=jax.ShapeDtypeStruct((BH, T, V), dtype),
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="chunk_output_fwd",
+    )(*arrays)
+    return o, sT, (states, U)
+
+
+def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
+    """Returns float32 (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks."""
+    del u  # the forward's U replaces it
+    states, U = residual
+    BH, T, K = q.shape
+    V = U.shape[-1]
+    N, NV, dtype = T // chunk, V // block_v, q.dtype
+    has_w, has_g = w is not None, G is not None
+
+    def state_grad_kernel(*refs):
+        r, (dO_ref, dsT_ref, dS_ref, dU_ref, ds0_ref) = _split(refs, has_w, has_g)
+
+        def body(i, dS):
+            n = N - 1 - i  # chunks in reverse
+            dS_ref[0, n, :, :] = dS
+            start = pl.multiple_of(n * chunk, chunk)
+            rows = pl.ds(start, chunk)
+            q, k, w, _, G_col, G_row = _load_chunk(r, start, chunk)
+            dU, dS = chunk_math.state_grad_step(
+                q, k, w, G_col, G_row, dO_ref[0, rows, :], dS, dtype
+            )
+            dU_ref[0, rows, :] = dU
+            return dS
+
+        ds0_ref[0, :, :] = jax.lax.fori_loop(0, N, body, dsT_ref[0, :, :])
+
+    # The state kernel's input list has a ``u`` slot; U (same shape) fills it, unused.
+    arrays, in_specs = _inputs(q, k, w, U, G, block_v)
+    value_spec = _spec((1, T, block_v), lambda i, j: (i, 0, j))
+    state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
+    dS_after, dU, ds0 = pl.pallas_call(
+        state_grad_kernel,
+        grid=(BH, NV),
+        in_specs=[*in_specs, value_spec, state_spec],
+        out_specs=[_spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)), value_spec, state_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, N, K, V), f32),
+            jax.ShapeDtypeStruct((BH, T, V), f32),
+            jax.ShapeDtypeStruct((BH, K, V), f32),
+        ],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="chunk_state_grads_bwd",
+    )(*arrays, dO, dsT)
+
+    def local_grad_kernel(*refs):
+        refs = list(refs)
+        q_ref, k_ref = refs.pop(0), refs.pop(0)
+        w_ref = refs.pop(0) if has_w else None
+        U_ref = refs.pop(0)
+        G_ref = refs.pop(0) if has_g else None
+        S_ref, dS_ref, dO_ref, dU_ref, dq_ref, dk_ref, *outs = refs
+        G_col, G_row = _g_views(G_ref)
+        dq, dk, dw, dG_col, dG_row = chunk_math.local_grads(
+            q_ref[0], k_ref[0], None if w_ref is None else w_ref[0], U_ref[0], G_col, G_row,
+            S_ref[0, 0, :, :].astype(f32), dO_ref[0], dU_ref[0], dS_ref[0, 0, :, :], dtype,
+        )  # fmt: skip
+        dq_ref[0, 0, :, :], dk_ref[0, 0, :, :] = dq, dk
+        if has_w:
+            outs.pop(0)[0, 0, :, :] = dw
+        if has_g:
+            outs.pop(0)[0, 0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
+
+    arrays, in_specs = _chunk_inputs(
+        [("feature", q), ("feature", k), ("feature", w), ("value", U), ("g", G),
+         ("state", states), ("state", dS_after), ("value", dO), ("value", dU)],
+        chunk, block_v,
+    )  # fmt: skip
+    per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32)
+    per_block_k_spec = _spec((1, 1, chunk, K), lambda i, n, j: (j, i, n, 0))
+    out_shape = [per_block_k] * (3 if has_w else 2)
+    out_specs = [per_block_k_spec] * len(out_shape)
+    if has_g:
+        out_shape.append(jax.ShapeDtypeStruct((NV, BH, T), f32))
+        out_specs.append(_spec((1, 1, chunk), lambda i, n, j: (j, i, n)))
+    outs = list(
+        pl.pallas_call(
+            local_grad_kernel,
+            grid=(BH, N, NV),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=_params(num_warps),
+            interpret=interpret,
+            name="chunk_local_grads_bwd",
+        )(*arrays)
+    )
+    dq, dk = outs.pop(0).sum(0), outs.pop(0).sum(0)
+    dw = outs.pop(0).sum(0) if has_w else None
+    dG = outs.pop(0).sum(0) if has_g else None
+    return dq, dk, dw, dU, dG, ds0
