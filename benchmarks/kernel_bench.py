@@ -1,4 +1,5 @@
-"""Linear-attention kernel speed: Pallas against chunked jnp and the recurrent jnp reference.
+"""Linear-attention kernel speed: Pallas (both GPU schedules) against chunked jnp and the
+recurrent jnp reference.
 
     python benchmarks/kernel_bench.py --out=kernels.json
     python benchmarks/kernel_bench.py --shapes=1x256x2x64 --impls=pallas,chunked   # CPU smoke
