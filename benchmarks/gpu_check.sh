@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/device.txt"
-timeout 180 $PY -m pytest tests/test_pallas_kernels.py -q -k "not tpu" -p no:cacheprovider \
+timeout 200 $PY -m pytest tests/test_pallas_kernels.py -q -k "not tpu" -p no:cacheprovider \
   2>&1 | tee "$OUT/tests.log" | tail -15
 timeout 45 $PY -m pytest tests/test_pallas_model.py -q -p no:cacheprovider \
   2>&1 | tee "$OUT/tests_model.log" | tail -5

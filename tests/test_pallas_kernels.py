@@ -5,6 +5,7 @@ variant. On a GPU machine the GPU variant is compiled and run for real (the TPU 
 interpreted), so the same file is the device check.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -174,7 +175,16 @@ def test_kernels_lower_for_their_platform(backend, schedule, platform, dtype):
         return vjp(o)
 
     args = [x.astype(dtype) for x in (q, k, v)]
-    text = jax.jit(forward_backward).trace(*args, kw).lower(lowering_platforms=(platform,))
-    text = text.as_text()
+    # Newer JAX asks the target GPU's kind for the Triton lowering (compute capability): name
+    # one through an abstract mesh, as for any ahead-of-time compilation.
+    target = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=target
+    )
+    with contextlib.nullcontext() if backend == "tpu" else jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(forward_backward).trace(*args, kw).lower(lowering_platforms=(platform,))
+    text = lowered.as_text()
     marker = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
     assert text.count(marker) >= 2, f"expected forward and backward {marker} calls"
