@@ -105,7 +105,7 @@ def main(argv):
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     )
-    print(f"{'BxTxHxD':>14} {'rule':>12} {'impl':>9} {'fwd ms':>9} {'TFLOP/s':>8} "
+    print(f"{'BxTxHxD':>14} {'rule':>12} {'impl':>12} {'fwd ms':>9} {'TFLOP/s':>8} "
           f"{'f+b ms':>9} {'TFLOP/s':>8}")  # fmt: skip
     rows = []
     for shape in _SHAPES.value:
@@ -114,20 +114,18 @@ def main(argv):
             for impl in _IMPLS.value:
                 try:
                     row = bench_case(rule, impl, B, T, H, D, dtype)
+                    fb = row["fwdbwd_ms"]
+                    fb_text = f"{fb:9.2f} {row['fwdbwd_tflops']:8.1f}" if fb else "  skipped"
+                    text = f"{row['fwd_ms']:9.2f} {row['fwd_tflops']:8.1f} {fb_text}"
                 except Exception as e:  # a failing case is reported, the others still run
                     row = {"rule": rule, "impl": impl, "B": B, "T": T, "H": H, "D": D,
                            "error": f"{type(e).__name__}: {str(e)[:300]}"}  # fmt: skip
-                    print(f"{shape:>14} {rule:>12} {impl:>9} {row['error']}", flush=True)
-                    rows.append(row)
-                    continue
+                    text = row["error"]
                 rows.append(row)
-                fb = row["fwdbwd_ms"]
-                fb_text = f"{fb:9.2f} {row['fwdbwd_tflops']:8.1f}" if fb else "  skipped"
-                print(f"{shape:>14} {rule:>12} {impl:>9} {row['fwd_ms']:9.2f} "
-                      f"{row['fwd_tflops']:8.1f} {fb_text}", flush=True)  # fmt: skip
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+                print(f"{shape:>14} {rule:>12} {impl:>12} {text}", flush=True)
+                if _OUT.value:  # after every case, so a run cut short keeps what it measured
+                    with open(_OUT.value, "w") as f:
+                        json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f)
 
 
 if __name__ == "__main__":
