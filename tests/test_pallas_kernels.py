@@ -97,7 +97,7 @@ def test_head_dims(rule, head_dim):
     ("rule", "backend"),
     [("scalar_decay", "tpu"), ("gated_delta", "tpu"), ("gated_delta", "gpu-split")],
 )
-def test_head_dim_128_on_tpu_and_split(rule, backend):
+def test_head_dim_128(rule, backend):
     _check(rule, backend, B=1, H=2, T=24, K=128, V=128)
 
 
