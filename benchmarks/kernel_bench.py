@@ -26,13 +26,15 @@ from absl import app, flags
 from shapes import FLA_README_SHAPES, RULES, nominal_flops, parse_shape  # benchmarks/shapes.py
 
 import pallas_kernels
+from pallas_kernels.wy import wy_transform
 from search_spaces.linear_attention import mixers
 
 _SHAPES = flags.DEFINE_list("shapes", FLA_README_SHAPES, "BxTxHxD per shape.")
 _RULES = flags.DEFINE_list("rules", RULES, "Update rules.")
 _IMPLS = flags.DEFINE_list(
-    "impls", ["pallas", "pallas_split", "chunked", "recurrent"], "Implementations (mixers.mix"
-    " impls; pallas_split: the GPU kernels' split schedule)."
+    "impls", ["pallas", "pallas_split", "wy_only", "chunked", "recurrent"],
+    "Implementations: mixers.mix impls; pallas_split, the GPU kernels' split schedule; wy_only,"
+    " the delta rules' WY transform alone (the XLA part of pallas and pallas_split).",
 )  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk length.")
@@ -69,11 +71,26 @@ def _time(fn, *args) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _wy_only(k, v, kw, C):
+    """The WY transform alone, as ``pallas_kernels.ops`` runs it around the delta-rule kernels."""
+    if "beta" not in kw:
+        raise ValueError("wy_only: the rule has no WY transform")
+    B, H, T, _ = k.shape
+    N = T // C
+    chunks = lambda x: x.reshape(B * H, N, C, *x.shape[3:])  # noqa: E731
+    G = None if "g" not in kw else jnp.cumsum(chunks(kw["g"]), axis=-1)
+    precision = jax.lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
+    w, u = wy_transform(chunks(k), chunks(v), chunks(kw["beta"]), G, precision=precision)
+    return jnp.concatenate([w, u], axis=-1).astype(k.dtype)
+
+
 def bench_case(rule, impl, B, T, H, D, dtype):
     (q, k, v), kw, do = _inputs(rule, B, T, H, D, dtype)
     C = _CHUNK.value
 
     def forward(q, k, v, kw):
+        if impl == "wy_only":  # the XLA part of the Pallas delta rules: their WY transform
+            return _wy_only(k, v, kw, C)
         if impl == "pallas_split":  # the GPU backend's split schedule
             kernel = {"scalar_decay": pallas_kernels.linear_attention,
                       "delta": pallas_kernels.delta_rule,
@@ -83,11 +100,13 @@ def bench_case(rule, impl, B, T, H, D, dtype):
 
     def forward_backward(q, k, v, kw, do):
         o, vjp = jax.vjp(forward, q, k, v, kw)
-        return o, vjp(do)
+        return o, vjp(do.reshape(o.shape) if o.size == do.size else jnp.ones_like(o))
 
     flops = nominal_flops(rule, B, T, H, D, C)
     row = {"rule": rule, "impl": impl, "B": B, "T": T, "H": H, "D": D, "dtype": str(dtype)}
     row["fwd_ms"] = _time(jax.jit(forward), q, k, v, kw)
+    if impl == "wy_only":  # a part of the work: its time, not a rate of the whole
+        flops = float("nan")
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
     saved_gib = B * H * T * D * D * 4 / 2**30
     if impl == "recurrent" and saved_gib > _RECURRENT_BWD_GIB.value:
@@ -112,6 +131,8 @@ def main(argv):
         B, T, H, D = parse_shape(shape)
         for rule in _RULES.value:
             for impl in _IMPLS.value:
+                if impl == "wy_only" and rule not in ("delta", "gated_delta"):
+                    continue
                 try:
                     row = bench_case(rule, impl, B, T, H, D, dtype)
                     fb = row["fwdbwd_ms"]
