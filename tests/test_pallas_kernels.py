@@ -124,6 +124,23 @@ def test_chunk_64_long_sequence(backend):
     _check("gated_delta", backend, chunk=64, B=1, H=2, T=200)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "gpu-split", "tpu"])
+def test_vmapped_like_training(backend):
+    """Training vmaps the model over seeds: the kernels' batching and custom_vjp must compose."""
+    backend, _, schedule = backend.partition("-")
+    batch = [_inputs("gated_delta", B=1, H=2, T=24, seed=s) for s in range(2)]
+    q, k, v, kw = jax.tree.map(lambda *xs: jnp.stack(xs), *batch)
+    kernel = functools.partial(
+        pk.gated_delta_rule, chunk_size=16, backend=backend, schedule=schedule or None
+    )
+    reference = functools.partial(mixers.mix, "gated_delta", impl="recurrent")
+    got, want = (
+        jax.vmap(functools.partial(_value_and_grads, fn))(q, k, v, kw) for fn in (kernel, reference)
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+
+
 def test_mix_dispatches_pallas():
     q, k, v, kw = _inputs("gated_delta")
     want, _ = mixers.mix("gated_delta", q, k, v, impl="chunked", chunk_size=16, **kw)
