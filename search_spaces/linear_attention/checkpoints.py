@@ -6,14 +6,26 @@ checkpoint with items ``params`` and ``meta``).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import nnx
 
 from search_spaces.linear_attention import model
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops Orbax's INFO lines (about twenty per checkpoint) from the run log; keeps warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+absl_logging.get_absl_logger().addFilter(_QuietOrbax())
 
 
 def _path(directory: str, stage: int, seed: int) -> str:
