@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from evolve_jax.search_space import (
     CheckFailure,
@@ -184,6 +186,7 @@ class LinearAttentionSpace(SearchSpace):
         results = []
         for candidate in candidates:
             cfg = self.model_config(candidate, stage)
+            start = time.perf_counter()
             try:
                 if stage == 0:
                     per_seed = train.train_mqar(
@@ -211,9 +214,16 @@ class LinearAttentionSpace(SearchSpace):
                 continue
             if stage > 0 and o.checkpoint and self._checkpoint_dir:
                 self._save(candidate, stage, seeds, [r.params for r in per_seed])
-            results.append(
-                EvalResult(metrics={s: r.metrics for s, r in zip(seeds, per_seed, strict=True)})
-            )
+            metrics = {s: r.metrics for s, r in zip(seeds, per_seed, strict=True)}
+            results.append(EvalResult(metrics=metrics))
+            # Progress while a step trains (the loop reports candidates once the step is done).
+            metric = "mqar_accuracy" if stage == 0 else "val_bpb"
+            values = " ".join(f"{m[metric]:.3f}" for m in metrics.values())
+            logging.info(
+                "stage %d: trained %s genome %s in %.0f s, %s %s", stage,
+                candidate["update_rule"], fingerprint(candidate)[:8],
+                time.perf_counter() - start, metric, values,
+            )  # fmt: skip
         return results
 
     def descriptors(self) -> tuple[DescriptorAxis, ...]:
