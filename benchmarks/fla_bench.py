@@ -8,7 +8,8 @@ on bfloat16 inputs in fla's own layout ([B, T, H, D]), forward and forward plus 
 (gradients of every input), with ``triton.testing.do_bench`` (median ms), and reports TFLOP/s
 with ``shapes.nominal_flops`` so the two tables compare directly. Not part of the
 project's dependencies: it runs where PyTorch and a GPU are. fla 0.6 refuses the gated
-backward on Hopper GPUs with Triton older than 3.7.1 (wrong results there, fla issue #640).
+backward on Hopper GPUs with Triton older than 3.7.1 (wrong results there, fla issue #640);
+``--time_known_bad_triton`` times it anyway, and the JSON records that it did.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from triton.testing import do_bench
 _SHAPES = flags.DEFINE_list("shapes", FLA_README_SHAPES, "BxTxHxD per shape.")
 _RULES = flags.DEFINE_list("rules", RULES, "Update rules.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_TIME_KNOWN_BAD = flags.DEFINE_bool(
+    "time_known_bad_triton", False,
+    "Time fla's gated backward even where fla refuses it as numerically wrong (Hopper with"
+    " Triton < 3.7.1): the kernels and their cost are the same, only the results are off.",
+)  # fmt: skip
 
 
 def _call(rule, q, k, v, beta, g):
@@ -55,7 +61,8 @@ def bench_case(rule, B, T, H, D):
         _call(rule, *inputs).backward(do)
 
     flops = nominal_flops(rule, B, T, H, D, 64)
-    row = {"rule": rule, "impl": "fla", "B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16"}
+    row = {"rule": rule, "impl": "fla", "B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16",
+           "timed_known_bad_triton": _TIME_KNOWN_BAD.value}  # fmt: skip
     with torch.no_grad():
         row["fwd_ms"] = do_bench(lambda: _call(rule, *inputs))
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
@@ -71,6 +78,10 @@ def main(argv):
     del argv
     import fla
 
+    if _TIME_KNOWN_BAD.value:
+        import fla.ops.common.chunk_o as chunk_o
+
+        chunk_o.IS_NVIDIA_HOPPER = False  # read at call time only by the refusal (warps: at import)
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}, fla {fla.__version__}")
     rows = []
