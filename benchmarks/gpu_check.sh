@@ -2,7 +2,9 @@
 # One GPU check, under 8 minutes: the kernel tests compiled for the GPU (not interpreted), the
 # kernel benchmark, and flash-linear-attention's Triton kernels at the same shapes.
 #   OUT=gpu_check bash benchmarks/gpu_check.sh      # results and logs land in $OUT
-# Needs jax with CUDA, PyTorch and flash-linear-attention for the last step (skipped without).
+# Needs jax with CUDA, PyTorch and flash-linear-attention for the last step (skipped without;
+# on a machine without a registry, bring its wheels: `pip download --no-deps -d WHEELS
+# flash-linear-attention fla-core` elsewhere, then `pip install --no-deps WHEELS/*.whl`).
 set -uo pipefail
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
