@@ -45,7 +45,8 @@ def chunk_recurrence(q, k, w, u, G, s0, cfg: KernelConfig):
 
 
 def _forward(q, k, w, u, G, s0, cfg, *, save_states):
-    """Returns (o, final state, residual for backward: None unless ``save_states``)."""
+    """Returns (o, final state, residual for backward; fused kernels skip it without
+    ``save_states``)."""
     if cfg.schedule == "split":
         return gpu_split.forward(
             q, k, w, u, G, s0, chunk=cfg.chunk, block_v=cfg.block_v, interpret=cfg.interpret
