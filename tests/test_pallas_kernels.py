@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
 from search_spaces.linear_attention import mixers
@@ -55,13 +56,15 @@ def _value_and_grads(fn, q, k, v, kw):
     return outs, grads
 
 
-def _check(rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, **shape):
+def _check(rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, interpret=None, **shape):
     """``backend``: "gpu", "tpu", or "gpu-split" (the GPU backend's split schedule)."""
     fn = RULES[rule][0]
     q, k, v, kw = _inputs(rule, dtype=dtype, **shape)
     reference = functools.partial(mixers.mix, rule, impl="recurrent")
     backend, _, schedule = backend.partition("-")
-    kernel = functools.partial(fn, chunk_size=chunk, backend=backend, schedule=schedule or None)
+    kernel = functools.partial(
+        fn, chunk_size=chunk, backend=backend, schedule=schedule or None, interpret=interpret
+    )
     cast = lambda x: x.astype(dtype)  # noqa: E731
     (o_ref, s_ref), g_ref = _value_and_grads(reference, q, k, v, kw)
     (o, s), g = _value_and_grads(
@@ -122,6 +125,14 @@ def test_bfloat16(rule, backend):
 @pytest.mark.parametrize("backend", ["gpu", "gpu-split"])
 def test_chunk_64_long_sequence(backend):
     _check("gated_delta", backend, chunk=64, B=1, H=2, T=200)
+
+
+@pytest.mark.parametrize("rule", ["scalar_decay", "gated_delta"])
+def test_tpu_kernels_in_the_tpu_interpreter(rule):
+    """Pallas's TPU interpreter models a TPU core (grid order, dimension semantics, VMEM
+    scratch, DMAs) more closely than the generic one the other tests use."""
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        _check(rule, "tpu", B=1, H=2, T=40, interpret=False)  # compiled for "TPU", interpreted
 
 
 @pytest.mark.parametrize("backend", ["gpu", "gpu-split", "tpu"])
