@@ -25,7 +25,6 @@ import numpy as np
 from absl import app, flags
 from shapes import FLA_README_SHAPES, RULES, nominal_flops, parse_shape  # benchmarks/shapes.py
 
-import pallas_kernels
 from pallas_kernels.wy import wy_transform
 from search_spaces.linear_attention import mixers
 
@@ -92,9 +91,7 @@ def bench_case(rule, impl, B, T, H, D, dtype):
         if impl == "wy_only":  # the XLA part of the Pallas delta rules: their WY transform
             return _wy_only(k, v, kw, C)
         if impl == "pallas_split":  # the GPU backend's split schedule
-            kernel = {"scalar_decay": pallas_kernels.linear_attention,
-                      "delta": pallas_kernels.delta_rule,
-                      "gated_delta": pallas_kernels.gated_delta_rule}[rule]  # fmt: skip
+            kernel = mixers.PALLAS_KERNELS[rule]
             return kernel(q, k, v, chunk_size=C, schedule="split", **kw)[0]
         return mixers.mix(rule, q, k, v, impl=impl, chunk_size=C, **kw)[0]
 

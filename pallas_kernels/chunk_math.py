@@ -29,6 +29,7 @@ float32 path at full precision (TPUs otherwise round f32 operands to bf16, GPUs 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -90,43 +91,64 @@ def _decay_matrix(G_col, G_row, C):
     return jnp.exp(jnp.where(causal, G_col - G_row, -jnp.inf))
 
 
+class Chunk:
+    """One chunk's inputs and what every step below derives from them, each computed once."""
+
+    def __init__(self, q, k, G_col, G_row, dtype):
+        self.q, self.k, self.G_col, self.G_row, self.dtype = q, k, G_col, G_row, dtype
+        self.size = k.shape[0]
+        self.gates = Gates.of(G_col, self.size)
+
+    @functools.cached_property
+    def scores(self):  # q k^T, [C, C]
+        return mm_t(self.q, self.k, self.dtype)
+
+    @functools.cached_property
+    def decay(self):
+        return _decay_matrix(self.G_col, self.G_row, self.size)
+
+    @functools.cached_property
+    def P(self):  # the intra-chunk attention (q k^T) * D
+        return self.scores * self.decay
+
+    @functools.cached_property
+    def q_in(self):  # e^G * q: the query as it reads the incoming state
+        return _scale(self.q.astype(f32), self.gates.q_gate)
+
+    @functools.cached_property
+    def k_out(self):  # e^(G_C - G) * k: the key as its write reaches the chunk end
+        return _scale(self.k.astype(f32), self.gates.k_gate)
+
+
 def writes(w, u, S, dtype):
     """U [C, V] float32: what each step writes once the incoming state's recall is removed."""
     return u.astype(f32) if w is None else u.astype(f32) - mm(w, S, dtype)
 
 
-def state_step(k, w, u, G_col, S, dtype):
-    """Returns (U [C, V] float32, state after the chunk [K, V] float32)."""
-    gates = Gates.of(G_col, k.shape[0])
-    U = writes(w, u, S, dtype)
-    k_out = _scale(k.astype(f32), gates.k_gate)
-    return U, _scale(S, gates.state) + t_mm(k_out, U, dtype)
+def state_step(c: Chunk, w, u, S):
+    """Returns (U [C, V] float32, state after the chunk [K, V] float32). Reads no ``c.q``."""
+    U = writes(w, u, S, c.dtype)
+    return U, _scale(S, c.gates.state) + t_mm(c.k_out, U, c.dtype)
 
 
-def output(q, k, U, G_col, G_row, S, dtype):
+def output(c: Chunk, U, S):
     """Returns o [C, V] float32 from the state entering the chunk and its U."""
-    C = q.shape[0]
-    gates = Gates.of(G_col, C)
-    P = mm_t(q, k, dtype) * _decay_matrix(G_col, G_row, C)
-    return mm(_scale(q.astype(f32), gates.q_gate), S, dtype) + mm(P, U, dtype)
+    return mm(c.q_in, S, c.dtype) + mm(c.P, U, c.dtype)
 
 
-def state_grad_step(q, k, w, G_col, G_row, dO, dS, dtype):
+def state_grad_step(c: Chunk, w, dO, dS):
     """Backward through one chunk's recurrence, given ``dS``, the gradient of the state after it.
 
     Returns (dU [C, V] float32, the gradient of the state entering the chunk [K, V] float32).
     """
-    C = q.shape[0]
-    gates = Gates.of(G_col, C)
-    P = mm_t(q, k, dtype) * _decay_matrix(G_col, G_row, C)
-    dU = t_mm(P, dO, dtype) + mm(_scale(k.astype(f32), gates.k_gate), dS, dtype)
-    dS_in = _scale(dS, gates.state) + t_mm(_scale(q.astype(f32), gates.q_gate), dO, dtype)
+    dU = t_mm(c.P, dO, c.dtype) + mm(c.k_out, dS, c.dtype)
+    dS_in = _scale(dS, c.gates.state) + t_mm(c.q_in, dO, c.dtype)
     if w is not None:
-        dS_in = dS_in - t_mm(w, dU, dtype)
+        dS_in = dS_in - t_mm(w, dU, c.dtype)
     return dU, dS_in
 
 
-def local_grads(q, k, w, U, G_col, G_row, S, dO, dU, dS, dtype):
+def local_grads(c: Chunk, w, U, S, dO, dU, dS):
     """Gradients of one chunk's inputs from the states around it and the gradients of U and S.
 
     ``S`` enters the chunk, ``dS`` is the gradient of the state after it. Returns
@@ -134,29 +156,26 @@ def local_grads(q, k, w, U, G_col, G_row, S, dO, dU, dS, dtype):
     without ``G`` (the gradient of ``G`` is their sum, one as a column and one as a row). With the
     value dimension split into blocks, each block's results are partial sums over it.
     """
-    C = q.shape[0]
-    gates = Gates.of(G_col, C)
-    decay = _decay_matrix(G_col, G_row, C)
-    scores = mm_t(q, k, dtype)
-    dP = mm_t(dO, U, dtype) * decay
+    dtype, gates = c.dtype, c.gates
+    dP = mm_t(dO, U, dtype) * c.decay
     dq_in = mm_t(dO, S, dtype)
     dk_out = mm_t(U, dS, dtype)
-    dq = mm(dP, k, dtype) + _scale(dq_in, gates.q_gate)
-    dk = t_mm(dP, q, dtype) + _scale(dk_out, gates.k_gate)
+    dq = mm(dP, c.k, dtype) + _scale(dq_in, gates.q_gate)
+    dk = t_mm(dP, c.q, dtype) + _scale(dk_out, gates.k_gate)
     dw = None if w is None else -mm_t(dU, S, dtype)
-    if G_col is None:
+    if c.G_col is None:
         return dq, dk, dw, None, None
-    E = dP * scores  # gradient through each D_ij = e^(G_i - G_j), times D_ij
-    from_k = jnp.sum(k.astype(f32) * gates.k_gate * dk_out, axis=1, keepdims=True)
+    E = dP * c.scores  # gradient through each D_ij = e^(G_i - G_j), times D_ij
+    from_k = jnp.sum(c.k_out * dk_out, axis=1, keepdims=True)
     from_state = jnp.sum(
         jnp.sum(S * gates.state * dS, axis=1, keepdims=True), axis=0, keepdims=True
     )
     to_last = jnp.sum(from_k, axis=0, keepdims=True) + from_state  # via G_C, [1, 1]
     dG_col = (
-        jnp.sum(q.astype(f32) * gates.q_gate * dq_in, axis=1, keepdims=True)
+        jnp.sum(c.q_in * dq_in, axis=1, keepdims=True)
         + jnp.sum(E, axis=1, keepdims=True)
         - from_k
-        + jnp.where(_iota((C, 1), 0) == C - 1, to_last, 0.0)
+        + jnp.where(_iota((c.size, 1), 0) == c.size - 1, to_last, 0.0)
     )
     dG_row = -jnp.sum(E, axis=0, keepdims=True)
     return dq, dk, dw, dG_col, dG_row
@@ -164,8 +183,9 @@ def local_grads(q, k, w, U, G_col, G_row, S, dO, dU, dS, dtype):
 
 def forward(q, k, w, u, G_col, G_row, S, dtype):
     """One chunk completely: returns (o [C, V] float32, state after the chunk)."""
-    U, S_next = state_step(k, w, u, G_col, S, dtype)
-    return output(q, k, U, G_col, G_row, S, dtype), S_next
+    c = Chunk(q, k, G_col, G_row, dtype)
+    U, S_next = state_step(c, w, u, S)
+    return output(c, U, S), S_next
 
 
 def backward(q, k, w, u, G_col, G_row, S, dO, dS, dtype):
@@ -173,7 +193,8 @@ def backward(q, k, w, u, G_col, G_row, S, dO, dS, dtype):
 
     Returns ``(dq, dk, dw, du, dG_col, dG_row, dS_in)``, see ``local_grads``.
     """
+    c = Chunk(q, k, G_col, G_row, dtype)
     U = writes(w, u, S, dtype)
-    dU, dS_in = state_grad_step(q, k, w, G_col, G_row, dO, dS, dtype)
-    dq, dk, dw, dG_col, dG_row = local_grads(q, k, w, U, G_col, G_row, S, dO, dU, dS, dtype)
+    dU, dS_in = state_grad_step(c, w, dO, dS)
+    dq, dk, dw, dG_col, dG_row = local_grads(c, w, U, S, dO, dU, dS)
     return dq, dk, dw, dU, dG_col, dG_row, dS_in

@@ -67,7 +67,8 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
             states_ref[0, n, :, :] = S.astype(states_ref.dtype)
             start = pl.multiple_of(n * chunk, chunk)
             _, k, w, u, G_col, _ = _load_chunk(r, start, chunk)
-            U, S = chunk_math.state_step(k, w, u, G_col, S, dtype)
+            c = chunk_math.Chunk(None, k, G_col, None, dtype)  # the state update reads no q
+            U, S = chunk_math.state_step(c, w, u, S)
             U_ref[0, pl.ds(start, chunk), :] = U.astype(U_ref.dtype)
             return S
 
@@ -99,7 +100,8 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
         S_ref, o_ref = refs[-2:]
         G_col, G_row = _g_views(G_ref)
         S = S_ref[0, 0, :, :].astype(f32)
-        o = chunk_math.output(q_ref[0], k_ref[0], U_ref[0], G_col, G_row, S, dtype)
+        c = chunk_math.Chunk(q_ref[0], k_ref[0], G_col, G_row, dtype)
+        o = chunk_math.output(c, U_ref[0], S)
         o_ref[0, :, :] = o.astype(o_ref.dtype)
 
     arrays, in_specs = _chunk_inputs(
@@ -137,9 +139,8 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
             start = pl.multiple_of(n * chunk, chunk)
             rows = pl.ds(start, chunk)
             q, k, w, _, G_col, G_row = _load_chunk(r, start, chunk)
-            dU, dS = chunk_math.state_grad_step(
-                q, k, w, G_col, G_row, dO_ref[0, rows, :], dS, dtype
-            )
+            c = chunk_math.Chunk(q, k, G_col, G_row, dtype)
+            dU, dS = chunk_math.state_grad_step(c, w, dO_ref[0, rows, :], dS)
             dU_ref[0, rows, :] = dU
             return dS
 
@@ -172,9 +173,10 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         G_ref = refs.pop(0) if has_g else None
         S_ref, dS_ref, dO_ref, dU_ref, dq_ref, dk_ref, *outs = refs
         G_col, G_row = _g_views(G_ref)
+        c = chunk_math.Chunk(q_ref[0], k_ref[0], G_col, G_row, dtype)
         dq, dk, dw, dG_col, dG_row = chunk_math.local_grads(
-            q_ref[0], k_ref[0], None if w_ref is None else w_ref[0], U_ref[0], G_col, G_row,
-            S_ref[0, 0, :, :].astype(f32), dO_ref[0], dU_ref[0], dS_ref[0, 0, :, :], dtype,
+            c, None if w_ref is None else w_ref[0], U_ref[0], S_ref[0, 0, :, :].astype(f32),
+            dO_ref[0], dU_ref[0], dS_ref[0, 0, :, :],
         )  # fmt: skip
         dq_ref[0, 0, :, :], dk_ref[0, 0, :, :] = dq, dk
         if has_w:

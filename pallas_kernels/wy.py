@@ -49,6 +49,21 @@ def unit_lower_solve(
     return jnp.concatenate(X_blocks, axis=-2)
 
 
+def ut_transform(kk_XNCC, beta_XNC, w_rhs_XNCK, v_XNCV, precision=HIGHEST):
+    """Returns (w, u) = (I + A)^-1 [beta * w_rhs, beta * v], A = tril(diag(beta) kk, -1).
+
+    This is the UT / WY representation of a chunk's product of Householder-like factors;
+    solving against the unit-lower-triangular (I + A) avoids forming the inverse. ``kk`` holds
+    the (decayed) key inner products; only its strictly lower triangle is read.
+    """
+    C, K = w_rhs_XNCK.shape[-2:]
+    strict = jnp.tril(jnp.ones((C, C), dtype=bool), k=-1)
+    A_XNCC = jnp.where(strict, beta_XNC[..., :, None] * kk_XNCC, 0.0)
+    rhs = beta_XNC[..., None] * jnp.concatenate([w_rhs_XNCK, v_XNCV], axis=-1)
+    wu = unit_lower_solve(A_XNCC, rhs, precision=precision)
+    return wu[..., :K], wu[..., K:]
+
+
 def wy_transform(k_XNCK, v_XNCV, beta_XNC, G_XNC=None, precision=HIGHEST):
     """Returns float32 ``(w, u)`` for chunks ``[X, N, C, .]`` (X = batch * heads, N chunks).
 
@@ -65,8 +80,4 @@ def wy_transform(k_XNCK, v_XNCV, beta_XNC, G_XNC=None, precision=HIGHEST):
         diff = jnp.where(strict, G_XNC[..., :, None] - G_XNC[..., None, :], -jnp.inf)
         kk_XNCC = kk_XNCC * jnp.exp(diff)
         k_rhs = k * jnp.exp(G_XNC)[..., None]
-    A_XNCC = jnp.where(strict, beta[..., :, None] * kk_XNCC, 0.0)
-    rhs = beta[..., None] * jnp.concatenate([k_rhs, v], axis=-1)
-    wu = unit_lower_solve(A_XNCC, rhs, precision=precision)
-    K = k.shape[-1]
-    return wu[..., :K], wu[..., K:]
+    return ut_transform(kk_XNCC, beta, k_rhs, v, precision=precision)

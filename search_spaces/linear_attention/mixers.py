@@ -59,10 +59,11 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from pallas_kernels.wy import unit_lower_solve
+from pallas_kernels.wy import ut_transform
 
 __all__ = [
     "IMPLS",
+    "PALLAS_KERNELS",
     "UPDATE_RULES",
     "UpdateRule",
     "channel_decay_chunked",
@@ -103,19 +104,25 @@ _ChunkInputs = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Arra
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare(rule, q, k, v, beta, g, initial_state, scale):
-    """Validates and casts inputs; returns float32 ``(q_BHTK * scale, k, v, beta, g, S0_BHKV)``."""
+def _validate(rule, q, k, v, beta, g) -> None:
+    """Raises ValueError on shapes or optional inputs that do not fit ``rule``."""
     uses_beta, decay = _INPUT_SPEC[rule]
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    q, k, v = jnp.shape(q), jnp.shape(k), jnp.shape(v)
+    if len(q) != 4 or k != q or len(v) != 4 or v[:3] != q[:3]:
         raise ValueError(
-            f"{rule}: expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; "
-            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+            f"{rule}: expected q, k [B, H, T, Dk] and v [B, H, T, Dv]; got q {q}, k {k}, v {v}"
         )
     if uses_beta != (beta is not None):
         raise ValueError(f"{rule}: {'requires' if uses_beta else 'does not take'} beta")
     if (decay is not None) != (g is not None):
         raise ValueError(f"{rule}: {'requires' if decay else 'does not take'} g (log-decay)")
+
+
+def _prepare(rule, q, k, v, beta, g, initial_state, scale):
+    """Validates and casts inputs; returns float32 ``(q_BHTK * scale, k, v, beta, g, S0_BHKV)``."""
+    _validate(rule, q, k, v, beta, g)
+    decay = _INPUT_SPEC[rule][1]
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     B, H, T, K = q.shape
     V = v.shape[-1]
     f32 = jnp.float32
@@ -266,25 +273,12 @@ def _channel_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
     return S_BHKV, o_BHCV
 
 
-def _ut_transform(kk_BHCC, beta_BHC, w_rhs_BHCK, v_BHCV):
-    """Returns (W, U) = (I + A)^-1 [beta * w_rhs, beta * v], A = tril(diag(beta) kk, -1).
-
-    This is the UT / WY representation of the chunk's product of Householder-like factors;
-    solving against the unit-lower-triangular (I + A) avoids forming the inverse.
-    """
-    C, K = w_rhs_BHCK.shape[-2:]
-    A_BHCC = jnp.where(_causal_mask(C, strict=True), beta_BHC[..., :, None] * kk_BHCC, 0.0)
-    rhs_BHCx = beta_BHC[..., None] * jnp.concatenate([w_rhs_BHCK, v_BHCV], axis=-1)
-    WU_BHCx = unit_lower_solve(A_BHCC, rhs_BHCx)
-    return WU_BHCx[..., :K], WU_BHCx[..., K:]
-
-
 def _delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
     """One chunk of DeltaNet; returns (state after the chunk, o_BHCV)."""
     q_BHCK, k_BHCK, v_BHCV, beta_BHC, _ = xs
     C = q_BHCK.shape[-2]
     kk_BHCC = _einsum("bhik,bhjk->bhij", k_BHCK, k_BHCK)
-    W_BHCK, U_BHCV = _ut_transform(kk_BHCC, beta_BHC, k_BHCK, v_BHCV)
+    W_BHCK, U_BHCV = ut_transform(kk_BHCC, beta_BHC, k_BHCK, v_BHCV)
     # The effective per-step writes once the incoming state's recall is subtracted.
     U_BHCV = U_BHCV - _einsum("bhck,bhkv->bhcv", W_BHCK, S_BHKV)
     attn_BHCC = jnp.where(_causal_mask(C), _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK), 0.0)
@@ -303,7 +297,7 @@ def _gated_delta_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
     kk_BHCC = _einsum("bhik,bhjk->bhij", k_BHCK, k_BHCK) * gamma_BHCC
     # The incoming state is seen by step i decayed by exp(G_i), hence exp(G) on the W side.
     decay_BHC1 = jnp.exp(G_BHC)[..., None]
-    W_BHCK, U_BHCV = _ut_transform(kk_BHCC, beta_BHC, decay_BHC1 * k_BHCK, v_BHCV)
+    W_BHCK, U_BHCV = ut_transform(kk_BHCC, beta_BHC, decay_BHC1 * k_BHCK, v_BHCV)
     U_BHCV = U_BHCV - _einsum("bhck,bhkv->bhcv", W_BHCK, S_BHKV)
     attn_BHCC = _einsum("bhik,bhjk->bhij", q_BHCK, k_BHCK) * gamma_BHCC
     o_BHCV = _einsum("bhck,bhkv->bhcv", decay_BHC1 * q_BHCK, S_BHKV) + _einsum(
@@ -442,7 +436,7 @@ UPDATE_RULES: dict[str, UpdateRule] = {
 IMPLS = ("auto", "chunked", "recurrent", "pallas")
 
 # Rules with a Pallas kernel (GLA's per-channel decay has none: it runs chunked jnp).
-_PALLAS = {
+PALLAS_KERNELS = {
     "linear": pallas_kernels.linear_attention,
     "scalar_decay": pallas_kernels.linear_attention,
     "delta": pallas_kernels.delta_rule,
@@ -461,7 +455,7 @@ def resolve_impl(impl: str, rule: str, head_dim: int, value_dim: int, chunk_size
         raise ValueError(f"unknown impl {impl!r}; expected one of {list(IMPLS)}")
     if impl in ("chunked", "recurrent"):
         return impl
-    if rule not in _PALLAS:
+    if rule not in PALLAS_KERNELS:
         return "chunked"
     if impl == "auto":
         if jax.default_backend() not in ("gpu", "tpu"):
@@ -497,12 +491,12 @@ def mix(
     spec = UPDATE_RULES[rule]
     kwargs = dict(beta=beta, g=g, initial_state=initial_state, scale=scale)
     if impl == "pallas":
-        _prepare(rule, q, k, v, beta, g, initial_state, scale)  # the references' input checks
+        _validate(rule, q, k, v, beta, g)  # the references' input checks
         if not spec.uses_decay:
             del kwargs["g"]
         if not spec.uses_beta:
             del kwargs["beta"]
-        o, state = _PALLAS[rule](q, k, v, chunk_size=chunk_size, **kwargs)
+        o, state = PALLAS_KERNELS[rule](q, k, v, chunk_size=chunk_size, **kwargs)
         return o.astype(jnp.asarray(q).dtype), state
     if impl == "chunked":
         return spec.chunked(q, k, v, chunk_size=chunk_size, **kwargs)

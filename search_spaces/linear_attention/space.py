@@ -159,11 +159,10 @@ class LinearAttentionSpace(SearchSpace):
 
     def model_config(self, candidate: genome.Genome, stage: int = 0) -> model.ModelConfig:
         o = self.options
-        impl = o.impl
         if stage == 0:
-            return model.ModelConfig(tuple(candidate.items()), o.vocab_size, o.chunk_size, impl)
+            return model.ModelConfig(tuple(candidate.items()), o.vocab_size, o.chunk_size, o.impl)
         return model.ModelConfig(
-            tuple(candidate.items()), data.BYTE_VOCAB_SIZE, o.chunk_size, impl, o.lm_width
+            tuple(candidate.items()), data.BYTE_VOCAB_SIZE, o.chunk_size, o.impl, o.lm_width
         )
 
     def check(self, candidate: genome.Genome) -> list[CheckFailure]:
@@ -217,7 +216,7 @@ class LinearAttentionSpace(SearchSpace):
             metrics = {s: r.metrics for s, r in zip(seeds, per_seed, strict=True)}
             results.append(EvalResult(metrics=metrics))
             # Progress while a step trains (the loop reports candidates once the step is done).
-            metric = "mqar_accuracy" if stage == 0 else "val_bpb"
+            metric = self.describe().stages[stage].metrics[0].name
             values = " ".join(f"{m[metric]:.3f}" for m in metrics.values())
             logging.info(
                 "stage %d: trained %s genome %s in %.0f s, %s %s", stage,
