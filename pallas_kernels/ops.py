@@ -8,8 +8,9 @@ return ``(o [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] float32)`` an
 differentiable in every input. Matmuls run in the inputs' dtype (bfloat16 or float32) with
 float32 accumulation; the state is always float32.
 
-The work around the kernels is plain XLA: padding T to a multiple of the chunk (no-op steps),
-the within-chunk cumsum of ``g`` and, for the delta rules, the WY transform (``wy``).
+The work around the kernels is plain XLA: padding T to a multiple of the chunk (no-op steps)
+and the within-chunk cumsum of ``g``. The delta rules' WY transform runs on its own Pallas
+kernels (``wy_kernel``), or with ``wy="xla"`` as the plain XLA code of ``wy``.
 
 ``backend``: "gpu" (Triton) or "tpu" (Mosaic); by default the platform's, and "gpu" on CPU.
 ``interpret``: run the kernel in the Pallas interpreter; by default only where the backend is
@@ -24,8 +25,9 @@ import operator
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import wy_kernel
 from pallas_kernels.recurrence import KernelConfig, chunk_recurrence
-from pallas_kernels.wy import wy_transform
+from pallas_kernels.wy import wy_transform as xla_wy_transform
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -35,8 +37,9 @@ def _is_pow2(n: int) -> bool:
 
 
 def kernel_config(
-    head_dim: int, value_dim: int, chunk_size, backend=None, interpret=None, schedule=None
-):
+    head_dim: int, value_dim: int, chunk_size, backend=None, interpret=None, schedule=None,
+    wy=None,
+):  # fmt: skip
     """Resolves and validates the static kernel settings; raises ValueError naming the problem."""
     platform = jax.default_backend()
     backend = backend or ("tpu" if platform == "tpu" else "gpu")
@@ -61,10 +64,13 @@ def kernel_config(
     schedule = schedule or "fused"
     if schedule not in ("fused", "split") or (schedule == "split" and backend != "gpu"):
         raise ValueError(f"schedule {schedule!r}: 'fused', or 'split' on the GPU backend")
-    return KernelConfig(C, block_v, backend, interpret, schedule)
+    wy = wy or "pallas"
+    if wy not in ("pallas", "xla"):
+        raise ValueError(f"wy {wy!r}: 'pallas' or 'xla'")
+    return KernelConfig(C, block_v, backend, interpret, schedule, wy)
 
 
-def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule):
+def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule, wy):
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -73,7 +79,7 @@ def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret,
         )
     B, H, T, K = q.shape
     V = v.shape[-1]
-    cfg = kernel_config(K, V, chunk_size, backend, interpret, schedule)
+    cfg = kernel_config(K, V, chunk_size, backend, interpret, schedule, wy)
     C, dtype, f32 = cfg.chunk, q.dtype, jnp.float32
     N = -(-T // C)
     scale = K**-0.5 if scale is None else scale
@@ -86,20 +92,12 @@ def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret,
     q_ = flat((q.astype(f32) * scale).astype(dtype), (K,))
     k_, v_ = flat(k.astype(dtype), (K,)), flat(v.astype(dtype), (V,))
     G = None
-    if g is not None:
+    if g is not None:  # within-chunk cumulative log-decay
         G = jnp.cumsum(flat(jnp.asarray(g, f32)).reshape(B * H, N, C), axis=-1)
-    w = None
-    u = v_
-    if beta is not None:
-        w, u = wy_transform(
-            k_.reshape(B * H, N, C, K), v_.reshape(B * H, N, C, V),
-            flat(jnp.asarray(beta, f32)).reshape(B * H, N, C), G,
-            # With bfloat16 inputs, default-precision matmuls lose less than the inputs did.
-            precision=jax.lax.Precision.HIGHEST if dtype == f32 else jax.lax.Precision.DEFAULT,
-        )  # fmt: skip
-        w, u = w.reshape(B * H, N * C, K).astype(dtype), u.reshape(B * H, N * C, V).astype(dtype)
-    if G is not None:
         G = G.reshape(B * H, N * C)
+    w, u = None, v_
+    if beta is not None:
+        w, u = _wy(k_, v_, flat(jnp.asarray(beta, f32)), G, cfg)
     if initial_state is None:
         s0 = jnp.zeros((B * H, K, V), f32)
     else:
@@ -108,25 +106,47 @@ def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret,
     return o[:, :T].reshape(B, H, T, V), sT.reshape(B, H, K, V)
 
 
+def _wy(k, v, beta, G, cfg: KernelConfig):
+    """(w, u) [BH, T, .] in k's dtype, on the Pallas kernels or in XLA as ``cfg.wy`` says."""
+    if cfg.wy == "pallas":
+        return wy_kernel.wy_transform(k, v, beta, G, cfg.chunk, cfg.backend, cfg.interpret)
+    BH, T, K = k.shape
+    N, C = T // cfg.chunk, cfg.chunk
+    Precision = jax.lax.Precision
+    w, u = xla_wy_transform(
+        k.reshape(BH, N, C, K), v.reshape(BH, N, C, -1), beta.reshape(BH, N, C),
+        None if G is None else G.reshape(BH, N, C),
+        # With bfloat16 inputs, default-precision matmuls lose less than the inputs did.
+        precision=Precision.HIGHEST if k.dtype == jnp.float32 else Precision.DEFAULT,
+    )  # fmt: skip
+    return w.reshape(k.shape).astype(k.dtype), u.reshape(v.shape).astype(k.dtype)
+
+
 def linear_attention(
     q, k, v, *, g=None, initial_state=None, scale=None,
     chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
 ):  # fmt: skip
     """Linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T`` (no decay when ``g`` is None)."""
-    return _run(q, k, v, None, g, initial_state, scale, chunk_size, backend, interpret, schedule)
+    return _run(
+        q, k, v, None, g, initial_state, scale, chunk_size, backend, interpret, schedule, None
+    )
 
 
 def delta_rule(
     q, k, v, *, beta, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None, wy=None,
 ):  # fmt: skip
     """DeltaNet, ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
-    return _run(q, k, v, beta, None, initial_state, scale, chunk_size, backend, interpret, schedule)
+    return _run(
+        q, k, v, beta, None, initial_state, scale, chunk_size, backend, interpret, schedule, wy
+    )
 
 
 def gated_delta_rule(
     q, k, v, *, beta, g, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
+    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None, wy=None,
 ):  # fmt: skip
     """Gated DeltaNet, ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
-    return _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule)
+    return _run(
+        q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule, wy
+    )

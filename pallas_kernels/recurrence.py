@@ -21,15 +21,17 @@ BACKENDS = {"gpu": gpu, "tpu": tpu}
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static kernel settings: chunk length, value block width, backend, interpret mode and
+    """Static kernel settings: chunk length, value block width, backend, interpret mode,
     schedule ("fused": each chunk done whole inside the sequential loop; "split", GPU only:
-    the loop keeps the recurrence and the rest runs parallel over chunks, ``gpu_split``)."""
+    the loop keeps the recurrence and the rest runs parallel over chunks, ``gpu_split``) and
+    where the delta rules' WY transform runs ("pallas", ``wy_kernel``; or "xla", ``wy``)."""
 
     chunk: int
     block_v: int
     backend: str  # "gpu" (Triton) or "tpu" (Mosaic)
     interpret: bool
     schedule: str = "fused"
+    wy: str = "pallas"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -215,4 +215,5 @@ def test_kernels_lower_for_their_platform(backend, schedule, platform, dtype):
         lowered = jax.jit(forward_backward).trace(*args, kw).lower(lowering_platforms=(platform,))
     text = lowered.as_text()
     marker = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
-    assert text.count(marker) >= 2, f"expected forward and backward {marker} calls"
+    # Forward and backward of the recurrence, and of the WY transform.
+    assert text.count(marker) >= 4, f"expected 4 {marker} calls, found {text.count(marker)}"

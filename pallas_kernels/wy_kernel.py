@@ -1,0 +1,251 @@
+"""The WY transform of the delta rules as Pallas kernels, forward and backward, for both backends.
+
+Per chunk (``pallas_kernels.wy`` has the same transform in plain XLA, the reference here):
+
+    A = tril(diag(beta) (k k^T * Gamma), -1)     Gamma_ij = e^(G_i - G_j) (all ones without G)
+    T = (I + A)^-1
+    w = T (beta * e^G * k),   u = T (beta * v)
+
+In XLA this is a chain of small batched matmuls, each of which writes its ``[C, C]`` or
+``[C, K + V]`` intermediate for every chunk to device memory. Here one program reads a chunk's
+``k, v, beta, G`` and writes only ``w, u``; the backward kernel recomputes ``T`` rather than
+storing it. Chunks are independent, so the grid ``(BH, N)`` is parallel on both backends and
+one kernel body serves both: blocks are whole in their trailing dimensions, and the per-step
+scalars ``beta`` and ``G`` arrive as columns ``[BH, T, 1]`` (``G`` also as rows ``[BH, N, 1,
+C]``), the layouts Mosaic accepts without an in-kernel transpose.
+
+The inverse uses matmuls only, so no kernel needs a triangular solve: with ``D`` the 16 x 16
+diagonal blocks of ``A`` and ``L = A - D``, ``I + A = (I + D)(I + M)`` for ``M = (I + D)^-1 L``.
+Both ``D`` and ``M`` are nilpotent (``D^16 = 0``; ``M`` is strictly block-lower, so
+``M^(C/16) = 0``), and ``(I + N)^-1 = (I - N)(I + N^2)(I + N^4)...`` is exact after
+``log2`` of that index factors. Powers of ``D`` stay inside 16 x 16 blocks, far from float32
+overflow. A chunk of 64 takes 10 ``[C, C]`` matmuls.
+
+Backward, from ``dw, du``: ``dR = T^T [dw, du]`` for the right-hand sides, and since
+``dT = [dw, du] R^T``, ``dA = -T^T dT T^T = -(dR_k w^T + dR_v u^T)`` on the strict lower
+triangle; the rest is the chain rule through ``A`` and the right-hand sides.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.chunk_math import _iota, mm, mm_t, t_mm
+
+f32 = jnp.float32
+DIAGONAL_BLOCK = 16
+
+
+# ---------------------------------------------------------------------------- per-chunk math
+
+
+def _mm_f32(a, b, precise: bool):
+    """a @ b on float32 operands: full precision, or the hardware's fast float32 path (TF32 on
+    GPUs, bfloat16 passes on TPUs) when the inputs were low precision to begin with."""
+    precision = jax.lax.Precision.HIGHEST if precise else jax.lax.Precision.DEFAULT
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision)
+
+
+def _nilpotent_inverse(N, index, eye, precise):
+    """(I + N)^-1 for N with N^index = 0: (I - N)(I + N^2)(I + N^4)... (commuting factors)."""
+    X, P, reach = eye - N, N, 2  # X = sum of (-N)^i for i < reach
+    while reach < index:
+        P = _mm_f32(P, P, precise)
+        X = X + _mm_f32(P, X, precise)
+        reach *= 2
+    return X
+
+
+def unit_lower_inverse(A, precise: bool = True):
+    """(I + A)^-1 for a strictly lower-triangular float32 ``A`` [C, C], by matmuls only."""
+    C = A.shape[0]
+    b = DIAGONAL_BLOCK if C % DIAGONAL_BLOCK == 0 else C
+    rows, cols = _iota((C, C), 0), _iota((C, C), 1)
+    eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+    if b == C:
+        return _nilpotent_inverse(A, C, eye, precise)
+    shift = b.bit_length() - 1  # rows // b, in shifts: Mosaic has no vector integer division
+    same_block = jax.lax.shift_right_logical(rows, shift) == jax.lax.shift_right_logical(
+        cols, shift
+    )
+    D = jnp.where(same_block, A, 0.0)
+    X = _nilpotent_inverse(D, b, eye, precise)
+    M = _mm_f32(X, A - D, precise)
+    return _mm_f32(_nilpotent_inverse(M, C // b, eye, precise), X, precise)
+
+
+class _Chunk:
+    """One chunk's WY inputs and the terms forward and backward share."""
+
+    def __init__(self, k, v, beta, G_col, G_row, dtype):
+        C = k.shape[0]
+        self.k, self.v, self.beta, self.dtype = k, v, beta, dtype
+        self.strict = _iota((C, C), 0) > _iota((C, C), 1)
+        if G_col is None:
+            self.gamma, self.k_gate = jnp.where(self.strict, 1.0, 0.0).astype(f32), None
+        else:
+            # Mask before exp: above the diagonal G_i - G_j >= 0 and could overflow.
+            self.gamma = jnp.exp(jnp.where(self.strict, G_col - G_row, -jnp.inf))
+            self.k_gate = jnp.exp(G_col)
+        self.M = mm_t(k, k, dtype) * self.gamma  # A = beta * M
+        self.T = unit_lower_inverse(beta * self.M, precise=dtype == f32)
+        self.k_gated = k.astype(f32) if G_col is None else k.astype(f32) * self.k_gate
+        self.k_rhs, self.v_rhs = beta * self.k_gated, beta * v.astype(f32)
+
+    def w_u(self):
+        return mm(self.T, self.k_rhs, self.dtype), mm(self.T, self.v_rhs, self.dtype)
+
+
+def chunk_forward(k, v, beta, G_col, G_row, dtype):
+    """Returns float32 (w [C, K], u [C, V]) for one chunk; ``beta`` and ``G_col`` are [C, 1]."""
+    return _Chunk(k, v, beta, G_col, G_row, dtype).w_u()
+
+
+def chunk_backward(k, v, beta, G_col, G_row, dw, du, dtype):
+    """Returns float32 (dk, dv, dbeta [C, 1], dG_col [C, 1] | None, dG_row [1, C] | None);
+    the gradient of ``G`` is the sum of its column and row parts."""
+    c = _Chunk(k, v, beta, G_col, G_row, dtype)
+    w, u = c.w_u()
+    dk_rhs, dv_rhs = t_mm(c.T, dw, dtype), t_mm(c.T, du, dtype)
+    dA = -jnp.where(c.strict, mm_t(dk_rhs, w, dtype) + mm_t(dv_rhs, u, dtype), 0.0)
+    dbeta = (
+        jnp.sum(dA * c.M, axis=1, keepdims=True)
+        + jnp.sum(dk_rhs * c.k_gated, axis=1, keepdims=True)
+        + jnp.sum(dv_rhs * v.astype(f32), axis=1, keepdims=True)
+    )
+    dM = beta * dA
+    dkk = dM * c.gamma  # gradient of k k^T
+    dk_gated = beta * dk_rhs
+    dk = mm(dkk, k, dtype) + t_mm(dkk, k, dtype)
+    dk = dk + (dk_gated if c.k_gate is None else dk_gated * c.k_gate)
+    dv = beta * dv_rhs
+    if G_col is None:
+        return dk, dv, dbeta, None, None
+    E = dM * c.M  # gradient through each Gamma_ij = e^(G_i - G_j), times Gamma_ij
+    dG_col = jnp.sum(E, axis=1, keepdims=True) + jnp.sum(dk_rhs * c.k_rhs, axis=1, keepdims=True)
+    return dk, dv, dbeta, dG_col, -jnp.sum(E, axis=0, keepdims=True)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def _layouts(beta, G, chunk):
+    """``beta`` and ``G`` ([BH, T] float32) as columns [BH, T, 1], and ``G`` also as rows."""
+    BH, T = beta.shape
+    if G is None:
+        return [beta[..., None]]
+    return [beta[..., None], G[..., None], G.reshape(BH, T // chunk, 1, chunk)]
+
+
+def _specs(arrays, chunk):
+    """Per-chunk blocks on the grid (BH, N): [BH, T, x] by rows, [BH, N, 1, C] by chunk."""
+
+    def spec(a):
+        if a.ndim == 4:
+            return pl.BlockSpec((1, 1, 1, chunk), lambda i, n: (i, n, 0, 0))
+        return pl.BlockSpec((1, chunk, a.shape[-1]), lambda i, n: (i, n, 0))
+
+    return [spec(a) for a in arrays]
+
+
+def _call(kernel, arrays, out_shape, *, chunk, backend, interpret, name):
+    BH, T = arrays[0].shape[:2]
+    if backend == "tpu":
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    else:
+        params = plt.CompilerParams(num_warps=4, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        grid=(BH, T // chunk),
+        in_specs=_specs(arrays, chunk),
+        out_specs=_specs(out_shape, chunk),
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )(*arrays)
+
+
+def _load(refs, has_g):
+    """(k, v, beta, G_col, G_row) of the chunk, and the remaining refs."""
+    k_ref, v_ref, beta_ref, *refs = refs
+    G_col = G_row = None
+    if has_g:
+        G_col_ref, G_row_ref, *refs = refs
+        G_col, G_row = G_col_ref[0], G_row_ref[0, 0]
+    return (k_ref[0], v_ref[0], beta_ref[0], G_col, G_row), refs
+
+
+def forward(k, v, beta, G, *, chunk, backend, interpret):
+    """Returns (w [BH, T, K], u [BH, T, V]) in k's dtype for ``[BH, T, .]`` inputs (T a
+    multiple of ``chunk``); ``beta`` and ``G`` (within-chunk cumulative, or None) [BH, T]."""
+    dtype, has_g = k.dtype, G is not None
+
+    def kernel(*refs):
+        chunk_in, (w_ref, u_ref) = _load(refs, has_g)
+        w, u = chunk_forward(*chunk_in, dtype)
+        w_ref[0], u_ref[0] = w.astype(dtype), u.astype(dtype)
+
+    arrays = [k, v, *_layouts(beta, G, chunk)]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
+    return _call(
+        kernel, arrays, out_shape, chunk=chunk, backend=backend, interpret=interpret,
+        name="wy_transform_fwd",
+    )  # fmt: skip
+
+
+def backward(k, v, beta, G, dw, du, *, chunk, backend, interpret):
+    """Returns float32 (dk, dv, dbeta [BH, T], dG [BH, T] | None)."""
+    dtype, has_g = k.dtype, G is not None
+    BH, T = beta.shape
+
+    def kernel(*refs):
+        chunk_in, (dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref, *dG_refs) = _load(refs, has_g)
+        dk, dv, dbeta, dG_col, dG_row = chunk_backward(*chunk_in, dw_ref[0], du_ref[0], dtype)
+        dk_ref[0], dv_ref[0], dbeta_ref[0] = dk, dv, dbeta
+        if has_g:
+            dG_refs[0][0], dG_refs[1][0, 0] = dG_col, dG_row
+
+    arrays = [k, v, *_layouts(beta, G, chunk), dw.astype(dtype), du.astype(dtype)]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, f32) for x in (k, v, beta[..., None])]
+    if has_g:
+        out_shape += [
+            jax.ShapeDtypeStruct((BH, T, 1), f32),
+            jax.ShapeDtypeStruct((BH, T // chunk, 1, chunk), f32),
+        ]
+    outs = _call(
+        kernel, arrays, out_shape, chunk=chunk, backend=backend, interpret=interpret,
+        name="wy_transform_bwd",
+    )  # fmt: skip
+    dk, dv, dbeta = outs[0], outs[1], outs[2][..., 0]
+    dG = outs[3][..., 0] + outs[4].reshape(BH, T) if has_g else None
+    return dk, dv, dbeta, dG
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def wy_transform(k, v, beta, G, chunk: int, backend: str, interpret: bool):
+    """The WY transform of ``[BH, T, .]`` chunks on Pallas kernels, differentiable in
+    ``k, v, beta, G``: returns ``(w, u)`` in k's dtype (see ``forward``)."""
+    return forward(k, v, beta, G, chunk=chunk, backend=backend, interpret=interpret)
+
+
+def _fwd(k, v, beta, G, chunk, backend, interpret):
+    wu = forward(k, v, beta, G, chunk=chunk, backend=backend, interpret=interpret)
+    return wu, (k, v, beta, G)
+
+
+def _bwd(chunk, backend, interpret, residuals, cotangents):
+    k, v = residuals[:2]
+    dk, dv, dbeta, dG = backward(
+        *residuals, *cotangents, chunk=chunk, backend=backend, interpret=interpret
+    )
+    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dG
+
+
+wy_transform.defvjp(_fwd, _bwd)
