@@ -1,5 +1,5 @@
-"""Linear-attention kernel speed: Pallas (both GPU schedules) against chunked jnp and the
-recurrent jnp reference.
+"""Linear-attention kernel speed: Pallas (both GPU schedules; the delta rules' WY transform on
+its Pallas kernels or in XLA) against chunked jnp and the recurrent jnp reference.
 
     python benchmarks/kernel_bench.py --out=kernels.json
     python benchmarks/kernel_bench.py --shapes=1x256x2x64 --impls=pallas,chunked   # CPU smoke
@@ -25,15 +25,28 @@ import numpy as np
 from absl import app, flags
 from shapes import FLA_README_SHAPES, RULES, nominal_flops, parse_shape  # benchmarks/shapes.py
 
-from pallas_kernels.wy import wy_transform
+import pallas_kernels
+from pallas_kernels import wy, wy_kernel
 from search_spaces.linear_attention import mixers
 
 _SHAPES = flags.DEFINE_list("shapes", FLA_README_SHAPES, "BxTxHxD per shape.")
 _RULES = flags.DEFINE_list("rules", RULES, "Update rules.")
+# Pallas variants: keyword arguments of the kernels' entry points.
+PALLAS_VARIANTS = {
+    "pallas": {},
+    "pallas_split": {"schedule": "split"},
+    "pallas_xla_wy": {"wy": "xla"},
+}
+WY_PARTS = ("wy_pallas", "wy_xla")  # the delta rules' WY transform alone
 _IMPLS = flags.DEFINE_list(
-    "impls", ["pallas", "pallas_split", "wy_only", "chunked", "recurrent"],
-    "Implementations: mixers.mix impls; pallas_split, the GPU kernels' split schedule; wy_only,"
-    " the delta rules' WY transform alone (the XLA part of pallas and pallas_split).",
+    "impls", [*PALLAS_VARIANTS, *WY_PARTS, "chunked", "recurrent"],
+    "Implementations: mixers.mix impls (chunked, recurrent); pallas, the default kernels;"
+    " pallas_split, the GPU kernels' split schedule; pallas_xla_wy, the WY transform in XLA;"
+    " wy_pallas and wy_xla, the WY transform alone on its kernels and in XLA.",
+)  # fmt: skip
+_TUNINGS = flags.DEFINE_list(
+    "tunings", [], "GPU tilings to sweep for the Pallas impls, as block_v:num_warps (64:4,128:8);"
+    " empty: the kernels' defaults.",
 )  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk length.")
@@ -70,29 +83,47 @@ def _time(fn, *args) -> float:
     return 1e3 * float(np.median(times))
 
 
-def _wy_only(k, v, kw, C):
-    """The WY transform alone, as ``pallas_kernels.ops`` runs it around the delta-rule kernels."""
+def _wy_only(k, v, kw, C, where):
+    """The WY transform alone, as ``pallas_kernels.ops`` runs it before the recurrence."""
     if "beta" not in kw:
-        raise ValueError("wy_only: the rule has no WY transform")
-    B, H, T, _ = k.shape
-    N = T // C
-    chunks = lambda x: x.reshape(B * H, N, C, *x.shape[3:])  # noqa: E731
-    G = None if "g" not in kw else jnp.cumsum(chunks(kw["g"]), axis=-1)
-    precision = jax.lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
-    w, u = wy_transform(chunks(k), chunks(v), chunks(kw["beta"]), G, precision=precision)
+        raise ValueError("the rule has no WY transform")
+    B, H, T, D = k.shape
+    flat = lambda x: x.reshape(B * H, T, *x.shape[3:])  # noqa: E731
+    k, v, beta = flat(k), flat(v), flat(kw["beta"])
+    G = None if "g" not in kw else jnp.cumsum(kw["g"].reshape(B * H, T // C, C), -1)
+    if where == "wy_pallas":
+        G = None if G is None else G.reshape(B * H, T)
+        cfg = pallas_kernels.kernel_config(D, D, C)  # the platform's backend
+        w, u = wy_kernel.wy_transform(k, v, beta, G, C, cfg.backend, cfg.interpret)
+    else:
+        chunks = lambda x: x.reshape(B * H, T // C, C, *x.shape[2:])  # noqa: E731
+        precision = jax.lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
+        w, u = wy.wy_transform(chunks(k), chunks(v), chunks(beta), G, precision=precision)
     return jnp.concatenate([w, u], axis=-1).astype(k.dtype)
 
 
-def bench_case(rule, impl, B, T, H, D, dtype):
+def _tilings(impl):
+    """(label suffix, kernel options) for each tiling to time ``impl`` with."""
+    if impl not in PALLAS_VARIANTS or not _TUNINGS.value:
+        return [("", {})]
+    tilings = []
+    for text in _TUNINGS.value:
+        block_v, num_warps = (int(x) for x in text.split(":"))
+        tilings.append((f"[{text}]", {"block_v": block_v, "num_warps": num_warps}))
+    return tilings
+
+
+def bench_case(rule, impl, B, T, H, D, dtype, tiling=None):
     (q, k, v), kw, do = _inputs(rule, B, T, H, D, dtype)
     C = _CHUNK.value
 
     def forward(q, k, v, kw):
-        if impl == "wy_only":  # the XLA part of the Pallas delta rules: their WY transform
-            return _wy_only(k, v, kw, C)
-        if impl == "pallas_split":  # the GPU backend's split schedule
+        if impl in WY_PARTS:
+            return _wy_only(k, v, kw, C, impl)
+        if impl in PALLAS_VARIANTS:
             kernel = mixers.PALLAS_KERNELS[rule]
-            return kernel(q, k, v, chunk_size=C, schedule="split", **kw)[0]
+            options = PALLAS_VARIANTS[impl] | (tiling or {})
+            return kernel(q, k, v, chunk_size=C, **options, **kw)[0]
         return mixers.mix(rule, q, k, v, impl=impl, chunk_size=C, **kw)[0]
 
     def forward_backward(q, k, v, kw, do):
@@ -101,8 +132,9 @@ def bench_case(rule, impl, B, T, H, D, dtype):
 
     flops = nominal_flops(rule, B, T, H, D, C)
     row = {"rule": rule, "impl": impl, "B": B, "T": T, "H": H, "D": D, "dtype": str(dtype)}
+    row |= tiling or {}
     row["fwd_ms"] = _time(jax.jit(forward), q, k, v, kw)
-    if impl == "wy_only":  # a part of the work: its time, not a rate of the whole
+    if impl in WY_PARTS:  # a part of the work: its time, not a rate of the whole
         flops = float("nan")
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
     saved_gib = B * H * T * D * D * 4 / 2**30
@@ -121,17 +153,19 @@ def main(argv):
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     )
-    print(f"{'BxTxHxD':>14} {'rule':>12} {'impl':>12} {'fwd ms':>9} {'TFLOP/s':>8} "
+    print(f"{'BxTxHxD':>14} {'rule':>12} {'impl':>20} {'fwd ms':>9} {'TFLOP/s':>8} "
           f"{'f+b ms':>9} {'TFLOP/s':>8}")  # fmt: skip
     rows = []
     for shape in _SHAPES.value:
         B, T, H, D = parse_shape(shape)
         for rule in _RULES.value:
-            for impl in _IMPLS.value:
-                if impl == "wy_only" and rule not in ("delta", "gated_delta"):
+            cases = [(impl, *tiling) for impl in _IMPLS.value for tiling in _tilings(impl)]
+            for impl, label, tiling in cases:
+                needs_beta = impl in WY_PARTS or impl == "pallas_xla_wy"
+                if needs_beta and rule not in ("delta", "gated_delta"):
                     continue
                 try:
-                    row = bench_case(rule, impl, B, T, H, D, dtype)
+                    row = bench_case(rule, impl, B, T, H, D, dtype, tiling)
                     fb = row["fwdbwd_ms"]
                     fb_text = f"{fb:9.2f} {row['fwdbwd_tflops']:8.1f}" if fb else "  skipped"
                     text = f"{row['fwd_ms']:9.2f} {row['fwd_tflops']:8.1f} {fb_text}"
@@ -140,7 +174,7 @@ def main(argv):
                            "error": f"{type(e).__name__}: {str(e)[:300]}"}  # fmt: skip
                     text = row["error"]
                 rows.append(row)
-                print(f"{shape:>14} {rule:>12} {impl:>12} {text}", flush=True)
+                print(f"{shape:>14} {rule:>12} {impl + label:>20} {text}", flush=True)
                 if _OUT.value:  # after every case, so a run cut short keeps what it measured
                     with open(_OUT.value, "w") as f:
                         json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f)

@@ -12,10 +12,13 @@ The work around the kernels is plain XLA: padding T to a multiple of the chunk (
 and the within-chunk cumsum of ``g``. The delta rules' WY transform runs on its own Pallas
 kernels (``wy_kernel``), or with ``wy="xla"`` as the plain XLA code of ``wy``.
 
+Kernel settings (keyword options of every entry point, resolved by ``kernel_config``):
 ``backend``: "gpu" (Triton) or "tpu" (Mosaic); by default the platform's, and "gpu" on CPU.
 ``interpret``: run the kernel in the Pallas interpreter; by default only where the backend is
 not the platform (always on CPU, about 10x slower than jnp there).
 ``schedule``: "fused" (default) or, on the GPU backend, "split" (see ``recurrence.KernelConfig``).
+``wy``: where the delta rules' WY transform runs, "pallas" (default) or "xla".
+``block_v``, ``num_warps``: tiling, for tuning.
 """
 
 from __future__ import annotations
@@ -37,10 +40,14 @@ def _is_pow2(n: int) -> bool:
 
 
 def kernel_config(
-    head_dim: int, value_dim: int, chunk_size, backend=None, interpret=None, schedule=None,
-    wy=None,
-):  # fmt: skip
-    """Resolves and validates the static kernel settings; raises ValueError naming the problem."""
+    head_dim: int, value_dim: int, chunk_size, *, backend=None, interpret=None, schedule=None,
+    wy=None, block_v=None, num_warps=None,
+) -> KernelConfig:  # fmt: skip
+    """Resolves and validates the static kernel settings; raises ValueError naming the problem.
+
+    ``block_v``: value columns per program (GPU default 64, TPU 128 or the whole value dim);
+    ``num_warps``: warps per GPU program (default 4). See ``KernelConfig`` for the rest.
+    """
     platform = jax.default_backend()
     backend = backend or ("tpu" if platform == "tpu" else "gpu")
     if backend not in ("gpu", "tpu"):
@@ -52,25 +59,35 @@ def kernel_config(
         C = 0
     if backend == "gpu":
         # Triton tiles: power-of-two sizes, and at least 16 for tensor-core matmuls.
-        block_v = min(value_dim, 64)
-        for name, size in (("chunk_size", C), ("head dim", head_dim), ("value dim", value_dim)):
+        block_v = block_v or min(value_dim, 64)
+        sizes = [("chunk_size", C), ("head dim", head_dim), ("value dim", value_dim)]
+        for name, size in [*sizes, ("block_v", block_v)]:
             if not (_is_pow2(size) and size >= 16):
                 raise ValueError(f"GPU kernels need {name} a power of two >= 16, got {size}")
+        num_warps = num_warps or 4
+        if not (_is_pow2(num_warps) and num_warps <= 32):
+            raise ValueError(f"num_warps must be a power of two up to 32, got {num_warps}")
     else:
         # Mosaic: (8, 128)-aligned blocks; the value dimension splits only in blocks of 128.
-        block_v = 128 if value_dim % 128 == 0 else value_dim
+        block_v = block_v or (128 if value_dim % 128 == 0 else value_dim)
+        if block_v != value_dim and block_v % 128:
+            raise ValueError(f"TPU kernels need block_v a multiple of 128 or {value_dim}")
         if C < 8 or C % 8:
             raise ValueError(f"TPU kernels need chunk_size a multiple of 8, got {chunk_size!r}")
+        if num_warps is not None:
+            raise ValueError("num_warps is a GPU setting; the TPU backend has none")
+    if value_dim % block_v:
+        raise ValueError(f"block_v {block_v} does not divide the value dim {value_dim}")
     schedule = schedule or "fused"
     if schedule not in ("fused", "split") or (schedule == "split" and backend != "gpu"):
         raise ValueError(f"schedule {schedule!r}: 'fused', or 'split' on the GPU backend")
     wy = wy or "pallas"
     if wy not in ("pallas", "xla"):
         raise ValueError(f"wy {wy!r}: 'pallas' or 'xla'")
-    return KernelConfig(C, block_v, backend, interpret, schedule, wy)
+    return KernelConfig(C, block_v, backend, interpret, schedule, wy, num_warps or 0)
 
 
-def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule, wy):
+def _run(q, k, v, beta, g, initial_state, scale, chunk_size, options):
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -79,7 +96,7 @@ def _run(q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret,
         )
     B, H, T, K = q.shape
     V = v.shape[-1]
-    cfg = kernel_config(K, V, chunk_size, backend, interpret, schedule, wy)
+    cfg = kernel_config(K, V, chunk_size, **options)
     C, dtype, f32 = cfg.chunk, q.dtype, jnp.float32
     N = -(-T // C)
     scale = K**-0.5 if scale is None else scale
@@ -123,30 +140,24 @@ def _wy(k, v, beta, G, cfg: KernelConfig):
 
 
 def linear_attention(
-    q, k, v, *, g=None, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None,
-):  # fmt: skip
-    """Linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T`` (no decay when ``g`` is None)."""
-    return _run(
-        q, k, v, None, g, initial_state, scale, chunk_size, backend, interpret, schedule, None
-    )
+    q, k, v, *, g=None, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE, **options
+):
+    """Linear attention, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T`` (no decay when ``g`` is None).
+
+    ``options``: kernel settings, see ``kernel_config``.
+    """
+    return _run(q, k, v, None, g, initial_state, scale, chunk_size, options)
 
 
 def delta_rule(
-    q, k, v, *, beta, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None, wy=None,
-):  # fmt: skip
+    q, k, v, *, beta, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE, **options
+):
     """DeltaNet, ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
-    return _run(
-        q, k, v, beta, None, initial_state, scale, chunk_size, backend, interpret, schedule, wy
-    )
+    return _run(q, k, v, beta, None, initial_state, scale, chunk_size, options)
 
 
 def gated_delta_rule(
-    q, k, v, *, beta, g, initial_state=None, scale=None,
-    chunk_size=DEFAULT_CHUNK_SIZE, backend=None, interpret=None, schedule=None, wy=None,
-):  # fmt: skip
+    q, k, v, *, beta, g, initial_state=None, scale=None, chunk_size=DEFAULT_CHUNK_SIZE, **options
+):
     """Gated DeltaNet, ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``."""
-    return _run(
-        q, k, v, beta, g, initial_state, scale, chunk_size, backend, interpret, schedule, wy
-    )
+    return _run(q, k, v, beta, g, initial_state, scale, chunk_size, options)

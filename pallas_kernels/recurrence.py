@@ -32,6 +32,7 @@ class KernelConfig:
     interpret: bool
     schedule: str = "fused"
     wy: str = "pallas"
+    num_warps: int = 4  # per GPU program; 0 on TPU
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -50,13 +51,14 @@ def _forward(q, k, w, u, G, s0, cfg, *, save_states):
     """Returns (o, final state, residual for backward; fused kernels skip it without
     ``save_states``)."""
     if cfg.schedule == "split":
-        return gpu_split.forward(
-            q, k, w, u, G, s0, chunk=cfg.chunk, block_v=cfg.block_v, interpret=cfg.interpret
-        )
-    return BACKENDS[cfg.backend].forward(
-        q, k, w, u, G, s0, chunk=cfg.chunk, block_v=cfg.block_v,
-        save_states=save_states, interpret=cfg.interpret,
-    )  # fmt: skip
+        return gpu_split.forward(q, k, w, u, G, s0, **_tiling(cfg))
+    return BACKENDS[cfg.backend].forward(q, k, w, u, G, s0, save_states=save_states, **_tiling(cfg))
+
+
+def _tiling(cfg):
+    """The static settings a backend's kernels take."""
+    tiling = {"chunk": cfg.chunk, "block_v": cfg.block_v, "interpret": cfg.interpret}
+    return tiling | ({"num_warps": cfg.num_warps} if cfg.backend == "gpu" else {})
 
 
 def _fwd(q, k, w, u, G, s0, cfg):
@@ -69,9 +71,8 @@ def _bwd(cfg, residuals, cotangents):
     dO, dsT = cotangents
     kernels = gpu_split if cfg.schedule == "split" else BACKENDS[cfg.backend]
     dq, dk, dw, du, dG, ds0 = kernels.backward(
-        q, k, w, u, G, residual, dO.astype(q.dtype), dsT.astype(jnp.float32),
-        chunk=cfg.chunk, block_v=cfg.block_v, interpret=cfg.interpret,
-    )  # fmt: skip
+        q, k, w, u, G, residual, dO.astype(q.dtype), dsT.astype(jnp.float32), **_tiling(cfg)
+    )
     cast = lambda grad, like: None if like is None else grad.astype(like.dtype)  # noqa: E731
     return cast(dq, q), cast(dk, k), cast(dw, w), cast(du, u), cast(dG, G), cast(ds0, s0)
 

@@ -56,15 +56,20 @@ def _value_and_grads(fn, q, k, v, kw):
     return outs, grads
 
 
-def _check(rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, interpret=None, **shape):
+def _check(
+    rule, backend, dtype=jnp.float32, chunk=16, tol=2e-4, interpret=None, block_v=None,
+    num_warps=None, **shape,
+):  # fmt: skip
     """``backend``: "gpu", "tpu", or "gpu-split" (the GPU backend's split schedule)."""
     fn = RULES[rule][0]
     q, k, v, kw = _inputs(rule, dtype=dtype, **shape)
+    tiling = {"block_v": block_v, "num_warps": num_warps}
     reference = functools.partial(mixers.mix, rule, impl="recurrent")
     backend, _, schedule = backend.partition("-")
     kernel = functools.partial(
-        fn, chunk_size=chunk, backend=backend, schedule=schedule or None, interpret=interpret
-    )
+        fn, chunk_size=chunk, backend=backend, schedule=schedule or None, interpret=interpret,
+        **tiling,
+    )  # fmt: skip
     cast = lambda x: x.astype(dtype)  # noqa: E731
     (o_ref, s_ref), g_ref = _value_and_grads(reference, q, k, v, kw)
     (o, s), g = _value_and_grads(
@@ -108,6 +113,11 @@ def test_head_dim_128(rule, backend):
 def test_value_blocks_sum_on_gpu(backend):
     # V = 128 splits into two 64-wide value blocks whose partial dq/dk/dw/dG must add up.
     _check("gated_delta", backend, B=1, H=2, T=24, K=32, V=128)
+
+
+def test_tuned_tiling_on_gpu():
+    # Four 16-wide value blocks, 8 warps: the tuning knobs change the tiling, not the result.
+    _check("gated_delta", "gpu", B=1, H=2, T=24, K=32, V=64, block_v=16, num_warps=8)
 
 
 def test_value_blocks_sum_on_tpu():
@@ -166,6 +176,12 @@ def test_mix_dispatches_pallas():
         ({"chunk_size": 12, "backend": "tpu"}, "TPU kernels need chunk_size a multiple of 8"),
         ({"backend": "cuda"}, "unknown Pallas backend 'cuda'"),
         ({"backend": "tpu", "schedule": "split"}, "schedule 'split': 'fused', or 'split' on"),
+        ({"block_v": 24}, "GPU kernels need block_v a power of two >= 16, got 24"),
+        ({"block_v": 64}, "block_v 64 does not divide the value dim 32"),
+        ({"backend": "tpu", "block_v": 16}, "TPU kernels need block_v a multiple of 128 or 32"),
+        ({"num_warps": 3}, "num_warps must be a power of two up to 32, got 3"),
+        ({"backend": "tpu", "num_warps": 4}, "num_warps is a GPU setting"),
+        ({"wy": "triton"}, "wy 'triton': 'pallas' or 'xla'"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
