@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check, under 8 minutes: the kernel tests compiled for the GPU (not interpreted), the
+# One GPU check, about 7.5 minutes: the kernel tests compiled for the GPU (not interpreted), the
 # kernel benchmark, and flash-linear-attention's Triton kernels at the same shapes.
 #   OUT=gpu_check bash benchmarks/gpu_check.sh      # results and logs land in $OUT
 # Needs jax with CUDA, PyTorch and flash-linear-attention for the last step (skipped without;
@@ -15,14 +15,21 @@ PY=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/device.txt"
-timeout 200 $PY -m pytest tests/test_pallas_kernels.py -q -k "not tpu" -p no:cacheprovider \
-  2>&1 | tee "$OUT/tests.log" | tail -15
-timeout 45 $PY -m pytest tests/test_pallas_model.py -q -p no:cacheprovider \
+timeout 160 $PY -m pytest tests/test_pallas_kernels.py tests/test_wy_kernel.py -q -k "not tpu" \
+  -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 35 $PY -m pytest tests/test_pallas_model.py -q -p no:cacheprovider \
   2>&1 | tee "$OUT/tests_model.log" | tail -5
 # Most important first (the gated delta rule at T >= 4096): a timeout keeps what was measured.
+# The WY transform alone (wy_pallas, wy_xla) and pallas_xla_wy show what its kernels changed.
 ORDER="--shapes=4x4096x64x128,1x8192x96x128,8x1024x8x64 --rules=gated_delta,delta,scalar_decay"
-timeout 150 $PY benchmarks/kernel_bench.py $ORDER --min_seconds=0.2 --out="$OUT/kernels.json" \
+BENCH="$PY benchmarks/kernel_bench.py --min_seconds=0.2"
+timeout 110 $BENCH $ORDER --out="$OUT/kernels.json" \
+  --impls=pallas,wy_pallas,wy_xla,pallas_xla_wy,pallas_split,chunked,recurrent \
   2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/kernel_bench.log"
+# Tiling sweep (block_v:num_warps) of both schedules at the goal's shape.
+timeout 55 $BENCH --shapes=4x4096x64x128 --rules=gated_delta --impls=pallas,pallas_split \
+  --tunings=32:4,64:8,128:4,128:8,32:2 --out="$OUT/tunings.json" \
+  2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/tunings.log"
 if $PY -c "import fla" 2>/dev/null; then
   timeout 90 $PY benchmarks/fla_bench.py $ORDER --time_known_bad_triton --out="$OUT/fla.json" 2>&1 | tee "$OUT/fla_bench.log"
 fi
