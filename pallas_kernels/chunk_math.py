@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,51 @@ def state_grad_step(c: Chunk, w, dO, dS):
     return dU, dS_in
 
 
+class LocalSums(NamedTuple):
+    """The products ``local_grads`` contracts over the value dimension. With the value
+    dimension split into blocks, each block's sums add up to the whole's (``add``)."""
+
+    dP: jax.Array  # [C, C] dO U^T
+    dq_in: jax.Array  # [C, K] dO S^T
+    dk_out: jax.Array  # [C, K] U dS^T
+    dw: jax.Array | None  # [C, K] -dU S^T, delta rules only
+    state: jax.Array | None  # [1, 1] sum(S * dS), decaying rules only
+
+    def add(self, other: LocalSums) -> LocalSums:
+        return jax.tree.map(jnp.add, self, other)
+
+
+def local_sums(c: Chunk, w, U, S, dO, dU, dS) -> LocalSums:
+    """One value block's share of ``local_grads``' contractions (see ``local_grads``)."""
+    dtype = c.dtype
+    dw = None if w is None else -mm_t(dU, S, dtype)
+    state = None
+    if c.G_col is not None:
+        state = jnp.sum(jnp.sum(S * dS, axis=1, keepdims=True), axis=0, keepdims=True)
+    return LocalSums(mm_t(dO, U, dtype), mm_t(dO, S, dtype), mm_t(U, dS, dtype), dw, state)
+
+
+def local_grads_from(c: Chunk, sums: LocalSums):
+    """``local_grads`` from the value dimension's sums, whole or one block's share."""
+    dtype, gates = c.dtype, c.gates
+    dP = sums.dP * c.decay
+    dq = mm(dP, c.k, dtype) + _scale(sums.dq_in, gates.q_gate)
+    dk = t_mm(dP, c.q, dtype) + _scale(sums.dk_out, gates.k_gate)
+    if c.G_col is None:
+        return dq, dk, sums.dw, None, None
+    E = dP * c.scores  # gradient through each D_ij = e^(G_i - G_j), times D_ij
+    from_k = jnp.sum(c.k_out * sums.dk_out, axis=1, keepdims=True)
+    to_last = jnp.sum(from_k, axis=0, keepdims=True) + sums.state * gates.state  # via G_C
+    dG_col = (
+        jnp.sum(c.q_in * sums.dq_in, axis=1, keepdims=True)
+        + jnp.sum(E, axis=1, keepdims=True)
+        - from_k
+        + jnp.where(_iota((c.size, 1), 0) == c.size - 1, to_last, 0.0)
+    )
+    dG_row = -jnp.sum(E, axis=0, keepdims=True)
+    return dq, dk, sums.dw, dG_col, dG_row
+
+
 def local_grads(c: Chunk, w, U, S, dO, dU, dS):
     """Gradients of one chunk's inputs from the states around it and the gradients of U and S.
 
@@ -156,29 +202,7 @@ def local_grads(c: Chunk, w, U, S, dO, dU, dS):
     without ``G`` (the gradient of ``G`` is their sum, one as a column and one as a row). With the
     value dimension split into blocks, each block's results are partial sums over it.
     """
-    dtype, gates = c.dtype, c.gates
-    dP = mm_t(dO, U, dtype) * c.decay
-    dq_in = mm_t(dO, S, dtype)
-    dk_out = mm_t(U, dS, dtype)
-    dq = mm(dP, c.k, dtype) + _scale(dq_in, gates.q_gate)
-    dk = t_mm(dP, c.q, dtype) + _scale(dk_out, gates.k_gate)
-    dw = None if w is None else -mm_t(dU, S, dtype)
-    if c.G_col is None:
-        return dq, dk, dw, None, None
-    E = dP * c.scores  # gradient through each D_ij = e^(G_i - G_j), times D_ij
-    from_k = jnp.sum(c.k_out * dk_out, axis=1, keepdims=True)
-    from_state = jnp.sum(
-        jnp.sum(S * gates.state * dS, axis=1, keepdims=True), axis=0, keepdims=True
-    )
-    to_last = jnp.sum(from_k, axis=0, keepdims=True) + from_state  # via G_C, [1, 1]
-    dG_col = (
-        jnp.sum(c.q_in * dq_in, axis=1, keepdims=True)
-        + jnp.sum(E, axis=1, keepdims=True)
-        - from_k
-        + jnp.where(_iota((c.size, 1), 0) == c.size - 1, to_last, 0.0)
-    )
-    dG_row = -jnp.sum(E, axis=0, keepdims=True)
-    return dq, dk, dw, dG_col, dG_row
+    return local_grads_from(c, local_sums(c, w, U, S, dO, dU, dS))
 
 
 def forward(q, k, w, u, G_col, G_row, S, dtype):

@@ -31,16 +31,18 @@ def _params(num_warps):
 
 
 def _chunk_inputs(arrays, chunk, block_v):
-    """Specs for per-chunk blocks on the grid (BH, N, NV), for arrays named in ``arrays``.
+    """Specs for per-chunk blocks on the grid (BH, N, NV), or (BH, N) with ``block_v`` the
+    whole value dimension, for arrays named in ``arrays``.
 
     ``arrays`` maps a role to an array: "feature" [BH, T, K], "value" [BH, T, V] (value block
     j), "g" [BH, T] or "state" [BH, N, K, V]; None entries are dropped.
     """
+    block = lambda j: j[0] if j else 0  # noqa: E731  (the value block, if the grid has one)
     specs = {
-        "feature": lambda a: _spec((1, chunk, a.shape[-1]), lambda i, n, j: (i, n, 0)),
-        "value": lambda a: _spec((1, chunk, block_v), lambda i, n, j: (i, n, j)),
-        "g": lambda a: _spec((1, chunk), lambda i, n, j: (i, n)),
-        "state": lambda a: _spec((1, 1, a.shape[2], block_v), lambda i, n, j: (i, n, 0, j)),
+        "feature": lambda a: _spec((1, chunk, a.shape[-1]), lambda i, n, *j: (i, n, 0)),
+        "value": lambda a: _spec((1, chunk, block_v), lambda i, n, *j: (i, n, block(j))),
+        "g": lambda a: _spec((1, chunk), lambda i, n, *j: (i, n)),
+        "state": lambda a: _spec((1, 1, a.shape[2], block_v), lambda i, n, *j: (i, n, 0, block(j))),
     }
     kept = [(role, a) for role, a in arrays if a is not None]
     return [a for _, a in kept], [specs[role](a) for role, a in kept]
@@ -174,32 +176,42 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         S_ref, dS_ref, dO_ref, dU_ref, dq_ref, dk_ref, *outs = refs
         G_col, G_row = _g_views(G_ref)
         c = chunk_math.Chunk(q_ref[0], k_ref[0], G_col, G_row, dtype)
-        dq, dk, dw, dG_col, dG_row = chunk_math.local_grads(
-            c, None if w_ref is None else w_ref[0], U_ref[0], S_ref[0, 0, :, :].astype(f32),
-            dO_ref[0], dU_ref[0], dS_ref[0, 0, :, :],
-        )  # fmt: skip
-        dq_ref[0, 0, :, :], dk_ref[0, 0, :, :] = dq, dk
-        if has_w:
-            outs.pop(0)[0, 0, :, :] = dw
-        if has_g:
-            outs.pop(0)[0, 0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
+        w = None if w_ref is None else w_ref[0]
 
+        def block_sums(j):  # one value block's share of the contractions over V
+            start = j * block_v if isinstance(j, int) else pl.multiple_of(j * block_v, block_v)
+            cols = pl.ds(start, block_v)
+            S, dS = S_ref[0, 0, :, cols].astype(f32), dS_ref[0, 0, :, cols]
+            return chunk_math.local_sums(
+                c, w, U_ref[0, :, cols], S, dO_ref[0, :, cols], dU_ref[0, :, cols], dS
+            )
+
+        sums = block_sums(0)
+        if NV > 1:  # accumulate here, so each gradient is written once, complete
+            sums = jax.lax.fori_loop(1, NV, lambda j, acc: acc.add(block_sums(j)), sums)
+        dq, dk, dw, dG_col, dG_row = chunk_math.local_grads_from(c, sums)
+        dq_ref[0, :, :], dk_ref[0, :, :] = dq.astype(dtype), dk.astype(dtype)
+        if has_w:
+            outs.pop(0)[0, :, :] = dw.astype(dtype)
+        if has_g:
+            outs.pop(0)[0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
+
+    # One program per chunk covers the whole value dimension, block by block.
     arrays, in_specs = _chunk_inputs(
         [("feature", q), ("feature", k), ("feature", w), ("value", U), ("g", G),
          ("state", states), ("state", dS_after), ("value", dO), ("value", dU)],
-        chunk, block_v,
+        chunk, V,
     )  # fmt: skip
-    per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32)
-    per_block_k_spec = _spec((1, 1, chunk, K), lambda i, n, j: (j, i, n, 0))
-    out_shape = [per_block_k] * (3 if has_w else 2)
-    out_specs = [per_block_k_spec] * len(out_shape)
+    feature_spec = _spec((1, chunk, K), lambda i, n: (i, n, 0))
+    out_shape = [jax.ShapeDtypeStruct((BH, T, K), dtype)] * (3 if has_w else 2)
+    out_specs = [feature_spec] * len(out_shape)
     if has_g:
-        out_shape.append(jax.ShapeDtypeStruct((NV, BH, T), f32))
-        out_specs.append(_spec((1, 1, chunk), lambda i, n, j: (j, i, n)))
+        out_shape.append(jax.ShapeDtypeStruct((BH, T), f32))
+        out_specs.append(_spec((1, chunk), lambda i, n: (i, n)))
     outs = list(
         pl.pallas_call(
             local_grad_kernel,
-            grid=(BH, N, NV),
+            grid=(BH, N),
             in_specs=in_specs,
             out_specs=out_specs,
             out_shape=out_shape,
@@ -208,7 +220,7 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
             name="chunk_local_grads_bwd",
         )(*arrays)
     )
-    dq, dk = outs.pop(0).sum(0), outs.pop(0).sum(0)
-    dw = outs.pop(0).sum(0) if has_w else None
-    dG = outs.pop(0).sum(0) if has_g else None
+    dq, dk = outs.pop(0), outs.pop(0)
+    dw = outs.pop(0) if has_w else None
+    dG = outs.pop(0) if has_g else None
     return dq, dk, dw, dU, dG, ds0
