@@ -5,7 +5,10 @@
 loop keeps only what depends on the previous chunk (``chunk_math.state_step`` forward,
 ``state_grad_step`` backward) and writes every chunk's state; the outputs and the inputs'
 gradients (``output``, ``local_grads``) then run with one program per chunk, N times more
-parallel work for the GPU to schedule.
+parallel work for the GPU to schedule. That program walks the value blocks itself: ``q k^T``
+and the decay are computed once per chunk, and the gradients' contractions over the value
+dimension accumulate in registers (``chunk_math.LocalSums``), so each gradient is written once,
+complete, instead of as partial sums per value block.
 
 Forward: states kernel (sequential) -> output kernel (parallel over chunks).
 Backward: state-gradient kernel (sequential, reverse) -> local-gradient kernel (parallel).
@@ -30,19 +33,16 @@ def _params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-def _chunk_inputs(arrays, chunk, block_v):
-    """Specs for per-chunk blocks on the grid (BH, N, NV), or (BH, N) with ``block_v`` the
-    whole value dimension, for arrays named in ``arrays``.
+def _chunk_inputs(arrays, chunk):
+    """Specs for whole-chunk blocks on the grid (BH, N), for arrays named in ``arrays``.
 
-    ``arrays`` maps a role to an array: "feature" [BH, T, K], "value" [BH, T, V] (value block
-    j), "g" [BH, T] or "state" [BH, N, K, V]; None entries are dropped.
+    ``arrays`` maps a role to an array: "rows" [BH, T, K or V], "g" [BH, T] or "state"
+    [BH, N, K, V]; None entries are dropped.
     """
-    block = lambda j: j[0] if j else 0  # noqa: E731  (the value block, if the grid has one)
     specs = {
-        "feature": lambda a: _spec((1, chunk, a.shape[-1]), lambda i, n, *j: (i, n, 0)),
-        "value": lambda a: _spec((1, chunk, block_v), lambda i, n, *j: (i, n, block(j))),
-        "g": lambda a: _spec((1, chunk), lambda i, n, *j: (i, n)),
-        "state": lambda a: _spec((1, 1, a.shape[2], block_v), lambda i, n, *j: (i, n, 0, block(j))),
+        "rows": lambda a: _spec((1, chunk, a.shape[-1]), lambda i, n: (i, n, 0)),
+        "g": lambda a: _spec((1, chunk), lambda i, n: (i, n)),
+        "state": lambda a: _spec((1, 1, *a.shape[2:]), lambda i, n: (i, n, 0, 0)),
     }
     kept = [(role, a) for role, a in arrays if a is not None]
     return [a for _, a in kept], [specs[role](a) for role, a in kept]
@@ -101,20 +101,27 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
         G_ref = refs[0] if has_g else None
         S_ref, o_ref = refs[-2:]
         G_col, G_row = _g_views(G_ref)
-        S = S_ref[0, 0, :, :].astype(f32)
         c = chunk_math.Chunk(q_ref[0], k_ref[0], G_col, G_row, dtype)
-        o = chunk_math.output(c, U_ref[0], S)
-        o_ref[0, :, :] = o.astype(o_ref.dtype)
+
+        def block_output(j, carry=None):  # q k^T and the decay are shared by the value blocks
+            start = j * block_v if isinstance(j, int) else pl.multiple_of(j * block_v, block_v)
+            cols = pl.ds(start, block_v)
+            o = chunk_math.output(c, U_ref[0, :, cols], S_ref[0, 0, :, cols].astype(f32))
+            o_ref[0, :, cols] = o.astype(o_ref.dtype)
+            return carry
+
+        block_output(0)
+        if NV > 1:
+            jax.lax.fori_loop(1, NV, block_output, 0)
 
     arrays, in_specs = _chunk_inputs(
-        [("feature", q), ("feature", k), ("value", U), ("g", G), ("state", states)],
-        chunk, block_v,
-    )  # fmt: skip
+        [("rows", q), ("rows", k), ("rows", U), ("g", G), ("state", states)], chunk
+    )
     o = pl.pallas_call(
         output_kernel,
-        grid=(BH, N, NV),
+        grid=(BH, N),
         in_specs=in_specs,
-        out_specs=_spec((1, chunk, block_v), lambda i, n, j: (i, n, j)),
+        out_specs=_spec((1, chunk, V), lambda i, n: (i, n, 0)),
         out_shape=jax.ShapeDtypeStruct((BH, T, V), dtype),
         compiler_params=_params(num_warps),
         interpret=interpret,
@@ -196,11 +203,10 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         if has_g:
             outs.pop(0)[0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
 
-    # One program per chunk covers the whole value dimension, block by block.
     arrays, in_specs = _chunk_inputs(
-        [("feature", q), ("feature", k), ("feature", w), ("value", U), ("g", G),
-         ("state", states), ("state", dS_after), ("value", dO), ("value", dU)],
-        chunk, V,
+        [("rows", q), ("rows", k), ("rows", w), ("rows", U), ("g", G),
+         ("state", states), ("state", dS_after), ("rows", dO), ("rows", dU)],
+        chunk,
     )  # fmt: skip
     feature_spec = _spec((1, chunk, K), lambda i, n: (i, n, 0))
     out_shape = [jax.ShapeDtypeStruct((BH, T, K), dtype)] * (3 if has_w else 2)
