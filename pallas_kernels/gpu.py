@@ -101,7 +101,8 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, save_states, interpret, num_wa
 
 
 def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
-    """Returns float32 (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks."""
+    """Returns (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks: float32,
+    except dq, dk, dw in q's dtype when a single value block makes them whole."""
     BH, T, K = q.shape
     V = u.shape[-1]
     N, NV, dtype = T // chunk, V // block_v, q.dtype
@@ -123,11 +124,11 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
             dq, dk, dw, du, dG_col, dG_row, dS = chunk_math.backward(
                 *_load_chunk(r, start, chunk), S, dO_ref[0, rows, :], dS, dtype
             )
-            dq_ref[0, 0, rows, :] = dq
-            dk_ref[0, 0, rows, :] = dk
+            dq_ref[0, 0, rows, :] = dq.astype(dq_ref.dtype)
+            dk_ref[0, 0, rows, :] = dk.astype(dk_ref.dtype)
             du_ref[0, rows, :] = du
             if has_w:
-                dw_ref[0, 0, rows, :] = dw
+                dw_ref[0, 0, rows, :] = dw.astype(dw_ref.dtype)
             if has_g:
                 dG_ref[0, 0, rows] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
             return dS
@@ -138,7 +139,8 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
     value_spec = _spec((1, T, block_v), lambda i, j: (i, 0, j))
     state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
     in_specs += [_spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)), value_spec, state_spec]
-    per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32)
+    # Value blocks' partial sums add up in float32; a single block is already complete.
+    per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32 if NV > 1 else dtype)
     per_block_k_spec = _spec((1, 1, T, K), lambda i, j: (j, i, 0, 0))
     out_shape = [per_block_k, per_block_k] + ([per_block_k] if has_w else [])
     out_specs = [per_block_k_spec] * len(out_shape)

@@ -131,7 +131,7 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
 
 
 def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
-    """Returns float32 (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks."""
+    """Returns (dq, dk, dw | None in q's dtype, du, dG | None, ds0 float32), whole."""
     del u  # the forward's U replaces it
     states, U = residual
     BH, T, K = q.shape

@@ -138,9 +138,10 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret):
         dq, dk, dw, du, dG_col, dG_row, dS = chunk_math.backward(
             *chunk_in, S, dO_ref[0], dS_scratch[...], dtype
         )
-        dq_ref[0, 0], dk_ref[0, 0], du_ref[0] = dq, dk, du
+        dq_ref[0, 0], dk_ref[0, 0] = dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype)
+        du_ref[0] = du
         if has_w:
-            dw_ref[0, 0] = dw
+            dw_ref[0, 0] = dw.astype(dw_ref.dtype)
         if has_g:
             dG_col_ref[0, 0] = dG_col
             dG_row_ref[0, 0, 0] = dG_row
@@ -158,7 +159,8 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret):
         value_spec,
         state_spec,
     ]
-    per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32)
+    # Value blocks' partial sums add up in float32; a single block is already complete.
+    per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32 if NV > 1 else dtype)
     per_block_k_spec = pl.BlockSpec((1, 1, chunk, K), lambda i, j, n: (j, i, rev(n), 0))
     out_shape = [per_block_k, per_block_k] + ([per_block_k] if has_w else [])
     out_specs = [per_block_k_spec] * len(out_shape)
