@@ -70,11 +70,9 @@ def unit_lower_inverse(A, precise: bool = True):
     eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
     if b == C:
         return _nilpotent_inverse(A, C, eye, precise)
-    shift = b.bit_length() - 1  # rows // b, in shifts: Mosaic has no vector integer division
-    same_block = jax.lax.shift_right_logical(rows, shift) == jax.lax.shift_right_logical(
-        cols, shift
-    )
-    D = jnp.where(same_block, A, 0.0)
+    shift = b.bit_length() - 1  # i // b as a shift: Mosaic has no vector integer division
+    block_of = lambda i: jax.lax.shift_right_logical(i, shift)  # noqa: E731
+    D = jnp.where(block_of(rows) == block_of(cols), A, 0.0)
     X = _nilpotent_inverse(D, b, eye, precise)
     M = _mm_f32(X, A - D, precise)
     return _mm_f32(_nilpotent_inverse(M, C // b, eye, precise), X, precise)
@@ -85,7 +83,7 @@ class _Chunk:
 
     def __init__(self, k, v, beta, G_col, G_row, dtype):
         C = k.shape[0]
-        self.k, self.v, self.beta, self.dtype = k, v, beta, dtype
+        self.dtype = dtype
         self.strict = _iota((C, C), 0) > _iota((C, C), 1)
         if G_col is None:
             self.gamma, self.k_gate = jnp.where(self.strict, 1.0, 0.0).astype(f32), None
