@@ -20,11 +20,12 @@ timeout 160 $PY -m pytest tests/test_pallas_kernels.py tests/test_wy_kernel.py -
 timeout 35 $PY -m pytest tests/test_pallas_model.py -q -p no:cacheprovider \
   2>&1 | tee "$OUT/tests_model.log" | tail -5
 # Most important first (the gated delta rule at T >= 4096): a timeout keeps what was measured.
-# The WY transform alone (wy_pallas, wy_xla) and pallas_xla_wy show what its kernels changed.
+# Where the time goes: the recurrence and the WY transform alone (recurrence, wy_pallas; wy_xla
+# and pallas_xla_wy show what the WY kernels changed).
 ORDER="--shapes=4x4096x64x128,1x8192x96x128,8x1024x8x64 --rules=gated_delta,delta,scalar_decay"
 BENCH="$PY benchmarks/kernel_bench.py --min_seconds=0.2"
 timeout 110 $BENCH $ORDER --out="$OUT/kernels.json" \
-  --impls=pallas,wy_pallas,wy_xla,pallas_xla_wy,pallas_split,chunked,recurrent \
+  --impls=pallas,recurrence,wy_pallas,wy_xla,pallas_xla_wy,pallas_split,chunked,recurrent \
   2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/kernel_bench.log"
 # Tiling sweep (block_v:num_warps) of both schedules at the goal's shape.
 timeout 55 $BENCH --shapes=4x4096x64x128 --rules=gated_delta --impls=pallas,pallas_split \

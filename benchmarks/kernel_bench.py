@@ -27,6 +27,7 @@ from shapes import FLA_README_SHAPES, RULES, nominal_flops, parse_shape  # bench
 
 import pallas_kernels
 from pallas_kernels import wy, wy_kernel
+from pallas_kernels.recurrence import chunk_recurrence
 from search_spaces.linear_attention import mixers
 
 _SHAPES = flags.DEFINE_list("shapes", FLA_README_SHAPES, "BxTxHxD per shape.")
@@ -38,11 +39,13 @@ PALLAS_VARIANTS = {
     "pallas_xla_wy": {"wy": "xla"},
 }
 WY_PARTS = ("wy_pallas", "wy_xla")  # the delta rules' WY transform alone
+PARTS = (*WY_PARTS, "recurrence")  # parts of the pallas impl, timed alone
 _IMPLS = flags.DEFINE_list(
-    "impls", [*PALLAS_VARIANTS, *WY_PARTS, "chunked", "recurrent"],
+    "impls", [*PALLAS_VARIANTS, *PARTS, "chunked", "recurrent"],
     "Implementations: mixers.mix impls (chunked, recurrent); pallas, the default kernels;"
     " pallas_split, the GPU kernels' split schedule; pallas_xla_wy, the WY transform in XLA;"
-    " wy_pallas and wy_xla, the WY transform alone on its kernels and in XLA.",
+    " parts of pallas: wy_pallas and wy_xla, the WY transform alone on its kernels and in XLA,"
+    " and recurrence, the chunk recurrence's kernels alone.",
 )  # fmt: skip
 _TUNINGS = flags.DEFINE_list(
     "tunings", [], "GPU tilings to sweep for the Pallas impls, as block_v:num_warps (64:4,128:8);"
@@ -104,13 +107,27 @@ def _wy_only(k, v, kw, C, where):
 
 def _tilings(impl):
     """(label suffix, kernel options) for each tiling to time ``impl`` with."""
-    if impl not in PALLAS_VARIANTS or not _TUNINGS.value:
+    if impl not in (*PALLAS_VARIANTS, "recurrence") or not _TUNINGS.value:
         return [("", {})]
     tilings = []
     for text in _TUNINGS.value:
         block_v, num_warps = (int(x) for x in text.split(":"))
         tilings.append((f"[{text}]", {"block_v": block_v, "num_warps": num_warps}))
     return tilings
+
+
+def _recurrence_only(q, k, v, kw, C, tiling):
+    """The chunk recurrence's kernels alone, on inputs shaped as ``pallas_kernels.ops`` makes
+    them (``k`` stands in for the WY keys ``w``)."""
+    B, H, T, D = q.shape
+    flat = lambda x: x.reshape(B * H, T, *x.shape[3:])  # noqa: E731
+    G = None
+    if "g" in kw:
+        G = jnp.cumsum(kw["g"].reshape(B * H, T // C, C), -1).reshape(B * H, T)
+    w = flat(k) if "beta" in kw else None
+    cfg = pallas_kernels.kernel_config(D, D, C, **(tiling or {}))
+    s0 = jnp.zeros((B * H, D, D), jnp.float32)
+    return chunk_recurrence(flat(q), flat(k), w, flat(v), G, s0, cfg)[0]
 
 
 def bench_case(rule, impl, B, T, H, D, dtype, tiling=None):
@@ -120,6 +137,8 @@ def bench_case(rule, impl, B, T, H, D, dtype, tiling=None):
     def forward(q, k, v, kw):
         if impl in WY_PARTS:
             return _wy_only(k, v, kw, C, impl)
+        if impl == "recurrence":
+            return _recurrence_only(q, k, v, kw, C, tiling)
         if impl in PALLAS_VARIANTS:
             kernel = mixers.PALLAS_KERNELS[rule]
             options = PALLAS_VARIANTS[impl] | (tiling or {})
@@ -134,7 +153,7 @@ def bench_case(rule, impl, B, T, H, D, dtype, tiling=None):
     row = {"rule": rule, "impl": impl, "B": B, "T": T, "H": H, "D": D, "dtype": str(dtype)}
     row |= tiling or {}
     row["fwd_ms"] = _time(jax.jit(forward), q, k, v, kw)
-    if impl in WY_PARTS:  # a part of the work: its time, not a rate of the whole
+    if impl in PARTS:  # a part of the work: its time, not a rate of the whole
         flops = float("nan")
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
     saved_gib = B * H * T * D * D * 4 / 2**30
