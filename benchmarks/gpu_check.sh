@@ -27,10 +27,10 @@ BENCH="$PY benchmarks/kernel_bench.py --min_seconds=0.2"
 timeout 110 $BENCH $ORDER --out="$OUT/kernels.json" \
   --impls=pallas,recurrence,wy_pallas,wy_xla,pallas_xla_wy,pallas_split,chunked,recurrent \
   2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/kernel_bench.log"
+if $PY -c "import fla" 2>/dev/null; then
+  timeout 90 $PY benchmarks/fla_bench.py $ORDER --time_known_bad_triton --out="$OUT/fla.json" 2>&1 | tee "$OUT/fla_bench.log"
+fi
 # Tiling sweep (block_v:num_warps) of both schedules at the goal's shape.
 timeout 55 $BENCH --shapes=4x4096x64x128 --rules=gated_delta --impls=pallas,pallas_split \
   --tunings=32:4,64:8,128:4,128:8,32:2 --out="$OUT/tunings.json" \
   2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/tunings.log"
-if $PY -c "import fla" 2>/dev/null; then
-  timeout 90 $PY benchmarks/fla_bench.py $ORDER --time_known_bad_triton --out="$OUT/fla.json" 2>&1 | tee "$OUT/fla_bench.log"
-fi
