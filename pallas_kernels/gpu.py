@@ -101,8 +101,8 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, save_states, interpret, num_wa
 
 
 def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
-    """Returns (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks: float32,
-    except dq, dk, dw in q's dtype when a single value block makes them whole."""
+    """Returns (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks: du in q's
+    dtype, dq, dk, dw too when a single value block makes them whole, the rest float32."""
     BH, T, K = q.shape
     V = u.shape[-1]
     N, NV, dtype = T // chunk, V // block_v, q.dtype
@@ -126,7 +126,7 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
             )
             dq_ref[0, 0, rows, :] = dq.astype(dq_ref.dtype)
             dk_ref[0, 0, rows, :] = dk.astype(dk_ref.dtype)
-            du_ref[0, rows, :] = du
+            du_ref[0, rows, :] = du.astype(du_ref.dtype)
             if has_w:
                 dw_ref[0, 0, rows, :] = dw.astype(dw_ref.dtype)
             if has_g:
@@ -144,7 +144,7 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
     per_block_k_spec = _spec((1, 1, T, K), lambda i, j: (j, i, 0, 0))
     out_shape = [per_block_k, per_block_k] + ([per_block_k] if has_w else [])
     out_specs = [per_block_k_spec] * len(out_shape)
-    out_shape.append(jax.ShapeDtypeStruct((BH, T, V), f32))
+    out_shape.append(jax.ShapeDtypeStruct((BH, T, V), dtype))  # du, whole per value block
     out_specs.append(value_spec)
     if has_g:
         out_shape.append(jax.ShapeDtypeStruct((NV, BH, T), f32))

@@ -13,7 +13,8 @@ complete, instead of as partial sums per value block.
 Forward: states kernel (sequential) -> output kernel (parallel over chunks).
 Backward: state-gradient kernel (sequential, reverse) -> local-gradient kernel (parallel).
 Extra memory against ``gpu.py``: the writes ``U`` ([BH, T, V], kept from forward) and the state
-gradients ([BH, N, K, V] float32) during backward.
+gradients ([BH, N, K, V]) during backward, both in the inputs' dtype: the matmuls that read
+them round their operands to it anyway.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
 
 
 def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
-    """Returns (dq, dk, dw | None in q's dtype, du, dG | None, ds0 float32), whole."""
+    """Returns (dq, dk, dw | None, du in q's dtype, dG | None, ds0 float32), whole."""
     del u  # the forward's U replaces it
     states, U = residual
     BH, T, K = q.shape
@@ -144,13 +145,13 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
 
         def body(i, dS):
             n = N - 1 - i  # chunks in reverse
-            dS_ref[0, n, :, :] = dS
+            dS_ref[0, n, :, :] = dS.astype(dS_ref.dtype)
             start = pl.multiple_of(n * chunk, chunk)
             rows = pl.ds(start, chunk)
             q, k, w, _, G_col, G_row = _load_chunk(r, start, chunk)
             c = chunk_math.Chunk(q, k, G_col, G_row, dtype)
             dU, dS = chunk_math.state_grad_step(c, w, dO_ref[0, rows, :], dS)
-            dU_ref[0, rows, :] = dU
+            dU_ref[0, rows, :] = dU.astype(dU_ref.dtype)
             return dS
 
         ds0_ref[0, :, :] = jax.lax.fori_loop(0, N, body, dsT_ref[0, :, :])
@@ -165,8 +166,8 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         in_specs=[*in_specs, value_spec, state_spec],
         out_specs=[_spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)), value_spec, state_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((BH, N, K, V), f32),
-            jax.ShapeDtypeStruct((BH, T, V), f32),
+            jax.ShapeDtypeStruct((BH, N, K, V), dtype),
+            jax.ShapeDtypeStruct((BH, T, V), dtype),
             jax.ShapeDtypeStruct((BH, K, V), f32),
         ],
         compiler_params=_params(num_warps),
@@ -188,7 +189,7 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         def block_sums(j):  # one value block's share of the contractions over V
             start = j * block_v if isinstance(j, int) else pl.multiple_of(j * block_v, block_v)
             cols = pl.ds(start, block_v)
-            S, dS = S_ref[0, 0, :, cols].astype(f32), dS_ref[0, 0, :, cols]
+            S, dS = S_ref[0, 0, :, cols].astype(f32), dS_ref[0, 0, :, cols].astype(f32)
             return chunk_math.local_sums(
                 c, w, U_ref[0, :, cols], S, dO_ref[0, :, cols], dU_ref[0, :, cols], dS
             )

@@ -139,7 +139,7 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret):
             *chunk_in, S, dO_ref[0], dS_scratch[...], dtype
         )
         dq_ref[0, 0], dk_ref[0, 0] = dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype)
-        du_ref[0] = du
+        du_ref[0] = du.astype(du_ref.dtype)
         if has_w:
             dw_ref[0, 0] = dw.astype(dw_ref.dtype)
         if has_g:
@@ -164,7 +164,7 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret):
     per_block_k_spec = pl.BlockSpec((1, 1, chunk, K), lambda i, j, n: (j, i, rev(n), 0))
     out_shape = [per_block_k, per_block_k] + ([per_block_k] if has_w else [])
     out_specs = [per_block_k_spec] * len(out_shape)
-    out_shape.append(jax.ShapeDtypeStruct((BH, T, V), f32))
+    out_shape.append(jax.ShapeDtypeStruct((BH, T, V), dtype))  # du, whole per value block
     out_specs.append(value_spec)
     if has_g:
         out_shape += [
