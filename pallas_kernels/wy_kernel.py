@@ -8,11 +8,12 @@ Per chunk (``pallas_kernels.wy`` has the same transform in plain XLA, the refere
 
 In XLA this is a chain of small batched matmuls, each of which writes its ``[C, C]`` or
 ``[C, K + V]`` intermediate for every chunk to device memory. Here one program reads a chunk's
-``k, v, beta, G`` and writes only ``w, u``; the backward kernel recomputes ``T`` rather than
-storing it. Chunks are independent, so the grid ``(BH, N)`` is parallel on both backends and
-one kernel body serves both: blocks are whole in their trailing dimensions, and the per-step
-scalars ``beta`` and ``G`` arrive as columns ``[BH, T, 1]`` (``G`` also as rows ``[BH, N, 1,
-C]``), the layouts Mosaic accepts without an in-kernel transpose.
+``k, v, beta, G`` and writes only ``w, u``, and when training ``T`` in the inputs' dtype (as
+flash-linear-attention keeps it: the backward kernel reads it instead of inverting again).
+Chunks are independent, so the grid ``(BH, N)`` is parallel on both backends and one kernel
+body serves both: blocks are whole in their trailing dimensions, and the per-step scalars
+``beta`` and ``G`` arrive as columns ``[BH, T, 1]`` (``G`` also as rows ``[BH, N, 1, C]``),
+the layouts Mosaic accepts without an in-kernel transpose.
 
 The inverse uses matmuls only, so no kernel needs a triangular solve: with ``D`` the 16 x 16
 diagonal blocks of ``A`` and ``L = A - D``, ``I + A = (I + D)(I + M)`` for ``M = (I + D)^-1 L``.
@@ -79,9 +80,10 @@ def unit_lower_inverse(A, precise: bool = True):
 
 
 class _Chunk:
-    """One chunk's WY inputs and the terms forward and backward share."""
+    """One chunk's WY inputs and the terms forward and backward share; ``T``, if given, is
+    the forward's inverse (then not computed again)."""
 
-    def __init__(self, k, v, beta, G_col, G_row, dtype):
+    def __init__(self, k, v, beta, G_col, G_row, dtype, T=None):
         C = k.shape[0]
         self.dtype = dtype
         self.strict = _iota((C, C), 0) > _iota((C, C), 1)
@@ -92,7 +94,9 @@ class _Chunk:
             self.gamma = jnp.exp(jnp.where(self.strict, G_col - G_row, -jnp.inf))
             self.k_gate = jnp.exp(G_col)
         self.M = mm_t(k, k, dtype) * self.gamma  # A = beta * M
-        self.T = unit_lower_inverse(beta * self.M, precise=dtype == f32)
+        if T is None:
+            T = unit_lower_inverse(beta * self.M, precise=dtype == f32)
+        self.T = T.astype(f32)
         self.k_gated = k.astype(f32) if G_col is None else k.astype(f32) * self.k_gate
         self.k_rhs, self.v_rhs = beta * self.k_gated, beta * v.astype(f32)
 
@@ -101,14 +105,16 @@ class _Chunk:
 
 
 def chunk_forward(k, v, beta, G_col, G_row, dtype):
-    """Returns float32 (w [C, K], u [C, V]) for one chunk; ``beta`` and ``G_col`` are [C, 1]."""
-    return _Chunk(k, v, beta, G_col, G_row, dtype).w_u()
-
-
-def chunk_backward(k, v, beta, G_col, G_row, dw, du, dtype):
-    """Returns float32 (dk, dv, dbeta [C, 1], dG_col [C, 1] | None, dG_row [1, C] | None);
-    the gradient of ``G`` is the sum of its column and row parts."""
+    """Returns float32 (w [C, K], u [C, V], T [C, C]) for one chunk; ``beta`` and ``G_col``
+    are [C, 1]."""
     c = _Chunk(k, v, beta, G_col, G_row, dtype)
+    return *c.w_u(), c.T
+
+
+def chunk_backward(k, v, beta, G_col, G_row, T, dw, du, dtype):
+    """Returns float32 (dk, dv, dbeta [C, 1], dG_col [C, 1] | None, dG_row [1, C] | None)
+    from the forward's ``T``; the gradient of ``G`` is the sum of its column and row parts."""
+    c = _Chunk(k, v, beta, G_col, G_row, dtype, T)
     w, u = c.w_u()
     dk_rhs, dv_rhs = t_mm(c.T, dw, dtype), t_mm(c.T, du, dtype)
     dA = -jnp.where(c.strict, mm_t(dk_rhs, w, dtype) + mm_t(dv_rhs, u, dtype), 0.0)
@@ -180,38 +186,47 @@ def _load(refs, has_g):
     return (k_ref[0], v_ref[0], beta_ref[0], G_col, G_row), refs
 
 
-def forward(k, v, beta, G, *, chunk, backend, interpret):
+def forward(k, v, beta, G, *, chunk, backend, interpret, save_inverse=False):
     """Returns (w [BH, T, K], u [BH, T, V]) in k's dtype for ``[BH, T, .]`` inputs (T a
-    multiple of ``chunk``); ``beta`` and ``G`` (within-chunk cumulative, or None) [BH, T]."""
+    multiple of ``chunk``); ``beta`` and ``G`` (within-chunk cumulative, or None) [BH, T].
+    With ``save_inverse``, also each chunk's ``T`` as rows of [BH, T, chunk], for backward."""
     dtype, has_g = k.dtype, G is not None
 
     def kernel(*refs):
-        chunk_in, (w_ref, u_ref) = _load(refs, has_g)
-        w, u = chunk_forward(*chunk_in, dtype)
+        chunk_in, (w_ref, u_ref, *inverse_ref) = _load(refs, has_g)
+        w, u, T = chunk_forward(*chunk_in, dtype)
         w_ref[0], u_ref[0] = w.astype(dtype), u.astype(dtype)
+        if save_inverse:
+            inverse_ref[0][0] = T.astype(dtype)
 
     arrays = [k, v, *_layouts(beta, G, chunk)]
     out_shape = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
+    if save_inverse:
+        out_shape.append(jax.ShapeDtypeStruct((*k.shape[:2], chunk), dtype))
     return _call(
         kernel, arrays, out_shape, chunk=chunk, backend=backend, interpret=interpret,
         name="wy_transform_fwd",
     )  # fmt: skip
 
 
-def backward(k, v, beta, G, dw, du, *, chunk, backend, interpret):
-    """Returns float32 (dk, dv, dbeta [BH, T], dG [BH, T] | None)."""
+def backward(k, v, beta, G, inverse, dw, du, *, chunk, backend, interpret):
+    """Returns (dk, dv in k's dtype, dbeta [BH, T], dG [BH, T] | None float32) from the
+    forward's saved ``inverse``."""
     dtype, has_g = k.dtype, G is not None
     BH, T = beta.shape
 
     def kernel(*refs):
-        chunk_in, (dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref, *dG_refs) = _load(refs, has_g)
-        dk, dv, dbeta, dG_col, dG_row = chunk_backward(*chunk_in, dw_ref[0], du_ref[0], dtype)
-        dk_ref[0], dv_ref[0], dbeta_ref[0] = dk, dv, dbeta
+        chunk_in, (T_ref, dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref, *dG_refs) = _load(refs, has_g)
+        dk, dv, dbeta, dG_col, dG_row = chunk_backward(
+            *chunk_in, T_ref[0], dw_ref[0], du_ref[0], dtype
+        )
+        dk_ref[0], dv_ref[0], dbeta_ref[0] = dk.astype(dtype), dv.astype(dtype), dbeta
         if has_g:
             dG_refs[0][0], dG_refs[1][0, 0] = dG_col, dG_row
 
-    arrays = [k, v, *_layouts(beta, G, chunk), dw.astype(dtype), du.astype(dtype)]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, f32) for x in (k, v, beta[..., None])]
+    arrays = [k, v, *_layouts(beta, G, chunk), inverse, dw.astype(dtype), du.astype(dtype)]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, dtype) for x in (k, v)]
+    out_shape.append(jax.ShapeDtypeStruct((BH, T, 1), f32))
     if has_g:
         out_shape += [
             jax.ShapeDtypeStruct((BH, T, 1), f32),
@@ -234,16 +249,14 @@ def wy_transform(k, v, beta, G, chunk: int, backend: str, interpret: bool):
 
 
 def _fwd(k, v, beta, G, chunk, backend, interpret):
-    wu = forward(k, v, beta, G, chunk=chunk, backend=backend, interpret=interpret)
-    return wu, (k, v, beta, G)
+    w, u, inverse = forward(
+        k, v, beta, G, chunk=chunk, backend=backend, interpret=interpret, save_inverse=True
+    )
+    return (w, u), (k, v, beta, G, inverse)
 
 
 def _bwd(chunk, backend, interpret, residuals, cotangents):
-    k, v = residuals[:2]
-    dk, dv, dbeta, dG = backward(
-        *residuals, *cotangents, chunk=chunk, backend=backend, interpret=interpret
-    )
-    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dG
+    return backward(*residuals, *cotangents, chunk=chunk, backend=backend, interpret=interpret)
 
 
 wy_transform.defvjp(_fwd, _bwd)
