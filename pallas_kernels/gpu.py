@@ -21,11 +21,7 @@ from pallas_kernels import chunk_math
 f32 = jnp.float32
 
 
-def _spec(block, index_map):
-    return pl.BlockSpec(block, index_map)
-
-
-def _split(refs, has_w, has_g):
+def unpack_refs(refs, has_w, has_g):
     """Unpacks (q, k, [w], u, [G], rest...) kernel refs into a dict and the remaining refs."""
     refs = list(refs)
     out = {"q": refs.pop(0), "k": refs.pop(0)}
@@ -35,7 +31,8 @@ def _split(refs, has_w, has_g):
     return out, refs
 
 
-def _load_chunk(r, start, C):
+def load_chunk(r, start, C):
+    """(q, k, w, u, G_col, G_row) of the chunk of C rows at ``start`` (``unpack_refs``' dict)."""
     rows = pl.ds(start, C)
     w = None if r["w"] is None else r["w"][0, rows, :]
     G_col = G_row = None
@@ -45,14 +42,15 @@ def _load_chunk(r, start, C):
     return r["q"][0, rows, :], r["k"][0, rows, :], w, r["u"][0, rows, :], G_col, G_row
 
 
-def _inputs(q, k, w, u, G, block_v):
-    """Arrays and block specs for (q, k, [w], u, [G]) on the grid (BH, V // block_v)."""
+def sequence_inputs(q, k, w, u, G, block_v):
+    """Arrays and block specs for (q, k, [w], u, [G]) on the grid (BH, V // block_v): whole
+    sequences, which the programs walk chunk by chunk (``load_chunk``)."""
     _, T, K = q.shape
     arrays = [q, k] + ([w] if w is not None else []) + [u] + ([G] if G is not None else [])
-    specs = [_spec((1, T, K), lambda i, j: (i, 0, 0))] * (3 if w is not None else 2)
-    specs.append(_spec((1, T, block_v), lambda i, j: (i, 0, j)))
+    specs = [pl.BlockSpec((1, T, K), lambda i, j: (i, 0, 0))] * (3 if w is not None else 2)
+    specs.append(pl.BlockSpec((1, T, block_v), lambda i, j: (i, 0, j)))
     if G is not None:
-        specs.append(_spec((1, T), lambda i, j: (i, 0)))
+        specs.append(pl.BlockSpec((1, T), lambda i, j: (i, 0)))
     return arrays, specs
 
 
@@ -67,26 +65,26 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, save_states, interpret, num_wa
     has_w, has_g = w is not None, G is not None
 
     def kernel(*refs):
-        r, rest = _split(refs, has_w, has_g)
+        r, rest = unpack_refs(refs, has_w, has_g)
         s0_ref, o_ref, sT_ref, *states_ref = rest
 
         def body(n, S):
             if save_states:
                 states_ref[0][0, n, :, :] = S.astype(states_ref[0].dtype)
             start = pl.multiple_of(n * chunk, chunk)
-            o, S = chunk_math.forward(*_load_chunk(r, start, chunk), S, dtype)
+            o, S = chunk_math.forward(*load_chunk(r, start, chunk), S, dtype)
             o_ref[0, pl.ds(start, chunk), :] = o.astype(o_ref.dtype)
             return S
 
         sT_ref[0, :, :] = jax.lax.fori_loop(0, N, body, s0_ref[0, :, :])
 
-    arrays, in_specs = _inputs(q, k, w, u, G, block_v)
-    state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
+    arrays, in_specs = sequence_inputs(q, k, w, u, G, block_v)
+    state_spec = pl.BlockSpec((1, K, block_v), lambda i, j: (i, 0, j))
     out_shape = [jax.ShapeDtypeStruct((BH, T, V), dtype), jax.ShapeDtypeStruct((BH, K, V), f32)]
-    out_specs = [_spec((1, T, block_v), lambda i, j: (i, 0, j)), state_spec]
+    out_specs = [pl.BlockSpec((1, T, block_v), lambda i, j: (i, 0, j)), state_spec]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((BH, N, K, V), dtype))
-        out_specs.append(_spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)))
+        out_specs.append(pl.BlockSpec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)))
     outs = pl.pallas_call(
         kernel,
         grid=(BH, V // block_v),
@@ -109,7 +107,7 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
     has_w, has_g = w is not None, G is not None
 
     def kernel(*refs):
-        r, rest = _split(refs, has_w, has_g)
+        r, rest = unpack_refs(refs, has_w, has_g)
         states_ref, dO_ref, dsT_ref, dq_ref, dk_ref, *rest = rest
         dw_ref = rest.pop(0) if has_w else None
         du_ref = rest.pop(0)
@@ -122,7 +120,7 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
             rows = pl.ds(start, chunk)
             S = states_ref[0, n, :, :].astype(f32)
             dq, dk, dw, du, dG_col, dG_row, dS = chunk_math.backward(
-                *_load_chunk(r, start, chunk), S, dO_ref[0, rows, :], dS, dtype
+                *load_chunk(r, start, chunk), S, dO_ref[0, rows, :], dS, dtype
             )
             dq_ref[0, 0, rows, :] = dq.astype(dq_ref.dtype)
             dk_ref[0, 0, rows, :] = dk.astype(dk_ref.dtype)
@@ -135,20 +133,24 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
 
         ds0_ref[0, :, :] = jax.lax.fori_loop(0, N, body, dsT_ref[0, :, :])
 
-    arrays, in_specs = _inputs(q, k, w, u, G, block_v)
-    value_spec = _spec((1, T, block_v), lambda i, j: (i, 0, j))
-    state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
-    in_specs += [_spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)), value_spec, state_spec]
+    arrays, in_specs = sequence_inputs(q, k, w, u, G, block_v)
+    value_spec = pl.BlockSpec((1, T, block_v), lambda i, j: (i, 0, j))
+    state_spec = pl.BlockSpec((1, K, block_v), lambda i, j: (i, 0, j))
+    in_specs += [
+        pl.BlockSpec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)),
+        value_spec,
+        state_spec,
+    ]
     # Value blocks' partial sums add up in float32; a single block is already complete.
     per_block_k = jax.ShapeDtypeStruct((NV, BH, T, K), f32 if NV > 1 else dtype)
-    per_block_k_spec = _spec((1, 1, T, K), lambda i, j: (j, i, 0, 0))
+    per_block_k_spec = pl.BlockSpec((1, 1, T, K), lambda i, j: (j, i, 0, 0))
     out_shape = [per_block_k, per_block_k] + ([per_block_k] if has_w else [])
     out_specs = [per_block_k_spec] * len(out_shape)
     out_shape.append(jax.ShapeDtypeStruct((BH, T, V), dtype))  # du, whole per value block
     out_specs.append(value_spec)
     if has_g:
         out_shape.append(jax.ShapeDtypeStruct((NV, BH, T), f32))
-        out_specs.append(_spec((1, 1, T), lambda i, j: (j, i, 0)))
+        out_specs.append(pl.BlockSpec((1, 1, T), lambda i, j: (j, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((BH, K, V), f32))
     out_specs.append(state_spec)
     outs = pl.pallas_call(

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import chunk_math
-from pallas_kernels.gpu import _inputs, _load_chunk, _spec, _split
+from pallas_kernels.gpu import load_chunk, sequence_inputs, unpack_refs
 
 f32 = jnp.float32
 
@@ -41,9 +41,9 @@ def _chunk_inputs(arrays, chunk):
     [BH, N, K, V]; None entries are dropped.
     """
     specs = {
-        "rows": lambda a: _spec((1, chunk, a.shape[-1]), lambda i, n: (i, n, 0)),
-        "g": lambda a: _spec((1, chunk), lambda i, n: (i, n)),
-        "state": lambda a: _spec((1, 1, *a.shape[2:]), lambda i, n: (i, n, 0, 0)),
+        "rows": lambda a: pl.BlockSpec((1, chunk, a.shape[-1]), lambda i, n: (i, n, 0)),
+        "g": lambda a: pl.BlockSpec((1, chunk), lambda i, n: (i, n)),
+        "state": lambda a: pl.BlockSpec((1, 1, *a.shape[2:]), lambda i, n: (i, n, 0, 0)),
     }
     kept = [(role, a) for role, a in arrays if a is not None]
     return [a for _, a in kept], [specs[role](a) for role, a in kept]
@@ -64,12 +64,12 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
     has_w, has_g = w is not None, G is not None
 
     def states_kernel(*refs):
-        r, (s0_ref, states_ref, U_ref, sT_ref) = _split(refs, has_w, has_g)
+        r, (s0_ref, states_ref, U_ref, sT_ref) = unpack_refs(refs, has_w, has_g)
 
         def body(n, S):
             states_ref[0, n, :, :] = S.astype(states_ref.dtype)
             start = pl.multiple_of(n * chunk, chunk)
-            _, k, w, u, G_col, _ = _load_chunk(r, start, chunk)
+            _, k, w, u, G_col, _ = load_chunk(r, start, chunk)
             c = chunk_math.Chunk(None, k, G_col, None, dtype)  # the state update reads no q
             U, S = chunk_math.state_step(c, w, u, S)
             U_ref[0, pl.ds(start, chunk), :] = U.astype(U_ref.dtype)
@@ -77,15 +77,15 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
 
         sT_ref[0, :, :] = jax.lax.fori_loop(0, N, body, s0_ref[0, :, :])
 
-    arrays, in_specs = _inputs(q, k, w, u, G, block_v)
-    state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
+    arrays, in_specs = sequence_inputs(q, k, w, u, G, block_v)
+    state_spec = pl.BlockSpec((1, K, block_v), lambda i, j: (i, 0, j))
     states, U, sT = pl.pallas_call(
         states_kernel,
         grid=(BH, NV),
         in_specs=[*in_specs, state_spec],
         out_specs=[
-            _spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)),
-            _spec((1, T, block_v), lambda i, j: (i, 0, j)),
+            pl.BlockSpec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)),
+            pl.BlockSpec((1, T, block_v), lambda i, j: (i, 0, j)),
             state_spec,
         ],
         out_shape=[
@@ -122,7 +122,7 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
         output_kernel,
         grid=(BH, N),
         in_specs=in_specs,
-        out_specs=_spec((1, chunk, V), lambda i, n: (i, n, 0)),
+        out_specs=pl.BlockSpec((1, chunk, V), lambda i, n: (i, n, 0)),
         out_shape=jax.ShapeDtypeStruct((BH, T, V), dtype),
         compiler_params=_params(num_warps),
         interpret=interpret,
@@ -141,14 +141,14 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
     has_w, has_g = w is not None, G is not None
 
     def state_grad_kernel(*refs):
-        r, (dO_ref, dsT_ref, dS_ref, dU_ref, ds0_ref) = _split(refs, has_w, has_g)
+        r, (dO_ref, dsT_ref, dS_ref, dU_ref, ds0_ref) = unpack_refs(refs, has_w, has_g)
 
         def body(i, dS):
             n = N - 1 - i  # chunks in reverse
             dS_ref[0, n, :, :] = dS.astype(dS_ref.dtype)
             start = pl.multiple_of(n * chunk, chunk)
             rows = pl.ds(start, chunk)
-            q, k, w, _, G_col, G_row = _load_chunk(r, start, chunk)
+            q, k, w, _, G_col, G_row = load_chunk(r, start, chunk)
             c = chunk_math.Chunk(q, k, G_col, G_row, dtype)
             dU, dS = chunk_math.state_grad_step(c, w, dO_ref[0, rows, :], dS)
             dU_ref[0, rows, :] = dU.astype(dU_ref.dtype)
@@ -157,14 +157,18 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         ds0_ref[0, :, :] = jax.lax.fori_loop(0, N, body, dsT_ref[0, :, :])
 
     # The state kernel's input list has a ``u`` slot; U (same shape) fills it, unused.
-    arrays, in_specs = _inputs(q, k, w, U, G, block_v)
-    value_spec = _spec((1, T, block_v), lambda i, j: (i, 0, j))
-    state_spec = _spec((1, K, block_v), lambda i, j: (i, 0, j))
+    arrays, in_specs = sequence_inputs(q, k, w, U, G, block_v)
+    value_spec = pl.BlockSpec((1, T, block_v), lambda i, j: (i, 0, j))
+    state_spec = pl.BlockSpec((1, K, block_v), lambda i, j: (i, 0, j))
     dS_after, dU, ds0 = pl.pallas_call(
         state_grad_kernel,
         grid=(BH, NV),
         in_specs=[*in_specs, value_spec, state_spec],
-        out_specs=[_spec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)), value_spec, state_spec],
+        out_specs=[
+            pl.BlockSpec((1, N, K, block_v), lambda i, j: (i, 0, 0, j)),
+            value_spec,
+            state_spec,
+        ],
         out_shape=[
             jax.ShapeDtypeStruct((BH, N, K, V), dtype),
             jax.ShapeDtypeStruct((BH, T, V), dtype),
@@ -209,12 +213,12 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
          ("state", states), ("state", dS_after), ("rows", dO), ("rows", dU)],
         chunk,
     )  # fmt: skip
-    feature_spec = _spec((1, chunk, K), lambda i, n: (i, n, 0))
+    feature_spec = pl.BlockSpec((1, chunk, K), lambda i, n: (i, n, 0))
     out_shape = [jax.ShapeDtypeStruct((BH, T, K), dtype)] * (3 if has_w else 2)
     out_specs = [feature_spec] * len(out_shape)
     if has_g:
         out_shape.append(jax.ShapeDtypeStruct((BH, T), f32))
-        out_specs.append(_spec((1, chunk), lambda i, n: (i, n)))
+        out_specs.append(pl.BlockSpec((1, chunk), lambda i, n: (i, n)))
     outs = list(
         pl.pallas_call(
             local_grad_kernel,
