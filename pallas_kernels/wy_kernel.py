@@ -79,61 +79,68 @@ def unit_lower_inverse(A, precise: bool = True):
     return _mm_f32(_nilpotent_inverse(M, C // b, eye, precise), X, precise)
 
 
-class _Chunk:
-    """One chunk's WY inputs and the terms forward and backward share; ``T``, if given, is
-    the forward's inverse (then not computed again)."""
-
-    def __init__(self, k, v, beta, G_col, G_row, dtype, T=None):
-        C = k.shape[0]
-        self.dtype = dtype
-        self.strict = _iota((C, C), 0) > _iota((C, C), 1)
-        if G_col is None:
-            self.gamma, self.k_gate = jnp.where(self.strict, 1.0, 0.0).astype(f32), None
-        else:
-            # Mask before exp: above the diagonal G_i - G_j >= 0 and could overflow.
-            self.gamma = jnp.exp(jnp.where(self.strict, G_col - G_row, -jnp.inf))
-            self.k_gate = jnp.exp(G_col)
-        self.M = mm_t(k, k, dtype) * self.gamma  # A = beta * M
-        if T is None:
-            T = unit_lower_inverse(beta * self.M, precise=dtype == f32)
-        self.T = T.astype(f32)
-        self.k_gated = k.astype(f32) if G_col is None else k.astype(f32) * self.k_gate
-        self.k_rhs, self.v_rhs = beta * self.k_gated, beta * v.astype(f32)
-
-    def w_u(self):
-        return mm(self.T, self.k_rhs, self.dtype), mm(self.T, self.v_rhs, self.dtype)
-
-
-def chunk_forward(k, v, beta, G_col, G_row, dtype):
-    """Returns float32 (w [C, K], u [C, V], T [C, C]) for one chunk; ``beta`` and ``G_col``
-    are [C, 1]."""
-    c = _Chunk(k, v, beta, G_col, G_row, dtype)
-    return *c.w_u(), c.T
-
-
-def chunk_backward(k, v, beta, G_col, G_row, T, dw, du, dtype):
-    """Returns float32 (dk, dv, dbeta [C, 1], dG_col [C, 1] | None, dG_row [1, C] | None)
-    from the forward's ``T``; the gradient of ``G`` is the sum of its column and row parts."""
-    c = _Chunk(k, v, beta, G_col, G_row, dtype, T)
-    w, u = c.w_u()
-    dk_rhs, dv_rhs = t_mm(c.T, dw, dtype), t_mm(c.T, du, dtype)
-    dA = -jnp.where(c.strict, mm_t(dk_rhs, w, dtype) + mm_t(dv_rhs, u, dtype), 0.0)
-    dbeta = (
-        jnp.sum(dA * c.M, axis=1, keepdims=True)
-        + jnp.sum(dk_rhs * c.k_gated, axis=1, keepdims=True)
-        + jnp.sum(dv_rhs * v.astype(f32), axis=1, keepdims=True)
-    )
-    dM = beta * dA
-    dkk = dM * c.gamma  # gradient of k k^T
-    dk_gated = beta * dk_rhs
-    dk = mm(dkk, k, dtype) + t_mm(dkk, k, dtype)
-    dk = dk + (dk_gated if c.k_gate is None else dk_gated * c.k_gate)
-    dv = beta * dv_rhs
+def _decay(G_col, G_row, C):
+    """(Gamma [C, C] on the strict lower triangle, e^G [C, 1] or None without decay)."""
+    strict = _iota((C, C), 0) > _iota((C, C), 1)
     if G_col is None:
-        return dk, dv, dbeta, None, None
-    E = dM * c.M  # gradient through each Gamma_ij = e^(G_i - G_j), times Gamma_ij
-    dG_col = jnp.sum(E, axis=1, keepdims=True) + jnp.sum(dk_rhs * c.k_rhs, axis=1, keepdims=True)
-    return dk, dv, dbeta, dG_col, -jnp.sum(E, axis=0, keepdims=True)
+        return jnp.where(strict, 1.0, 0.0).astype(f32), None
+    # Mask before exp: above the diagonal G_i - G_j >= 0 and could overflow.
+    return jnp.exp(jnp.where(strict, G_col - G_row, -jnp.inf)), jnp.exp(G_col)
+
+
+def _gated(k, k_gate):
+    return k.astype(f32) if k_gate is None else k.astype(f32) * k_gate
+
+
+# The functions below order their work so that few [C, K] float32 tiles are alive at once: on
+# a GPU each costs 64 registers per thread at 4 warps, and spilled registers cost memory
+# traffic on every use (``benchmarks/triton_resources.py`` measures it).
+
+
+def chunk_forward(k, beta, G_col, G_row, dtype):
+    """Returns float32 (T [C, C], w [C, K]) for one chunk; ``beta`` and ``G_col`` are [C, 1].
+    ``u = T (beta * v)`` is left to the caller, so ``v`` need not be alive meanwhile."""
+    gamma, k_gate = _decay(G_col, G_row, k.shape[0])
+    T = unit_lower_inverse(beta * mm_t(k, k, dtype) * gamma, precise=dtype == f32)
+    return T, mm(T, beta * _gated(k, k_gate), dtype)
+
+
+def value_side_backward(T, v, beta, du, dtype):
+    """The value side of a chunk's backward, from the forward's ``T``: returns float32
+    (dv [C, V], its share of dbeta [C, 1], its share of -dA [C, C], unmasked)."""
+    dv_rhs = t_mm(T, du, dtype)  # gradient of beta * v
+    dbeta = jnp.sum(dv_rhs * v.astype(f32), axis=1, keepdims=True)
+    u = mm(T, beta * v.astype(f32), dtype)
+    return beta * dv_rhs, dbeta, mm_t(dv_rhs, u, dtype)
+
+
+def key_side_backward(k, beta, G_col, G_row, T, dw, dbeta_v, dA_v, dtype):
+    """The rest of a chunk's backward, given ``value_side_backward``'s shares: returns float32
+    (dk [C, K], dbeta [C, 1], dG_col [C, 1] | None, dG_row [1, C] | None); the gradient of
+    ``G`` is the sum of its column and row parts.
+
+    Since ``dT = [dw, du] R^T`` for the right-hand sides ``R``, the gradient of ``A`` is
+    ``-T^T dT T^T = -(dR_k w^T + dR_v u^T)`` on the strict lower triangle."""
+    C = k.shape[0]
+    gamma, k_gate = _decay(G_col, G_row, C)
+    k_gated = _gated(k, k_gate)
+    w = mm(T, beta * k_gated, dtype)
+    dk_rhs = t_mm(T, dw, dtype)  # gradient of beta * e^G * k
+    strict = _iota((C, C), 0) > _iota((C, C), 1)
+    dA = -jnp.where(strict, mm_t(dk_rhs, w, dtype) + dA_v, 0.0)
+    through_rhs = jnp.sum(dk_rhs * k_gated, axis=1, keepdims=True)
+    dbeta = dbeta_v + through_rhs
+    dk = beta * dk_rhs if k_gate is None else beta * dk_rhs * k_gate
+    M = mm_t(k, k, dtype) * gamma  # A = beta * M
+    dbeta = dbeta + jnp.sum(dA * M, axis=1, keepdims=True)
+    dM = beta * dA
+    dkk = dM * gamma  # gradient of k k^T
+    dk = dk + mm(dkk, k, dtype) + t_mm(dkk, k, dtype)
+    if k_gate is None:
+        return dk, dbeta, None, None
+    E = dM * M  # gradient through each Gamma_ij = e^(G_i - G_j), times Gamma_ij
+    dG_col = jnp.sum(E, axis=1, keepdims=True) + beta * through_rhs
+    return dk, dbeta, dG_col, -jnp.sum(E, axis=0, keepdims=True)
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -177,13 +184,14 @@ def _call(kernel, arrays, out_shape, *, chunk, backend, interpret, name):
 
 
 def _load(refs, has_g):
-    """(k, v, beta, G_col, G_row) of the chunk, and the remaining refs."""
+    """(k_ref, v_ref, beta, G_col, G_row) of the chunk, and the remaining refs. ``k`` and ``v``
+    stay refs: the kernels load each where they first need it."""
     k_ref, v_ref, beta_ref, *refs = refs
     G_col = G_row = None
     if has_g:
         G_col_ref, G_row_ref, *refs = refs
         G_col, G_row = G_col_ref[0], G_row_ref[0, 0]
-    return (k_ref[0], v_ref[0], beta_ref[0], G_col, G_row), refs
+    return (k_ref, v_ref, beta_ref[0], G_col, G_row), refs
 
 
 def forward(k, v, beta, G, *, chunk, backend, interpret, save_inverse=False):
@@ -193,11 +201,12 @@ def forward(k, v, beta, G, *, chunk, backend, interpret, save_inverse=False):
     dtype, has_g = k.dtype, G is not None
 
     def kernel(*refs):
-        chunk_in, (w_ref, u_ref, *inverse_ref) = _load(refs, has_g)
-        w, u, T = chunk_forward(*chunk_in, dtype)
-        w_ref[0], u_ref[0] = w.astype(dtype), u.astype(dtype)
+        (k_ref, v_ref, beta, G_col, G_row), (w_ref, u_ref, *inverse_ref) = _load(refs, has_g)
+        T, w = chunk_forward(k_ref[0], beta, G_col, G_row, dtype)
+        w_ref[0] = w.astype(dtype)
         if save_inverse:
             inverse_ref[0][0] = T.astype(dtype)
+        u_ref[0] = mm(T, beta * v_ref[0].astype(f32), dtype).astype(dtype)
 
     arrays = [k, v, *_layouts(beta, G, chunk)]
     out_shape = [jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)]
@@ -217,10 +226,14 @@ def backward(k, v, beta, G, inverse, dw, du, *, chunk, backend, interpret):
 
     def kernel(*refs):
         chunk_in, (T_ref, dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref, *dG_refs) = _load(refs, has_g)
-        dk, dv, dbeta, dG_col, dG_row = chunk_backward(
-            *chunk_in, T_ref[0], dw_ref[0], du_ref[0], dtype
+        k_ref, v_ref, beta, G_col, G_row = chunk_in
+        T = T_ref[0].astype(f32)
+        dv, dbeta_v, dA_v = value_side_backward(T, v_ref[0], beta, du_ref[0], dtype)
+        dv_ref[0] = dv.astype(dtype)  # stored before the key side needs the registers
+        dk, dbeta, dG_col, dG_row = key_side_backward(
+            k_ref[0], beta, G_col, G_row, T, dw_ref[0], dbeta_v, dA_v, dtype
         )
-        dk_ref[0], dv_ref[0], dbeta_ref[0] = dk.astype(dtype), dv.astype(dtype), dbeta
+        dk_ref[0], dbeta_ref[0] = dk.astype(dtype), dbeta
         if has_g:
             dG_refs[0][0], dG_refs[1][0, 0] = dG_col, dG_row
 
