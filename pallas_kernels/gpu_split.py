@@ -28,22 +28,31 @@ from pallas_kernels import chunk_math
 from pallas_kernels.gpu import load_chunk, sequence_inputs, unpack_refs
 
 f32 = jnp.float32
+# Key columns per local-gradient program: its accumulators are [C, block_k] float32 tiles.
+LOCAL_GRAD_BLOCK_K = 64
 
 
 def _params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-def _chunk_inputs(arrays, chunk):
-    """Specs for whole-chunk blocks on the grid (BH, N), for arrays named in ``arrays``.
+def _chunk_inputs(arrays, chunk, block_k=None):
+    """Specs for whole-chunk blocks on the grid (BH, N), or (BH, N, K // block_k), for arrays
+    named in ``arrays``.
 
-    ``arrays`` maps a role to an array: "rows" [BH, T, K or V], "g" [BH, T] or "state"
-    [BH, N, K, V]; None entries are dropped.
+    ``arrays`` maps a role to an array: "rows" [BH, T, K or V], "g" [BH, T], "state"
+    [BH, N, K, V], or "key_rows" / "key_state", the same split along K into ``block_k``-wide
+    blocks by the grid's third axis; None entries are dropped.
     """
+    kb = lambda j: j[0] if j else 0  # noqa: E731  (the key block, on a 3-axis grid)
     specs = {
-        "rows": lambda a: pl.BlockSpec((1, chunk, a.shape[-1]), lambda i, n: (i, n, 0)),
-        "g": lambda a: pl.BlockSpec((1, chunk), lambda i, n: (i, n)),
-        "state": lambda a: pl.BlockSpec((1, 1, *a.shape[2:]), lambda i, n: (i, n, 0, 0)),
+        "rows": lambda a: pl.BlockSpec((1, chunk, a.shape[-1]), lambda i, n, *j: (i, n, 0)),
+        "g": lambda a: pl.BlockSpec((1, chunk), lambda i, n, *j: (i, n)),
+        "state": lambda a: pl.BlockSpec((1, 1, *a.shape[2:]), lambda i, n, *j: (i, n, 0, 0)),
+        "key_rows": lambda a: pl.BlockSpec((1, chunk, block_k), lambda i, n, *j: (i, n, kb(j))),
+        "key_state": lambda a: pl.BlockSpec(
+            (1, 1, block_k, a.shape[3]), lambda i, n, *j: (i, n, kb(j), 0)
+        ),
     }
     kept = [(role, a) for role, a in arrays if a is not None]
     return [a for _, a in kept], [specs[role](a) for role, a in kept]
@@ -206,23 +215,26 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         if has_w:
             outs.pop(0)[0, :, :] = dw.astype(dtype)
         if has_g:
-            outs.pop(0)[0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
+            outs.pop(0)[0, 0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
 
+    # Key blocks: every term is a sum over K's blocks or lives in one of them (``chunk_math``).
+    block_k = min(K, LOCAL_GRAD_BLOCK_K)
+    NK = K // block_k
     arrays, in_specs = _chunk_inputs(
-        [("rows", q), ("rows", k), ("rows", w), ("rows", U), ("g", G),
-         ("state", states), ("state", dS_after), ("rows", dO), ("rows", dU)],
-        chunk,
+        [("key_rows", q), ("key_rows", k), ("key_rows", w), ("rows", U), ("g", G),
+         ("key_state", states), ("key_state", dS_after), ("rows", dO), ("rows", dU)],
+        chunk, block_k,
     )  # fmt: skip
-    feature_spec = pl.BlockSpec((1, chunk, K), lambda i, n: (i, n, 0))
+    key_spec = pl.BlockSpec((1, chunk, block_k), lambda i, n, j: (i, n, j))
     out_shape = [jax.ShapeDtypeStruct((BH, T, K), dtype)] * (3 if has_w else 2)
-    out_specs = [feature_spec] * len(out_shape)
-    if has_g:
-        out_shape.append(jax.ShapeDtypeStruct((BH, T), f32))
-        out_specs.append(pl.BlockSpec((1, chunk), lambda i, n: (i, n)))
+    out_specs = [key_spec] * len(out_shape)
+    if has_g:  # partial sums per key block
+        out_shape.append(jax.ShapeDtypeStruct((NK, BH, T), f32))
+        out_specs.append(pl.BlockSpec((1, 1, chunk), lambda i, n, j: (j, i, n)))
     outs = list(
         pl.pallas_call(
             local_grad_kernel,
-            grid=(BH, N),
+            grid=(BH, N, NK),
             in_specs=in_specs,
             out_specs=out_specs,
             out_shape=out_shape,
@@ -233,5 +245,5 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
     )
     dq, dk = outs.pop(0), outs.pop(0)
     dw = outs.pop(0) if has_w else None
-    dG = outs.pop(0) if has_g else None
+    dG = outs.pop(0).sum(0) if has_g else None
     return dq, dk, dw, dU, dG, ds0
