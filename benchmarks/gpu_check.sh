@@ -32,7 +32,7 @@ if $PY -c "import fla" 2>/dev/null; then
 fi
 # Tiling sweep (block_v:num_warps) of both schedules at the goal's shape.
 timeout 55 $BENCH --shapes=4x4096x64x128 --rules=gated_delta --impls=pallas,pallas_split \
-  --tunings=32:4,64:8,128:4,128:8,32:2 --out="$OUT/tunings.json" \
+  --tunings=64:4,32:4,64:8,16:8,16:4 --out="$OUT/tunings.json" \
   2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/tunings.log"
 if [ -f "$OUT/fla.json" ]; then
   $PY benchmarks/compare_fla.py "$OUT/kernels.json" "$OUT/tunings.json" --fla="$OUT/fla.json" \

@@ -54,7 +54,7 @@ def sequence_inputs(q, k, w, u, G, block_v):
     return arrays, specs
 
 
-def forward(q, k, w, u, G, s0, *, chunk, block_v, save_states, interpret, num_warps=4):
+def forward(q, k, w, u, G, s0, *, chunk, block_v, save_states, interpret, num_warps):
     """Returns (o [BH, T, V] in q's dtype, final state [BH, K, V] f32, states or None).
 
     ``states[:, n]`` is the state entering chunk n, kept (in q's dtype) for the backward pass.
@@ -98,7 +98,7 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, save_states, interpret, num_wa
     return outs[0], outs[1], outs[2] if save_states else None
 
 
-def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
+def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_warps):
     """Returns (dq, dk, dw | None, du, dG | None, ds0), summed over value blocks: du in q's
     dtype, dq, dk, dw too when a single value block makes them whole, the rest float32."""
     BH, T, K = q.shape

@@ -65,7 +65,7 @@ def _g_views(G_ref):
     return G[:, None], G[None, :]
 
 
-def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
+def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps):
     """Returns (o [BH, T, V] in q's dtype, final state [BH, K, V] f32, residual for backward)."""
     BH, T, K = q.shape
     V = u.shape[-1]
@@ -140,7 +140,7 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps=4):
     return o, sT, (states, U)
 
 
-def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num_warps=4):
+def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num_warps):
     """Returns (dq, dk, dw | None, du in q's dtype, dG | None, ds0 float32), whole."""
     del u  # the forward's U replaces it
     states, U = residual

@@ -45,8 +45,10 @@ def kernel_config(
 ) -> KernelConfig:  # fmt: skip
     """Resolves and validates the static kernel settings; raises ValueError naming the problem.
 
-    ``block_v``: value columns per program (GPU default 64, TPU 128 or the whole value dim);
-    ``num_warps``: warps per GPU program (default 4). See ``KernelConfig`` for the rest.
+    ``block_v``: value columns per program (GPU default 32, TPU 128 or the whole value dim);
+    ``num_warps``: warps per GPU program (default 8). The GPU defaults are the tiling under
+    which the kernels compiled for an H100 spill least (``benchmarks/triton_resources.py``).
+    See ``KernelConfig`` for the rest.
     """
     platform = jax.default_backend()
     backend = backend or ("tpu" if platform == "tpu" else "gpu")
@@ -59,12 +61,12 @@ def kernel_config(
         C = 0
     if backend == "gpu":
         # Triton tiles: power-of-two sizes, and at least 16 for tensor-core matmuls.
-        block_v = block_v or min(value_dim, 64)
+        block_v = block_v or min(value_dim, 32)
         sizes = [("chunk_size", C), ("head dim", head_dim), ("value dim", value_dim)]
         for name, size in [*sizes, ("block_v", block_v)]:
             if not (_is_pow2(size) and size >= 16):
                 raise ValueError(f"GPU kernels need {name} a power of two >= 16, got {size}")
-        num_warps = num_warps or 4
+        num_warps = num_warps or 8
         if not (_is_pow2(num_warps) and num_warps <= 32):
             raise ValueError(f"num_warps must be a power of two up to 32, got {num_warps}")
     else:

@@ -111,7 +111,7 @@ def test_head_dim_128(rule, backend):
 
 @pytest.mark.parametrize("backend", ["gpu", "gpu-split"])
 def test_value_blocks_sum_on_gpu(backend):
-    # V = 128 splits into two 64-wide value blocks whose partial dq/dk/dw/dG must add up.
+    # V = 128 splits into four 32-wide value blocks whose partial dq/dk/dw/dG must add up.
     _check("gated_delta", backend, B=1, H=2, T=24, K=32, V=128)
 
 
