@@ -15,7 +15,7 @@ kernels (``pallas_kernels.wy``), so no kernel needs a cumsum or a triangular sol
 
 The math is split the way the kernels can schedule it: ``state_step`` and ``state_grad_step``
 carry the recurrence (forward, and its gradient backward through the chunks); ``output`` and
-``local_grads`` need only the state entering the chunk and its gradient, so they can run for
+``local_grads_from`` need only the state entering the chunk and its gradient, so they can run for
 all chunks in parallel. ``forward`` and ``backward`` chain them for kernels that do one chunk
 completely per step.
 
@@ -152,7 +152,7 @@ def state_grad_step(c: Chunk, w, dO, dS):
 
 
 class LocalSums(NamedTuple):
-    """The products ``local_grads`` contracts over the value dimension. With the value
+    """The products ``local_grads_from`` contracts over the value dimension. With the value
     dimension split into blocks, each block's sums add up to the whole's (``add``)."""
 
     dP: jax.Array  # [C, C] dO U^T
@@ -166,7 +166,8 @@ class LocalSums(NamedTuple):
 
 
 def local_sums(c: Chunk, w, U, S, dO, dU, dS) -> LocalSums:
-    """One value block's share of ``local_grads``' contractions (see ``local_grads``)."""
+    """One value block's share of the contractions the input gradients need: ``S`` enters the
+    chunk, ``dS`` is the gradient of the state after it, ``dU`` that of the writes."""
     dtype = c.dtype
     dw = None if w is None else -mm_t(dU, S, dtype)
     state = None
@@ -175,36 +176,33 @@ def local_sums(c: Chunk, w, U, S, dO, dU, dS) -> LocalSums:
     return LocalSums(mm_t(dO, U, dtype), mm_t(dO, S, dtype), mm_t(U, dS, dtype), dw, state)
 
 
-def local_grads_from(c: Chunk, sums: LocalSums):
-    """``local_grads`` from the value dimension's sums, whole or one block's share."""
-    dtype, gates = c.dtype, c.gates
+def local_grads_from(c: Chunk, sums: LocalSums, emit):
+    """Gradients of one chunk's inputs from the value dimension's sums (whole, or one value
+    block's share, then partial sums over the blocks).
+
+    Calls ``emit(name, value)`` for "dw" (delta rules), "dq" and "dk" as each is final, so a
+    kernel can store it and free its registers before the next. Returns ``(dG_col, dG_row)``,
+    None without ``G`` (the gradient of ``G`` is their sum, one as a column and one as a row).
+    """
+    dtype, gates, has_g = c.dtype, c.gates, c.G_col is not None
+    if sums.dw is not None:
+        emit("dw", sums.dw)
     dP = sums.dP * c.decay
-    dq = mm(dP, c.k, dtype) + _scale(sums.dq_in, gates.q_gate)
-    dk = t_mm(dP, c.q, dtype) + _scale(sums.dk_out, gates.k_gate)
-    if c.G_col is None:
-        return dq, dk, sums.dw, None, None
+    from_q = jnp.sum(c.q_in * sums.dq_in, axis=1, keepdims=True) if has_g else None
+    emit("dq", mm(dP, c.k, dtype) + _scale(sums.dq_in, gates.q_gate))
+    from_k = jnp.sum(c.k_out * sums.dk_out, axis=1, keepdims=True) if has_g else None
+    emit("dk", t_mm(dP, c.q, dtype) + _scale(sums.dk_out, gates.k_gate))
+    if not has_g:
+        return None, None
     E = dP * c.scores  # gradient through each D_ij = e^(G_i - G_j), times D_ij
-    from_k = jnp.sum(c.k_out * sums.dk_out, axis=1, keepdims=True)
     to_last = jnp.sum(from_k, axis=0, keepdims=True) + sums.state * gates.state  # via G_C
     dG_col = (
-        jnp.sum(c.q_in * sums.dq_in, axis=1, keepdims=True)
+        from_q
         + jnp.sum(E, axis=1, keepdims=True)
         - from_k
         + jnp.where(_iota((c.size, 1), 0) == c.size - 1, to_last, 0.0)
     )
-    dG_row = -jnp.sum(E, axis=0, keepdims=True)
-    return dq, dk, sums.dw, dG_col, dG_row
-
-
-def local_grads(c: Chunk, w, U, S, dO, dU, dS):
-    """Gradients of one chunk's inputs from the states around it and the gradients of U and S.
-
-    ``S`` enters the chunk, ``dS`` is the gradient of the state after it. Returns
-    ``(dq, dk, dw, dG_col, dG_row)``: ``dw`` is None without ``w``, ``dG_col`` / ``dG_row`` None
-    without ``G`` (the gradient of ``G`` is their sum, one as a column and one as a row). With the
-    value dimension split into blocks, each block's results are partial sums over it.
-    """
-    return local_grads_from(c, local_sums(c, w, U, S, dO, dU, dS))
+    return dG_col, -jnp.sum(E, axis=0, keepdims=True)
 
 
 def forward(q, k, w, u, G_col, G_row, S, dtype):
@@ -214,13 +212,15 @@ def forward(q, k, w, u, G_col, G_row, S, dtype):
     return output(c, U, S), S_next
 
 
-def backward(q, k, w, u, G_col, G_row, S, dO, dS, dtype):
-    """One chunk's gradients completely, given ``dS``, the gradient of the state after it.
+def backward(q, k, w, u, G_col, G_row, S, dO, dS, dtype, emit):
+    """One chunk's gradients completely, given ``S``, the state entering it, and ``dS``, the
+    gradient of the state after it.
 
-    Returns ``(dq, dk, dw, du, dG_col, dG_row, dS_in)``, see ``local_grads``.
+    Emits "du", then as ``local_grads_from`` "dw", "dq", "dk"; returns
+    ``(dG_col, dG_row, dS_in)``, ``dS_in`` the gradient of the state entering the chunk.
     """
     c = Chunk(q, k, G_col, G_row, dtype)
     U = writes(w, u, S, dtype)
     dU, dS_in = state_grad_step(c, w, dO, dS)
-    dq, dk, dw, dG_col, dG_row = local_grads(c, w, U, S, dO, dU, dS)
-    return dq, dk, dw, dU, dG_col, dG_row, dS_in
+    emit("du", dU)
+    return *local_grads_from(c, local_sums(c, w, U, S, dO, dU, dS), emit), dS_in

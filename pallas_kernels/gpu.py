@@ -119,14 +119,19 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret, num_w
             start = pl.multiple_of(n * chunk, chunk)
             rows = pl.ds(start, chunk)
             S = states_ref[0, n, :, :].astype(f32)
-            dq, dk, dw, du, dG_col, dG_row, dS = chunk_math.backward(
-                *load_chunk(r, start, chunk), S, dO_ref[0, rows, :], dS, dtype
+            # (ref, index) per gradient; Triton lowering takes one indexer per ref access
+            outs = {
+                "dq": (dq_ref, (0, 0, rows)), "dk": (dk_ref, (0, 0, rows)),
+                "du": (du_ref, (0, rows)), "dw": (dw_ref, (0, 0, rows)),
+            }  # fmt: skip
+
+            def emit(name, value):
+                ref, index = outs[name]
+                ref[(*index, slice(None))] = value.astype(ref.dtype)
+
+            dG_col, dG_row, dS = chunk_math.backward(
+                *load_chunk(r, start, chunk), S, dO_ref[0, rows, :], dS, dtype, emit
             )
-            dq_ref[0, 0, rows, :] = dq.astype(dq_ref.dtype)
-            dk_ref[0, 0, rows, :] = dk.astype(dk_ref.dtype)
-            du_ref[0, rows, :] = du.astype(du_ref.dtype)
-            if has_w:
-                dw_ref[0, 0, rows, :] = dw.astype(dw_ref.dtype)
             if has_g:
                 dG_ref[0, 0, rows] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
             return dS

@@ -4,7 +4,7 @@
 (batch*head, value block) carries all the arithmetic. Here, as in flash-linear-attention, the
 loop keeps only what depends on the previous chunk (``chunk_math.state_step`` forward,
 ``state_grad_step`` backward) and writes every chunk's state; the outputs and the inputs'
-gradients (``output``, ``local_grads``) then run with one program per chunk, N times more
+gradients (``output``, ``local_grads_from``) then run with one program per chunk, N times more
 parallel work for the GPU to schedule. That program walks the value blocks itself: ``q k^T``
 and the decay are computed once per chunk, and the gradients' contractions over the value
 dimension accumulate in registers (``chunk_math.LocalSums``), so each gradient is written once,
@@ -210,10 +210,12 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         sums = block_sums(0)
         if NV > 1:  # accumulate here, so each gradient is written once, complete
             sums = jax.lax.fori_loop(1, NV, lambda j, acc: acc.add(block_sums(j)), sums)
-        dq, dk, dw, dG_col, dG_row = chunk_math.local_grads_from(c, sums)
-        dq_ref[0, :, :], dk_ref[0, :, :] = dq.astype(dtype), dk.astype(dtype)
-        if has_w:
-            outs.pop(0)[0, :, :] = dw.astype(dtype)
+        grads = {"dq": dq_ref, "dk": dk_ref, "dw": outs.pop(0) if has_w else None}
+
+        def emit(name, value):
+            grads[name][0, :, :] = value.astype(dtype)
+
+        dG_col, dG_row = chunk_math.local_grads_from(c, sums, emit)
         if has_g:
             outs.pop(0)[0, 0, :] = dG_col.reshape(chunk) + dG_row.reshape(chunk)
 

@@ -135,13 +135,16 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret):
             dS_scratch[...] = dsT_ref[0]
 
         S = states_ref[0, 0].astype(f32)
-        dq, dk, dw, du, dG_col, dG_row, dS = chunk_math.backward(
-            *chunk_in, S, dO_ref[0], dS_scratch[...], dtype
+        outs = {"dq": (dq_ref, (0, 0)), "dk": (dk_ref, (0, 0)), "du": (du_ref, (0,))}
+        outs["dw"] = (dw_ref, (0, 0))
+
+        def emit(name, value):
+            ref, index = outs[name]
+            ref[(*index, slice(None), slice(None))] = value.astype(ref.dtype)
+
+        dG_col, dG_row, dS = chunk_math.backward(
+            *chunk_in, S, dO_ref[0], dS_scratch[...], dtype, emit
         )
-        dq_ref[0, 0], dk_ref[0, 0] = dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype)
-        du_ref[0] = du.astype(du_ref.dtype)
-        if has_w:
-            dw_ref[0, 0] = dw.astype(dw_ref.dtype)
         if has_g:
             dG_col_ref[0, 0] = dG_col
             dG_row_ref[0, 0, 0] = dG_row
