@@ -110,7 +110,7 @@ def value_side_backward(T, v, beta, du, dtype):
     (dv [C, V], its share of dbeta [C, 1], its share of -dA [C, C], unmasked)."""
     dv_rhs = t_mm(T, du, dtype)  # gradient of beta * v
     dbeta = jnp.sum(dv_rhs * v.astype(f32), axis=1, keepdims=True)
-    u = mm(T, beta * v.astype(f32), dtype)
+    u = mm(T, beta * v.astype(f32), dtype).astype(dtype)  # a matmul operand only
     return beta * dv_rhs, dbeta, mm_t(dv_rhs, u, dtype)
 
 
@@ -124,7 +124,7 @@ def key_side_backward(k, beta, G_col, G_row, T, dw, dbeta_v, dA_v, dtype):
     C = k.shape[0]
     gamma, k_gate = _decay(G_col, G_row, C)
     k_gated = _gated(k, k_gate)
-    w = mm(T, beta * k_gated, dtype)
+    w = mm(T, beta * k_gated, dtype).astype(dtype)  # a matmul operand only
     dk_rhs = t_mm(T, dw, dtype)  # gradient of beta * e^G * k
     strict = _iota((C, C), 0) > _iota((C, C), 1)
     dA = -jnp.where(strict, mm_t(dk_rhs, w, dtype) + dA_v, 0.0)
