@@ -165,20 +165,35 @@ class LocalSums(NamedTuple):
         return jax.tree.map(jnp.add, self, other)
 
 
-def local_sums(c: Chunk, w, U, S, dO, dU, dS) -> LocalSums:
+def local_sums(c: Chunk, w, U, S, dO, dU, dS, *, lazy: bool = False) -> LocalSums:
     """One value block's share of the contractions the input gradients need: ``S`` enters the
-    chunk, ``dS`` is the gradient of the state after it, ``dU`` that of the writes."""
+    chunk, ``dS`` is the gradient of the state after it, ``dU`` that of the writes.
+
+    ``lazy``: each field is a function computing it, so that ``local_grads_from`` computes
+    each where it first needs it and few of them are alive at once.
+    """
     dtype = c.dtype
-    dw = None if w is None else -mm_t(dU, S, dtype)
-    state = None
-    if c.G_col is not None:
-        state = jnp.sum(jnp.sum(S * dS, axis=1, keepdims=True), axis=0, keepdims=True)
-    return LocalSums(mm_t(dO, U, dtype), mm_t(dO, S, dtype), mm_t(U, dS, dtype), dw, state)
+
+    def state():
+        return jnp.sum(jnp.sum(S * dS, axis=1, keepdims=True), axis=0, keepdims=True)
+
+    terms = LocalSums(
+        dP=lambda: mm_t(dO, U, dtype),
+        dq_in=lambda: mm_t(dO, S, dtype),
+        dk_out=lambda: mm_t(U, dS, dtype),
+        dw=None if w is None else (lambda: -mm_t(dU, S, dtype)),
+        state=None if c.G_col is None else state,
+    )
+    return terms if lazy else LocalSums(*(None if t is None else t() for t in terms))
+
+
+def _force(term):
+    return term() if callable(term) else term
 
 
 def local_grads_from(c: Chunk, sums: LocalSums, emit):
     """Gradients of one chunk's inputs from the value dimension's sums (whole, or one value
-    block's share, then partial sums over the blocks).
+    block's share, then partial sums over the blocks; computed or lazy, see ``local_sums``).
 
     Calls ``emit(name, value)`` for "dw" (delta rules), "dq" and "dk" as each is final, so a
     kernel can store it and free its registers before the next. Returns ``(dG_col, dG_row)``,
@@ -186,16 +201,18 @@ def local_grads_from(c: Chunk, sums: LocalSums, emit):
     """
     dtype, gates, has_g = c.dtype, c.gates, c.G_col is not None
     if sums.dw is not None:
-        emit("dw", sums.dw)
-    dP = sums.dP * c.decay
-    from_q = jnp.sum(c.q_in * sums.dq_in, axis=1, keepdims=True) if has_g else None
-    emit("dq", mm(dP, c.k, dtype) + _scale(sums.dq_in, gates.q_gate))
-    from_k = jnp.sum(c.k_out * sums.dk_out, axis=1, keepdims=True) if has_g else None
-    emit("dk", t_mm(dP, c.q, dtype) + _scale(sums.dk_out, gates.k_gate))
+        emit("dw", _force(sums.dw))
+    dP = _force(sums.dP) * c.decay
+    dq_in = _force(sums.dq_in)
+    from_q = jnp.sum(c.q_in * dq_in, axis=1, keepdims=True) if has_g else None
+    emit("dq", mm(dP, c.k, dtype) + _scale(dq_in, gates.q_gate))
+    dk_out = _force(sums.dk_out)
+    from_k = jnp.sum(c.k_out * dk_out, axis=1, keepdims=True) if has_g else None
+    emit("dk", t_mm(dP, c.q, dtype) + _scale(dk_out, gates.k_gate))
     if not has_g:
         return None, None
     E = dP * c.scores  # gradient through each D_ij = e^(G_i - G_j), times D_ij
-    to_last = jnp.sum(from_k, axis=0, keepdims=True) + sums.state * gates.state  # via G_C
+    to_last = jnp.sum(from_k, axis=0, keepdims=True) + _force(sums.state) * gates.state
     dG_col = (
         from_q
         + jnp.sum(E, axis=1, keepdims=True)
@@ -223,4 +240,5 @@ def backward(q, k, w, u, G_col, G_row, S, dO, dS, dtype, emit):
     U = writes(w, u, S, dtype)
     dU, dS_in = state_grad_step(c, w, dO, dS)
     emit("du", dU)
-    return *local_grads_from(c, local_sums(c, w, U, S, dO, dU, dS), emit), dS_in
+    sums = local_sums(c, w, U, S, dO, dU, dS, lazy=True)
+    return *local_grads_from(c, sums, emit), dS_in
