@@ -83,13 +83,24 @@ def _scale(x, gate):
     return x if gate is None else x * gate
 
 
-def _decay_matrix(G_col, G_row, C):
-    """[C, C] D: causal mask, times e^(G_i - G_j) for decaying rules."""
-    causal = _iota((C, C), 0) >= _iota((C, C), 1)
+def decay_matrix(G_col, G_row, C, diagonal: bool = True):
+    """[C, C] D: the causal mask (strictly lower without ``diagonal``), times e^(G_i - G_j)
+    for decaying rules."""
+    rows, cols = _iota((C, C), 0), _iota((C, C), 1)
+    mask = rows >= cols if diagonal else rows > cols
     if G_col is None:
-        return jnp.where(causal, 1.0, 0.0).astype(f32)
+        return jnp.where(mask, 1.0, 0.0).astype(f32)
     # Mask before exp: above the diagonal G_i - G_j >= 0 and could overflow.
-    return jnp.exp(jnp.where(causal, G_col - G_row, -jnp.inf))
+    return jnp.exp(jnp.where(mask, G_col - G_row, -jnp.inf))
+
+
+def g_layouts(G, chunk):
+    """``G`` [BH, T] as the kernels' column [BH, T, 1] and rows [BH, N, 1, chunk] (None, None
+    without decay): the layouts Mosaic takes without an in-kernel transpose."""
+    if G is None:
+        return None, None
+    BH, T = G.shape
+    return G[:, :, None], G.reshape(BH, T // chunk, 1, chunk)
 
 
 class Chunk:
@@ -106,7 +117,7 @@ class Chunk:
 
     @functools.cached_property
     def decay(self):
-        return _decay_matrix(self.G_col, self.G_row, self.size)
+        return decay_matrix(self.G_col, self.G_row, self.size)
 
     @functools.cached_property
     def P(self):  # the intra-chunk attention (q k^T) * D

@@ -58,6 +58,21 @@ def _chunk_inputs(arrays, chunk, block_k=None):
     return [a for _, a in kept], [specs[role](a) for role, a in kept]
 
 
+def _fold_value_blocks(num_blocks, block_v, fn, combine=None):
+    """Applies ``fn(cols)`` to each value block's columns (``pl.ds``) in turn and folds the
+    results with ``combine``; without it they are discarded. Block 0 runs with a static start,
+    the rest in a loop."""
+    acc = fn(pl.ds(0, block_v))
+    if num_blocks > 1:
+
+        def body(j, acc):
+            out = fn(pl.ds(pl.multiple_of(j * block_v, block_v), block_v))
+            return acc if combine is None else combine(acc, out)
+
+        acc = jax.lax.fori_loop(1, num_blocks, body, acc)
+    return acc
+
+
 def _g_views(G_ref):
     if G_ref is None:
         return None, None
@@ -113,16 +128,11 @@ def forward(q, k, w, u, G, s0, *, chunk, block_v, interpret, num_warps):
         G_col, G_row = _g_views(G_ref)
         c = chunk_math.Chunk(q_ref[0], k_ref[0], G_col, G_row, dtype)
 
-        def block_output(j, carry=None):  # q k^T and the decay are shared by the value blocks
-            start = j * block_v if isinstance(j, int) else pl.multiple_of(j * block_v, block_v)
-            cols = pl.ds(start, block_v)
+        def block_output(cols):  # q k^T and the decay are shared by the value blocks
             o = chunk_math.output(c, U_ref[0, :, cols], S_ref[0, 0, :, cols].astype(f32))
             o_ref[0, :, cols] = o.astype(o_ref.dtype)
-            return carry
 
-        block_output(0)
-        if NV > 1:
-            jax.lax.fori_loop(1, NV, block_output, 0)
+        _fold_value_blocks(NV, block_v, block_output)
 
     arrays, in_specs = _chunk_inputs(
         [("rows", q), ("rows", k), ("rows", U), ("g", G), ("state", states)], chunk
@@ -199,17 +209,14 @@ def backward(q, k, w, u, G, residual, dO, dsT, *, chunk, block_v, interpret, num
         c = chunk_math.Chunk(q_ref[0], k_ref[0], G_col, G_row, dtype)
         w = None if w_ref is None else w_ref[0]
 
-        def block_sums(j):  # one value block's share of the contractions over V
-            start = j * block_v if isinstance(j, int) else pl.multiple_of(j * block_v, block_v)
-            cols = pl.ds(start, block_v)
+        def block_sums(cols):  # one value block's share of the contractions over V
             S, dS = S_ref[0, 0, :, cols].astype(f32), dS_ref[0, 0, :, cols].astype(f32)
             return chunk_math.local_sums(
                 c, w, U_ref[0, :, cols], S, dO_ref[0, :, cols], dU_ref[0, :, cols], dS
             )
 
-        sums = block_sums(0)
-        if NV > 1:  # accumulate here, so each gradient is written once, complete
-            sums = jax.lax.fori_loop(1, NV, lambda j, acc: acc.add(block_sums(j)), sums)
+        # Accumulated here, so each gradient is written once, complete.
+        sums = _fold_value_blocks(NV, block_v, block_sums, chunk_math.LocalSums.add)
         grads = {"dq": dq_ref, "dk": dk_ref, "dw": outs.pop(0) if has_w else None}
 
         def emit(name, value):

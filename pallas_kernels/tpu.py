@@ -25,20 +25,13 @@ f32 = jnp.float32
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _g_layouts(G, chunk):
-    if G is None:
-        return None, None
-    BH, T = G.shape
-    return G[:, :, None], G.reshape(BH, T // chunk, 1, chunk)
-
-
 def _inputs(q, k, w, u, G, chunk, block_v, chunk_index):
     """Arrays and specs for (q, k, [w], u, [G_col, G_row]) on the grid (BH, NV, N).
 
     ``chunk_index(n)`` maps the grid's chunk step to the chunk it reads (reversed for backward).
     """
     K = q.shape[-1]
-    G_col, G_row = _g_layouts(G, chunk)
+    G_col, G_row = chunk_math.g_layouts(G, chunk)
     arrays = [q, k] + ([w] if w is not None else []) + [u]
     feature = pl.BlockSpec((1, chunk, K), lambda i, j, n: (i, chunk_index(n), 0))
     specs = [feature] * (len(arrays) - 1)

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.chunk_math import _iota, mm, mm_t, t_mm
+from pallas_kernels.chunk_math import _iota, decay_matrix, g_layouts, mm, mm_t, t_mm
 
 f32 = jnp.float32
 DIAGONAL_BLOCK = 16
@@ -81,11 +81,8 @@ def unit_lower_inverse(A, precise: bool = True):
 
 def _decay(G_col, G_row, C):
     """(Gamma [C, C] on the strict lower triangle, e^G [C, 1] or None without decay)."""
-    strict = _iota((C, C), 0) > _iota((C, C), 1)
-    if G_col is None:
-        return jnp.where(strict, 1.0, 0.0).astype(f32), None
-    # Mask before exp: above the diagonal G_i - G_j >= 0 and could overflow.
-    return jnp.exp(jnp.where(strict, G_col - G_row, -jnp.inf)), jnp.exp(G_col)
+    gamma = decay_matrix(G_col, G_row, C, diagonal=False)
+    return gamma, None if G_col is None else jnp.exp(G_col)
 
 
 def _gated(k, k_gate):
@@ -147,11 +144,8 @@ def key_side_backward(k, beta, G_col, G_row, T, dw, dbeta_v, dA_v, dtype):
 
 
 def _layouts(beta, G, chunk):
-    """``beta`` and ``G`` ([BH, T] float32) as columns [BH, T, 1], and ``G`` also as rows."""
-    BH, T = beta.shape
-    if G is None:
-        return [beta[..., None]]
-    return [beta[..., None], G[..., None], G.reshape(BH, T // chunk, 1, chunk)]
+    """``beta`` ([BH, T] float32) as a column [BH, T, 1], and ``G``'s ``g_layouts``."""
+    return [beta[..., None], *(x for x in g_layouts(G, chunk) if x is not None)]
 
 
 def _specs(arrays, chunk):
