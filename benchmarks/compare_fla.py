@@ -1,7 +1,6 @@
 """The issue's goal as one table: our fastest Pallas variant against flash-linear-attention.
 
-    python benchmarks/compare_fla.py gpu_check/kernels.json gpu_check/tunings.json \
-        --fla=gpu_check/fla.json
+    python benchmarks/compare_fla.py gpu_check/goal.json --fla=gpu_check/fla.json
 
 Reads the JSON of ``kernel_bench.py`` (any number of runs: the default settings and tiling
 sweeps) and of ``fla_bench.py`` from the same machine, and prints, per shape and rule, the

@@ -35,7 +35,7 @@ _RULES = flags.DEFINE_list("rules", RULES, "Update rules.")
 # Pallas variants: keyword arguments of the kernels' entry points.
 PALLAS_VARIANTS = {
     "pallas": {},
-    "pallas_split": {"schedule": "split"},
+    "pallas_fused": {"schedule": "fused"},
     "pallas_xla_wy": {"wy": "xla"},
 }
 WY_PARTS = ("wy_pallas", "wy_xla")  # the delta rules' WY transform alone
@@ -43,7 +43,7 @@ PARTS = (*WY_PARTS, "recurrence")  # parts of the pallas impl, timed alone
 _IMPLS = flags.DEFINE_list(
     "impls", [*PALLAS_VARIANTS, *PARTS, "chunked", "recurrent"],
     "Implementations: mixers.mix impls (chunked, recurrent); pallas, the default kernels;"
-    " pallas_split, the GPU kernels' split schedule; pallas_xla_wy, the WY transform in XLA;"
+    " pallas_fused, the fused schedule (TPU's default); pallas_xla_wy, the WY transform in XLA;"
     " parts of pallas: wy_pallas and wy_xla, the WY transform alone on its kernels and in XLA,"
     " and recurrence, the chunk recurrence's kernels alone.",
 )  # fmt: skip

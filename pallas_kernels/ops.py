@@ -16,7 +16,8 @@ Kernel settings (keyword options of every entry point, resolved by ``kernel_conf
 ``backend``: "gpu" (Triton) or "tpu" (Mosaic); by default the platform's, and "gpu" on CPU.
 ``interpret``: run the kernel in the Pallas interpreter; by default only where the backend is
 not the platform (always on CPU, about 10x slower than jnp there).
-``schedule``: "fused" (default) or, on the GPU backend, "split" (see ``recurrence.KernelConfig``).
+``schedule``: "split" (the GPU default) or "fused" (the TPU's only one); see
+``recurrence.KernelConfig``.
 ``wy``: where the delta rules' WY transform runs, "pallas" (default) or "xla".
 ``block_v``, ``num_warps``: tiling, for tuning.
 """
@@ -45,9 +46,10 @@ def kernel_config(
 ) -> KernelConfig:  # fmt: skip
     """Resolves and validates the static kernel settings; raises ValueError naming the problem.
 
-    ``block_v``: value columns per program (GPU default 32, TPU 128 or the whole value dim);
-    ``num_warps``: warps per GPU program (default 8). The GPU defaults are the tiling under
-    which the kernels compiled for an H100 spill least (``benchmarks/triton_resources.py``).
+    ``block_v``: value columns per program (GPU default 64, TPU 128 or the whole value dim);
+    ``num_warps``: warps per GPU program (default 4); ``schedule``: "split" on GPU, "fused" on
+    TPU by default. The GPU defaults are the fastest schedule and tiling measured on an H100
+    (gated delta rule, 4x4096x64x128, forward+backward; ``benchmarks/kernel_bench.py``).
     See ``KernelConfig`` for the rest.
     """
     platform = jax.default_backend()
@@ -61,12 +63,12 @@ def kernel_config(
         C = 0
     if backend == "gpu":
         # Triton tiles: power-of-two sizes, and at least 16 for tensor-core matmuls.
-        block_v = block_v or min(value_dim, 32)
+        block_v = block_v or min(value_dim, 64)
         sizes = [("chunk_size", C), ("head dim", head_dim), ("value dim", value_dim)]
         for name, size in [*sizes, ("block_v", block_v)]:
             if not (_is_pow2(size) and size >= 16):
                 raise ValueError(f"GPU kernels need {name} a power of two >= 16, got {size}")
-        num_warps = num_warps or 8
+        num_warps = num_warps or 4
         if not (_is_pow2(num_warps) and num_warps <= 32):
             raise ValueError(f"num_warps must be a power of two up to 32, got {num_warps}")
     else:
@@ -80,7 +82,7 @@ def kernel_config(
             raise ValueError("num_warps is a GPU setting; the TPU backend has none")
     if value_dim % block_v:
         raise ValueError(f"block_v {block_v} does not divide the value dim {value_dim}")
-    schedule = schedule or "fused"
+    schedule = schedule or ("split" if backend == "gpu" else "fused")
     if schedule not in ("fused", "split") or (schedule == "split" and backend != "gpu"):
         raise ValueError(f"schedule {schedule!r}: 'fused', or 'split' on the GPU backend")
     wy = wy or "pallas"

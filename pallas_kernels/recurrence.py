@@ -32,7 +32,7 @@ class KernelConfig:
     interpret: bool
     schedule: str = "fused"
     wy: str = "pallas"
-    num_warps: int = 8  # per GPU program; 0 on TPU
+    num_warps: int = 4  # per GPU program; 0 on TPU
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
