@@ -86,22 +86,34 @@ def _time(fn, *args) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _flat(x):
+    """[B, H, T, ...] -> [BH, T, ...], the layout ``pallas_kernels.ops`` gives its kernels."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _cumulative_gates(kw, C):
+    """The within-chunk cumsum of ``g``, [BH, T] as ``pallas_kernels.ops`` makes it; or None."""
+    if "g" not in kw:
+        return None
+    g = _flat(kw["g"])
+    return jnp.cumsum(g.reshape(g.shape[0], -1, C), -1).reshape(g.shape)
+
+
 def _wy_only(k, v, kw, C, where):
     """The WY transform alone, as ``pallas_kernels.ops`` runs it before the recurrence."""
     if "beta" not in kw:
         raise ValueError("the rule has no WY transform")
-    B, H, T, D = k.shape
-    flat = lambda x: x.reshape(B * H, T, *x.shape[3:])  # noqa: E731
-    k, v, beta = flat(k), flat(v), flat(kw["beta"])
-    G = None if "g" not in kw else jnp.cumsum(kw["g"].reshape(B * H, T // C, C), -1)
+    D = k.shape[-1]
+    k, v, beta, G = _flat(k), _flat(v), _flat(kw["beta"]), _cumulative_gates(kw, C)
     if where == "wy_pallas":
-        G = None if G is None else G.reshape(B * H, T)
         cfg = pallas_kernels.kernel_config(D, D, C)  # the platform's backend
         w, u = wy_kernel.wy_transform(k, v, beta, G, C, cfg.backend, cfg.interpret)
     else:
-        chunks = lambda x: x.reshape(B * H, T // C, C, *x.shape[2:])  # noqa: E731
+        chunks = lambda x: x.reshape(x.shape[0], -1, C, *x.shape[2:])  # noqa: E731
+        G = None if G is None else chunks(G)
         precision = jax.lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
         w, u = wy.wy_transform(chunks(k), chunks(v), chunks(beta), G, precision=precision)
+        w, u = w.reshape(k.shape), u.reshape(v.shape)
     return jnp.concatenate([w, u], axis=-1).astype(k.dtype)
 
 
@@ -119,15 +131,12 @@ def _tilings(impl):
 def _recurrence_only(q, k, v, kw, C, tiling):
     """The chunk recurrence's kernels alone, on inputs shaped as ``pallas_kernels.ops`` makes
     them (``k`` stands in for the WY keys ``w``)."""
-    B, H, T, D = q.shape
-    flat = lambda x: x.reshape(B * H, T, *x.shape[3:])  # noqa: E731
-    G = None
-    if "g" in kw:
-        G = jnp.cumsum(kw["g"].reshape(B * H, T // C, C), -1).reshape(B * H, T)
-    w = flat(k) if "beta" in kw else None
+    B, H, _, D = q.shape
+    w = _flat(k) if "beta" in kw else None
     cfg = pallas_kernels.kernel_config(D, D, C, **(tiling or {}))
     s0 = jnp.zeros((B * H, D, D), jnp.float32)
-    return chunk_recurrence(flat(q), flat(k), w, flat(v), G, s0, cfg)[0]
+    G = _cumulative_gates(kw, C)
+    return chunk_recurrence(_flat(q), _flat(k), w, _flat(v), G, s0, cfg)[0]
 
 
 def bench_case(rule, impl, B, T, H, D, dtype, tiling=None):

@@ -30,9 +30,9 @@ class KernelConfig:
     block_v: int
     backend: str  # "gpu" (Triton) or "tpu" (Mosaic)
     interpret: bool
-    schedule: str = "fused"
-    wy: str = "pallas"
-    num_warps: int = 4  # per GPU program; 0 on TPU
+    schedule: str
+    wy: str
+    num_warps: int  # per GPU program; 0 on TPU
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -128,8 +128,10 @@ def backward(q, k, w, u, G, states, dO, dsT, *, chunk, block_v, interpret):
             dS_scratch[...] = dsT_ref[0]
 
         S = states_ref[0, 0].astype(f32)
-        outs = {"dq": (dq_ref, (0, 0)), "dk": (dk_ref, (0, 0)), "du": (du_ref, (0,))}
-        outs["dw"] = (dw_ref, (0, 0))
+        outs = {
+            "dq": (dq_ref, (0, 0)), "dk": (dk_ref, (0, 0)), "du": (du_ref, (0,)),
+            "dw": (dw_ref, (0, 0)),
+        }  # fmt: skip
 
         def emit(name, value):
             ref, index = outs[name]
