@@ -55,7 +55,9 @@ class ResearchLoop:
         self.cognition = Cognition(
             load_seed_file(seed_file) if seed_file else (), history=self.history
         )
-        self.sampler = make_sampler(config.sampler, self.direction, self.space.descriptors())
+        self.sampler = make_sampler(
+            config.sampler, self.direction, self.space.descriptors(), config.run_name
+        )
         self.devices = jax.devices()
         self.agents = make_agents(
             config.agents,

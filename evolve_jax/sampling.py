@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
 from evolve_jax.memory.history import History, Node
 from evolve_jax.search_space import DescriptorAxis
@@ -50,10 +51,17 @@ class Selection:
 class Sampler(abc.ABC):
     """Chooses a parent (and reference nodes) from the pool of successful nodes."""
 
-    def __init__(self, config: SamplerConfig, direction: str, axes: Sequence[DescriptorAxis] = ()):
+    def __init__(
+        self,
+        config: SamplerConfig,
+        direction: str,
+        axes: Sequence[DescriptorAxis] = (),
+        run: str = "main",
+    ):
         self.config = config
         self.direction = direction
         self.axes = tuple(axes)
+        self.run = run  # names this run's records in a history that several runs share
         # (pool, its length, its ranking): holding the pool keeps its identity unique.
         self._ranked_of: tuple[Sequence[Node], int, list[Node]] | None = None
 
@@ -146,7 +154,8 @@ class Islands(Sampler):
     """Island model: each slot works on one island; the best nodes migrate around a ring.
 
     Every ``migration_interval`` steps the top ``migration_rate`` of each island is copied to the
-    next island; migrations are write-once records, so every process and every resume agrees.
+    next island; migrations are write-once records keyed by run and step, so every process and
+    every resume of a run agrees, and runs sharing a workdir keep their own migrations.
     """
 
     def __init__(self, *args, **kwargs):
@@ -168,13 +177,15 @@ class Islands(Sampler):
                 k = math.ceil(self.config.migration_rate * len(members))
                 dest = (island + 1) % self.config.num_islands
                 moves += [[n.id, dest] for n in members[:k]]
-            history.write_record("migrations", f"{step:08d}", {"step": step, "moves": moves})
+            history.write_record(
+                f"migrations/{self.run}", f"{step:08d}", {"step": step, "moves": moves}
+            )
+            logging.info("islands: migration at step %d moves %d node(s)", step, len(moves))
         self.migrants = self._load(history, before=step + 1)
 
-    @staticmethod
-    def _load(history: History, before: int | None = None) -> dict[int, set[int]]:
+    def _load(self, history: History, before: int | None = None) -> dict[int, set[int]]:
         migrants: dict[int, set[int]] = {}
-        for _, record in history.records("migrations"):
+        for _, record in history.records(f"migrations/{self.run}"):
             if before is None or record["step"] < before:
                 for node_id, dest in record["moves"]:
                     migrants.setdefault(dest, set()).add(node_id)
@@ -247,6 +258,6 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(
-    config: SamplerConfig, direction: str, axes: Sequence[DescriptorAxis] = ()
+    config: SamplerConfig, direction: str, axes: Sequence[DescriptorAxis] = (), run: str = "main"
 ) -> Sampler:
-    return SAMPLERS[config.name](config, direction, axes)
+    return SAMPLERS[config.name](config, direction, axes, run)

@@ -103,6 +103,27 @@ def test_analyzer_writes_quantitative_lessons_with_provenance(tmp_path):
     assert [k for k, _ in history.records("lessons")] == [lesson.id]
 
 
+def test_lessons_are_written_when_a_group_crosses_a_size_threshold(tmp_path):
+    """Groups that grow 2 -> 4 -> 7 -> 13 reach 3, 6 and 12 without ever equalling them."""
+    history = History(str(tmp_path / "run"))
+    history.initialise("toy", "max")
+    cognition = Cognition(history=history)
+    analyzer = OfflineAnalyzer(cognition, "max")
+    view = [_node(0, 1.0, name="origin", step=0)]
+    sizes = []
+    for step, size in enumerate((2, 4, 7, 13, 13), start=1):
+        view += [
+            _node(len(view) + i, 1.5, "gauss", [0], step=step) for i in range(size - len(view) + 1)
+        ]
+        lessons = analyzer.write_lessons(view, step)
+        sizes.append([len(lesson.provenance["nodes"]) for lesson in lessons])
+    assert sizes == [[], [4], [7], [13], []]
+    # A resumed run reads the stored lessons and does not restate them.
+    again = OfflineAnalyzer(Cognition(history=history), "max").write_lessons(view, 5)
+    assert again == []
+    assert len(history.records("lessons")) == 3
+
+
 def test_backend_registry_has_offline_and_refuses_unknown(tmp_path):
     history = History(str(tmp_path / "run"))
     history.initialise("toy", "max")

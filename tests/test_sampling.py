@@ -81,9 +81,26 @@ def test_islands_migrate_around_the_ring_and_persist(tmp_path):
     restarted = make_sampler(config, "max")
     restarted.sync(history, view, step=3)  # after a restart the migration is read back
     assert restarted.migrants == sampler.migrants
-    assert [k for k, _ in history.records("migrations")] == ["00000002"]
+    assert [k for k, _ in history.records("migrations/main")] == ["00000002"]
     members = {n.id for n in restarted.members(view, 1)}
     assert members == {1, 4, 7, 6, 3}
+
+
+def test_runs_sharing_a_workdir_keep_their_own_migrations(tmp_path):
+    history = History(str(tmp_path / "run"))
+    history.initialise("toy", "max")
+    config = SamplerConfig(name="islands", num_islands=2, migration_interval=1, migration_rate=0.5)
+    view_a = [_node(i, float(i), island=i % 2) for i in range(4)]
+    view_b = [*view_a, *(_node(i, float(i), island=i % 2) for i in range(4, 8))]
+    run_a = make_sampler(config, "max", run="a")
+    run_a.sync(history, view_a, step=1)
+    run_b = make_sampler(config, "max", run="b")
+    run_b.sync(history, view_b, step=1)  # same step, another run, another view
+    assert run_a.migrants == {1: {2}, 0: {3}}
+    assert run_b.migrants == {1: {6, 4}, 0: {7, 5}}  # its own moves, not run a's
+    resumed_a = make_sampler(config, "max", run="a")
+    resumed_a.sync(history, view_a, step=2)
+    assert resumed_a.migrants[1] >= {2} and not resumed_a.migrants[1] & {4, 6}
 
 
 def test_islands_select_within_their_island():

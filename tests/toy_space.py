@@ -2,8 +2,12 @@
 
 Genome: {"x": 4 floats, "shape": "bowl" | "ridge" | "broken"}. The reward is the negative
 distance to the target (a squared "bowl" or an absolute "ridge"); "broken" evaluates to NaN, so
-the failure path is exercised. Options (strings, as given by --space_opt) choose the metric's
-direction, the baseline, and a per-evaluation delay for kill-and-resume tests.
+the failure path is exercised. Stage 0 is noisy; the costlier stages are exact and measure
+against a target moved a little further per stage, so the stages rank candidates similarly but
+not identically. Options (strings, as given by --space_opt) choose the metric's direction, the
+baseline, the number of stages, and delays for kill-and-resume tests: ``delay`` seconds per
+evaluated candidate, ``record_delay`` seconds before each node is committed (the loop asks for
+its descriptor then), so a kill can land between two commits.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from evolve_jax.search_space import (
 TARGET = np.array([1.5, -2.0, 0.5, 1.0], np.float32)
 SHAPES = ("bowl", "ridge", "broken")
 BOUND = 5.0
+STAGES = (Stage("cheap", "noisy"), Stage("full", "exact"), Stage("final", "exact, moved"))
 
 
 def _gauss(rng, parents):
@@ -50,9 +55,9 @@ def _blend(rng, parents):
     return {"x": [float(v) for v in w * a + (1 - w) * b], "shape": parents[0]["shape"]}
 
 
-def _reward(candidate, noise_key, noise_scale):
+def _reward(candidate, target, noise_key, noise_scale):
     x, shape = candidate
-    gap = x - TARGET
+    gap = x - target
     value = jnp.where(shape == 0, -jnp.sum(gap**2), -jnp.sum(jnp.abs(gap)))
     value = jnp.where(shape == 2, jnp.nan, value)
     return value + noise_scale * jax.random.normal(noise_key)
@@ -61,10 +66,21 @@ def _reward(candidate, noise_key, noise_scale):
 class ToySpace(SearchSpace):
     name = "toy"
 
-    def __init__(self, direction: str = "max", baseline: str = "none", delay: str = "0"):
+    def __init__(
+        self,
+        direction: str = "max",
+        baseline: str = "none",
+        delay: str = "0",
+        record_delay: str = "0",
+        stages: str = "2",
+    ):
         self.direction = direction
         self._baseline = None if baseline == "none" else baseline
         self.delay = float(delay)
+        self.record_delay = float(record_delay)
+        self.num_stages = int(stages)
+        if not 1 <= self.num_stages <= len(STAGES):
+            raise ValueError(f"toy option stages must be 1 to {len(STAGES)}, got {stages}")
         self.metric = "reward" if direction == "max" else "loss"
 
     def describe(self):
@@ -72,7 +88,7 @@ class ToySpace(SearchSpace):
             title="Toy: fit a 4-vector",
             text="Find x close to a hidden target.",
             metrics=(Metric(self.metric, self.direction),),
-            stages=(Stage("cheap", "noisy"), Stage("full", "exact")),
+            stages=STAGES[: self.num_stages],
         )
 
     def seeds(self):
@@ -133,8 +149,9 @@ class ToySpace(SearchSpace):
         per_seed = {}
         for seed in seeds:
             key = jax.random.key(seed)
+            target = TARGET + np.float32(0.25 * stage)
             rewards = evaluate_population(
-                _reward, (xs, shapes), devices, key, 0.05 if stage == 0 else 0.0
+                _reward, (xs, shapes), devices, target, key, 0.05 if stage == 0 else 0.0
             )
             per_seed[seed] = rewards
         sign = 1.0 if self.direction == "max" else -1.0
@@ -147,6 +164,8 @@ class ToySpace(SearchSpace):
         return (DescriptorAxis("x0", -BOUND, BOUND, 4), DescriptorAxis("x1", -BOUND, BOUND, 4))
 
     def describe_genome(self, genome):
+        if self.record_delay:
+            time.sleep(self.record_delay)
         return (genome["x"][0], genome["x"][1])
 
     def cognition_seed(self):

@@ -1,8 +1,10 @@
 """The offline Analyzer: a quantitative analysis per node and lessons written back to cognition.
 
 A lesson is a measured effect: "operator X on parents of family Y changed the score by
-+a ± b (95% CI) over n children, k beating their parent". It is restated (same key, newer
-provenance) each time its sample doubles, so lessons sharpen as evidence accumulates.
++a ± b (95% CI) over n children, k beating their parent". It is first written once a group has
+3 children and restated (same key, newer provenance) each time the group has grown past the
+next doubling (6, 12, 24, ...) since its last statement, however many children a step adds, so
+lessons sharpen as evidence accumulates.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from evolve_jax.agents.researcher import better, family
 from evolve_jax.memory.cognition import Cognition, Item
 from evolve_jax.memory.history import Node
 
-_LESSON_SIZES = (3, 6, 12, 24, 48, 96, 192, 384, 768)
+_FIRST_LESSON = 3  # children before a group's first lesson; restated at 6, 12, 24, ...
+
+
+def evidence_level(n: int) -> int:
+    """How many of the sizes 3, 6, 12, 24, ... a group of ``n`` children has reached."""
+    return 0 if n < _FIRST_LESSON else int(math.log2(n / _FIRST_LESSON)) + 1
 
 
 def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -65,20 +72,17 @@ class OfflineAnalyzer(Analyzer):
         return text + "."
 
     def write_lessons(self, view: Sequence[Node], step: int) -> list[Item]:
+        del step  # which groups grew since their last lesson is read from cognition itself
         by_id = {n.id: n for n in view}
         groups: dict[tuple[str, str], list[Node]] = defaultdict(list)
         for node in view:
             if node.operator and node.parents and node.parents[0] in by_id:
                 groups[(node.operator, family(by_id[node.parents[0]].name))].append(node)
-        step_ops = {
-            (n.operator, family(by_id[n.parents[0]].name))
-            for n in view
-            if n.origin.get("step") == step and n.operator and n.parents and n.parents[0] in by_id
-        }
         written = []
         for (op, fam), children in sorted(groups.items()):
             n = len(children)
-            if (op, fam) not in step_ops or n not in _LESSON_SIZES:
+            key = f"operator:{op}|family:{fam}"
+            if evidence_level(n) <= evidence_level(self.cognition.evidence(key)):
                 continue
             gains, wins, failures = [], 0, 0
             for child in children:
@@ -106,7 +110,7 @@ class OfflineAnalyzer(Analyzer):
                     content,
                     nodes=[c.id for c in children],
                     tags=("lesson", "operator", op, fam),
-                    key=f"operator:{op}|family:{fam}",
+                    key=key,
                 )
             )
         return written

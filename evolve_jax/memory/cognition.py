@@ -136,6 +136,13 @@ class Cognition:
         self._index = None
         return item
 
+    def evidence(self, key: str) -> int:
+        """The most nodes any lesson under ``key`` was drawn from (0 if none yet)."""
+        return max(
+            (len(i.provenance.get("nodes", ())) for i in self._items.values() if i.key == key),
+            default=0,
+        )
+
     def _live(self) -> list[Item]:
         """Items with superseded lessons dropped (newest per key) and identical texts merged."""
         newest: dict[str, Item] = {}
