@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 
-# Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-
 import pytest
+
+# Must happen before JAX initialises its backends. Appended to any XLA_FLAGS already set (a
+# device count given there wins), and kept in os.environ so run_cli's subprocesses inherit it.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if _DEVICE_COUNT_FLAG not in _xla_flags:
+    os.environ["XLA_FLAGS"] = f"{_xla_flags} {_DEVICE_COUNT_FLAG}=4".strip()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = "tests.toy_space:make"

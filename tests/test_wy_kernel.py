@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 import pallas_kernels as pk
 from pallas_kernels import wy, wy_kernel
@@ -80,13 +81,48 @@ def test_unit_lower_inverse_is_exact(C):
     np.testing.assert_allclose(np.asarray(X), np.linalg.inv(eye + np.asarray(A)), atol=1e-4)
 
 
+def _kernel_names(fn, *args):
+    """Names of the ``pallas_call`` equations in ``fn``'s jaxpr, nested jaxprs included."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield eqn.params["name"]
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+
+    return sorted(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
 def test_ops_choose_where_the_transform_runs():
     keys = jax.random.split(jax.random.key(0), 5)
     q, k, v = (jax.random.normal(key, (1, 2, 40, 32)) for key in keys[:3])
     k = k * jax.lax.rsqrt(jnp.sum(k * k, -1, keepdims=True))
     beta = jax.nn.sigmoid(jax.random.normal(keys[3], (1, 2, 40)))
     g = -0.3 * jax.nn.softplus(jax.random.normal(keys[4], (1, 2, 40)))
-    run = functools.partial(pk.gated_delta_rule, q, k, v, beta=beta, g=g, chunk_size=16)
-    (o_pallas, s_pallas), (o_xla, s_xla) = run(wy="pallas"), run(wy="xla")
+    args = (q, k, v, beta, g)
+
+    def forward(wy):
+        # backend "gpu" pins the schedule ("split") whatever the platform, and so the counts.
+        return lambda q, k, v, beta, g: pk.gated_delta_rule(
+            q, k, v, beta=beta, g=g, chunk_size=16, backend="gpu", wy=wy
+        )
+
+    def grad(wy):
+        loss = lambda *a: sum(jnp.sum(jnp.sin(x)) for x in forward(wy)(*a))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+
+    # The split recurrence runs two forward kernels (states, outputs) and, under grad, two
+    # backward ones. wy="pallas" adds the WY transform's forward kernel (and under grad its
+    # backward one); wy="xla" adds none. So 3 vs 2 kernels forward, 6 vs 4 with the gradient.
+    recurrence = ["chunk_output_fwd", "chunk_states_fwd"]
+    recurrence_bwd = ["chunk_local_grads_bwd", "chunk_state_grads_bwd"]
+    assert _kernel_names(forward("pallas"), *args) == sorted([*recurrence, "wy_transform_fwd"])
+    assert _kernel_names(forward("xla"), *args) == recurrence
+    wy_both = ["wy_transform_bwd", "wy_transform_fwd"]
+    assert _kernel_names(grad("pallas"), *args) == sorted(recurrence + recurrence_bwd + wy_both)
+    assert _kernel_names(grad("xla"), *args) == sorted(recurrence + recurrence_bwd)
+
+    (o_pallas, s_pallas), (o_xla, s_xla) = forward("pallas")(*args), forward("xla")(*args)
     np.testing.assert_allclose(o_pallas, o_xla, atol=1e-5)
     np.testing.assert_allclose(s_pallas, s_xla, atol=1e-5)

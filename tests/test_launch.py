@@ -1,0 +1,63 @@
+"""The local-GPU launcher: what it installs and runs (``--dry-run`` prints, runs nothing)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _launcher(tmp_path, venv_python: str | None) -> str:
+    """A checkout with the launcher and, optionally, a .venv whose python is ``venv_python``."""
+    os.makedirs(tmp_path / "launch")
+    shutil.copy(os.path.join(REPO, "launch", "local_gpus.sh"), tmp_path / "launch")
+    if venv_python is not None:
+        os.makedirs(tmp_path / ".venv" / "bin")
+        os.symlink(venv_python, tmp_path / ".venv" / "bin" / "python")
+    return str(tmp_path / "launch" / "local_gpus.sh")
+
+
+def _dry_run(script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        ["bash", script, "--dry-run", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_existing_cpu_venv_gets_the_cuda_extra(tmp_path):
+    # This interpreter has no CUDA plugin for JAX, like the README's CPU install.
+    done = _dry_run(_launcher(tmp_path, sys.executable), "--gpus=0,1", "--", "--steps=3")
+    assert "no CUDA plugin" in done.stderr
+    lines = done.stdout.splitlines()
+    assert "would run: .venv/bin/pip install -q -c constraints.txt -e .\\[cuda\\]" in lines
+    assert "would set CUDA_VISIBLE_DEVICES=0,1" in lines
+    assert lines[-1] == (
+        "would run: .venv/bin/python -m evolve_jax.main --flagfile=configs/gpu.flags --steps=3"
+    )
+
+
+def test_missing_venv_is_created_with_the_cuda_extra(tmp_path):
+    done = _dry_run(_launcher(tmp_path, None), "--workdir=runs/g")
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [
+        "would run: python3 -m venv .venv",
+        "would run: .venv/bin/pip install -q -c constraints.txt -e .\\[cuda\\]",
+    ]
+    assert lines[-1].endswith("--flagfile=configs/gpu.flags --workdir=runs/g")
+
+
+def test_venv_with_the_cuda_plugin_is_used_as_it_is(tmp_path):
+    fake = tmp_path / "python_with_cuda"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # every import succeeds
+    fake.chmod(0o755)
+    done = _dry_run(_launcher(tmp_path / "checkout", str(fake)))
+    assert "pip install" not in done.stdout and "no CUDA plugin" not in done.stderr
+
+
+def test_unknown_argument_is_refused(tmp_path):
+    done = subprocess.run(
+        ["bash", _launcher(tmp_path, None), "--gpu=0"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown argument --gpu=0" in done.stderr
