@@ -2,7 +2,8 @@
 
 Step 0 evaluates the search space's named seeds (the baseline among them); each later step
 proposes ``samples_per_step`` children from the history as it stood when the step began,
-evaluates them as one population, and commits each node atomically. Every random draw comes
+hands them to the Engineer in one call (the search space's ``evaluate`` decides how they share
+the devices), and commits each node atomically. Every random draw comes
 from ``(seed, step, slot)``, so a run killed at any moment and started again with the same
 command recomputes the same proposals, skips the nodes already committed, and goes on.
 """
@@ -286,6 +287,8 @@ class ResearchLoop:
 
     def promote(self, step: int) -> None:
         """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages.
+
+        It runs after every step; nodes already promoted are not evaluated again.
 
         The ranking is of the history as it stood at the end of ``step``, so a resumed run
         promotes what the uninterrupted run did.

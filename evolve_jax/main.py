@@ -5,11 +5,12 @@ Flags become a frozen RunConfig here; everything else is the library (evolve_jax
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 
-from evolve_jax import search_space
+from evolve_jax import search_space, storage
 from evolve_jax.cli import parse_flags
 from evolve_jax.config import RunConfig
 from evolve_jax.sampling import SAMPLERS, SamplerConfig
@@ -40,7 +41,7 @@ _EXPLOITATION = flags.DEFINE_float(
 )
 _AGENTS = flags.DEFINE_enum("agents", "offline", ["offline"], "Agent backend.")
 _SAMPLES_PER_STEP = flags.DEFINE_integer(
-    "samples_per_step", 4, "Children proposed (one population) per step.", lower_bound=1
+    "samples_per_step", 4, "Children proposed per step.", lower_bound=1
 )
 _CONCURRENCY = flags.DEFINE_integer(
     "concurrency", 1, "Evaluation groups run at once.", lower_bound=1
@@ -49,7 +50,11 @@ _EVAL_SEEDS = flags.DEFINE_integer(
     "eval_seeds", 1, "Seeds per candidate (paired with the baseline).", lower_bound=1
 )
 _PROMOTE_TOP_K = flags.DEFINE_integer(
-    "promote_top_k", 0, "Best nodes evaluated at the costlier stages.", lower_bound=0
+    "promote_top_k",
+    0,
+    "After every step, the best k nodes so far (and the baseline) are evaluated at the costlier "
+    "stages, unless promoted already.",
+    lower_bound=0,
 )
 _RUN_NAME = flags.DEFINE_string("run_name", "main", "Names this run's nodes in a shared history.")
 _RETRIEVAL_K = flags.DEFINE_integer("retrieval_k", 5, "Cognition items per design.", lower_bound=1)
@@ -64,6 +69,17 @@ _SPACE_OPT = flags.DEFINE_multi_string(
 )
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 0, "Split the CPU into N devices (testing sharding).", lower_bound=0
+)
+_PLATFORM = flags.DEFINE_enum(
+    "platform",
+    "any",
+    ["any", "cpu", "gpu", "tpu"],
+    "Stop before any work unless JAX's default backend is this one ('any' runs on what it finds).",
+)
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic",
+    True,
+    "On GPU, have XLA use deterministic implementations (--xla_gpu_deterministic_ops).",
 )
 
 
@@ -102,6 +118,30 @@ def config_from_flags() -> RunConfig:
     )
 
 
+def setup_devices() -> list:
+    """Configures JAX's devices from the flags; returns them, or exits 2 on the wrong platform."""
+    if _DETERMINISTIC.value:  # read when the GPU backend starts: set it before
+        xla_flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_gpu_deterministic_ops" not in xla_flags:
+            os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
+    import jax
+
+    if _NUM_CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    backend, devices = jax.default_backend(), jax.devices()
+    kinds = ", ".join(sorted({d.device_kind for d in devices}))
+    if _PLATFORM.value not in ("any", backend):
+        print(
+            f"error: --platform={_PLATFORM.value} but JAX's backend is {backend} ({kinds}); "
+            f"install the {'cuda' if _PLATFORM.value == 'gpu' else 'tpu'} extra, or pass "
+            "--platform=any to run on what there is",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    logging.info("JAX backend %s: %d device(s), %s", backend, len(devices), kinds)
+    return devices
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -112,20 +152,19 @@ def main(argv: list[str]) -> None:
     # Everything that can be wrong with the input is checked before any work is done.
     try:
         config = config_from_flags()
+        storage.check_workdir(config.workdir)
+        storage.check_epath(config.workdir)
         space = search_space.load(config.search_space, **dict(config.space_options))
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if _NUM_CPU_DEVICES.value:
-        import jax
-
-        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    logging.set_verbosity(logging.INFO)
+    setup_devices()
 
     from evolve_jax.loop import LoopError, run
     from evolve_jax.memory.cognition import CognitionError
     from evolve_jax.memory.history import HistoryError
 
-    logging.set_verbosity(logging.INFO)
     try:
         summary = run(config, space)
     except (LoopError, HistoryError, CognitionError) as e:

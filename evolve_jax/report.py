@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import scipy.stats
 
+from evolve_jax import storage
 from evolve_jax.memory.history import Node
 from evolve_jax.search_space import TaskDescription
 
@@ -78,11 +78,6 @@ def render(
     return "\n".join(lines)
 
 
-def save(workdir: str, text: str) -> str | None:
-    """Writes the report next to the history (local workdirs only); returns its path."""
-    if "://" in workdir:
-        return None
-    path = os.path.join(workdir, "report.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    return path
+def save(workdir: str, text: str) -> str:
+    """Writes ``WORKDIR/report.txt`` whole, on any storage the history uses; returns its URL."""
+    return storage.write_text(workdir, "report.txt", text + "\n")

@@ -25,6 +25,8 @@ from typing import Any
 
 import tensorstore as ts
 
+from evolve_jax import storage
+
 FORMAT = 1
 STATUSES = ("ok", "invalid", "failed", "timeout")
 _NODE_PREFIX = b"nodes/"
@@ -118,16 +120,15 @@ def _stage_key(node_id: int, stage: int) -> bytes:
 
 
 def kvstore_url(workdir: str) -> str:
-    """The OCDBT base URL of a workdir's history: a local path or a gs:// URL."""
-    if "://" in workdir:
-        return workdir.rstrip("/") + "/history/"
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise HistoryError(f"workdir {workdir!r} is a file, not a directory")
-    history = os.path.join(path, "history")
-    if os.path.exists(history) and not os.path.isdir(history):
+    """The OCDBT base URL of a workdir's history (see evolve_jax.storage)."""
+    try:
+        storage.check_workdir(workdir)
+    except storage.StorageError as e:
+        raise HistoryError(str(e)) from e
+    history = storage.local_path(storage.join(workdir, "history"))
+    if history is not None and os.path.exists(history) and not os.path.isdir(history):
         raise HistoryError(f"{history!r} is a file, not a history store directory")
-    return "file://" + history + "/"
+    return storage.join(workdir, "history") + "/"
 
 
 class History:
@@ -136,7 +137,8 @@ class History:
     def __init__(self, workdir: str, *, create: bool = True):
         self.workdir = workdir
         url = kvstore_url(workdir)
-        if not create and "://" not in workdir and not os.path.isdir(url[len("file://") :]):
+        local = storage.local_path(url)
+        if not create and local is not None and not os.path.isdir(local):
             raise HistoryError(f"no experiment history under {workdir!r}")
         try:
             self._kv = ts.KvStore.open(

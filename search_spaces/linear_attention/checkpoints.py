@@ -1,13 +1,15 @@
 """Orbax checkpoints of trained candidates: parameters plus the genome and options that built them.
 
 Layout: ``WORKDIR/checkpoints/<candidate fingerprint>/stage<k>_seed<s>/`` (an Orbax composite
-checkpoint with items ``params`` and ``meta``).
+checkpoint with items ``params`` and ``meta``), on any workdir evolve_jax.storage resolves
+(a local path, ``file://`` or ``gs://``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -15,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import nnx
 
+from evolve_jax import storage
 from search_spaces.linear_attention import model
 
 
@@ -28,20 +31,26 @@ class _QuietOrbax(logging.Filter):
 absl_logging.get_absl_logger().addFilter(_QuietOrbax())
 
 
-def _path(directory: str, stage: int, seed: int) -> str:
-    # Orbax refuses relative paths, and a workdir such as runs/quickstart is one.
-    return os.path.abspath(os.path.join(directory, f"stage{stage}_seed{seed}"))
+_NAME = re.compile(r"stage\d+_seed-?\d+")
+
+
+def _path(directory: str, stage: int, seed: int):
+    # storage.epath makes local paths absolute: Orbax refuses relative ones.
+    return storage.epath(storage.join(directory, f"stage{stage}_seed{seed}"))
 
 
 def save(
     directory: str, genome: dict, stage: int, params_by_seed: dict[int, Any], options: dict
 ) -> list[str]:
-    """Saves each seed's parameters; returns the checkpoint paths (existing ones are kept)."""
+    """Saves each seed's parameters; returns the checkpoint paths (existing ones are kept).
+
+    ``directory`` is a path or URL (see evolve_jax.storage).
+    """
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     paths = []
     for seed, params in params_by_seed.items():
         path = _path(directory, stage, seed)
-        if not os.path.exists(path):
+        if not path.exists():
             meta = {"genome": genome, "stage": stage, "seed": seed, "options": options}
             checkpointer.save(
                 path,
@@ -50,13 +59,13 @@ def save(
                     meta=ocp.args.JsonSave(meta),
                 ),
             )
-        paths.append(path)
+        paths.append(str(path))
     return paths
 
 
 def restore(path: str, cfg_for: Any) -> tuple[nnx.Module, dict]:
     """Rebuilds the model saved at ``path``; ``cfg_for(meta)`` gives its ModelConfig."""
-    path = os.path.abspath(path)
+    path = storage.epath(path)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     cfg: model.ModelConfig = cfg_for(meta)
@@ -72,6 +81,9 @@ def restore(path: str, cfg_for: Any) -> tuple[nnx.Module, dict]:
 
 
 def list_checkpoints(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
+    """The checkpoints under ``directory`` (a path or URL), sorted."""
+    path = storage.epath(directory)
+    if not path.is_dir():
         return []
-    return sorted(os.path.join(directory, d) for d in os.listdir(directory))
+    # Orbax finishes a save by renaming its temporary directory: skip unfinished ones.
+    return sorted(str(p) for p in path.iterdir() if _NAME.fullmatch(p.name))

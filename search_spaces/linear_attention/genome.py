@@ -1,9 +1,9 @@
 """The typed genome of a linear-attention language model, its seeds and its operators.
 
 A genome is a flat JSON object. ``validate`` fills defaults, refuses unknown fields and
-out-of-range values (naming them), and canonicalises genes that the chosen update rule ignores,
-so two genomes that build the same model have the same fingerprint (the novelty check relies on
-it). Operators only ever produce genomes that validate.
+out-of-range values (naming them), and resets genes that other genes switch off (decay, beta,
+conv_size, mlp_ratio) to their defaults, so two genomes that build the same model have the same
+fingerprint (the novelty check relies on it). Operators only ever produce genomes that validate.
 """
 
 from __future__ import annotations
@@ -81,7 +81,14 @@ GENES: tuple[Gene, ...] = (
     Gene("head_dim", (16, 32, 64), 32, "shape", "query/key dim per head"),
     Gene("expand_v", (1, 2), 1, "shape", "value dim = expand_v * head_dim"),
     Gene("mlp", ("swiglu", "gelu", "none"), "swiglu", "shape", "channel mixer"),
-    Gene("mlp_ratio", (2, 3, 4), 2, "shape", "MLP hidden = ratio * d_model"),
+    Gene(
+        "mlp_ratio",
+        (2, 3, 4),
+        2,
+        "shape",
+        "MLP hidden = ratio * d_model",
+        active=lambda g: g["mlp"] != "none",
+    ),
     Gene("num_layers", (1, 2, 3, 4), 2, "shape", "blocks"),
     Gene("d_model", (32, 64, 128), 64, "shape", "width"),
 )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from evolve_jax import storage
 from evolve_jax.search_space import (
     CheckFailure,
     DescriptorAxis,
@@ -27,7 +28,7 @@ from evolve_jax.search_space import (
     TaskDescription,
     fingerprint,
 )
-from search_spaces.linear_attention import checks, data, genome, model, train
+from search_spaces.linear_attention import checks, data, genome, model, repairs, train
 
 _TEXT = """\
 Design the token mixer of a causal language model with linear (sub-quadratic) cost: a
@@ -94,9 +95,15 @@ class Options:
         return options
 
     def validate(self) -> None:
-        for name in ("mqar_steps", "mqar_batch", "lm_steps", "lm_batch", "chunk_size"):
+        """Raises ValueError naming the first option with a bad value."""
+        for name in (
+            "mqar_steps", "mqar_batch", "lm_steps", "lm_batch", "lm_seq_len", "lm_width",
+            "chunk_size", "param_budget",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"linear_attention option {name} must be >= 1")
+        if not 0 < self.learning_rate < float("inf"):
+            raise ValueError("linear_attention option learning_rate must be a finite number > 0")
         if self.impl not in model.IMPLS:
             raise ValueError(
                 f"linear_attention option impl={self.impl!r} ({', '.join(model.IMPLS)})"
@@ -105,14 +112,26 @@ class Options:
             raise ValueError(
                 f"baseline {self.baseline!r} is not a seed ({', '.join(genome.SEEDS)})"
             )
-        for path in self.corpus:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"corpus path {path!r} does not exist")
         # MQAR's own argument checks, run now rather than at the first evaluation.
-        data.make_mqar(
-            np.random.default_rng(0), 1, vocab_size=self.vocab_size, seq_len=self.seq_len,
-            num_pairs=self.num_pairs,
-        )  # fmt: skip
+        try:
+            data.make_mqar(
+                np.random.default_rng(0), 1, vocab_size=self.vocab_size, seq_len=self.seq_len,
+                num_pairs=self.num_pairs,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"linear_attention MQAR options: {e}") from e
+
+    def load_corpus(self) -> np.ndarray:
+        """The byte-LM corpus, checked to hold the stage's training and validation windows."""
+        try:
+            corpus = data.load_corpus(self.corpus or None)
+            for split in data.SPLITS:
+                data.byte_lm_dataset(
+                    corpus, seq_len=self.lm_seq_len, batch_size=self.lm_batch, seed=0, split=split
+                )
+        except (OSError, ValueError) as e:
+            raise ValueError(f"linear_attention option corpus / lm_seq_len / lm_batch: {e}") from e
+        return corpus
 
 
 class LinearAttentionSpace(SearchSpace):
@@ -121,7 +140,8 @@ class LinearAttentionSpace(SearchSpace):
     def __init__(self, **options: Any):
         self.options = Options.parse(**options)
         self._checked: dict[str, list[CheckFailure]] = {}
-        self._corpus: np.ndarray | None = None
+        # Read now, so a bad corpus fails when the space is built, before any work.
+        self._corpus = self.options.load_corpus()
         self._checkpoint_dir: str | None = None
 
     # -------------------------------------------------------------------- contract
@@ -178,6 +198,17 @@ class LinearAttentionSpace(SearchSpace):
             self._checked[key] = [f for f in failures if f is not None]
         return self._checked[key]
 
+    def repair(
+        self, candidate: genome.Genome, failures: Sequence[CheckFailure]
+    ) -> genome.Genome | None:
+        """Shrinks a model over the parameter budget (shape genes only); nothing else."""
+        return repairs.repair(
+            candidate,
+            failures,
+            lambda g: model.param_count(self.model_config(g)),
+            self.options.param_budget,
+        )
+
     def evaluate(
         self, candidates: Sequence[genome.Genome], stage: int, seeds: Sequence[int], devices
     ) -> list[EvalResult]:
@@ -196,14 +227,8 @@ class LinearAttentionSpace(SearchSpace):
                         devices,
                     )
                 else:
-                    per_seed = train.train_byte_lm(
-                        cfg,
-                        train.ByteLMConfig(o.lm_seq_len),
-                        train.TrainConfig(o.lm_steps, o.lm_batch, o.learning_rate / 3),
-                        seeds,
-                        devices,
-                        self.corpus(),
-                    )
+                    task, budget = self.byte_lm_config()
+                    per_seed = train.train_byte_lm(cfg, task, budget, seeds, devices, self.corpus())
             except Exception as e:
                 results.append(EvalResult(error=f"{type(e).__name__}: {e}"))
                 continue
@@ -236,24 +261,34 @@ class LinearAttentionSpace(SearchSpace):
         return (rule + 0.5, float(np.log2(model.param_count(self.model_config(candidate)))))
 
     def bind(self, workdir: str) -> None:
-        if "://" not in workdir:
-            self._checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._checkpoint_dir = storage.join(workdir, "checkpoints")
 
     def cognition_seed(self) -> str:
         return os.path.join(os.path.dirname(__file__), "cognition.jsonl")
 
     # -------------------------------------------------------------------- helpers
 
+    def byte_lm_config(self) -> tuple[train.ByteLMConfig, train.TrainConfig]:
+        """The byte-LM stage's task and training budget."""
+        o = self.options
+        return (
+            train.ByteLMConfig(o.lm_seq_len),
+            train.TrainConfig(o.lm_steps, o.lm_batch, o.learning_rate / 3),
+        )
+
+    def validation_windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out byte windows the byte-LM stage's val_bpb is measured on."""
+        task, budget = self.byte_lm_config()
+        return train.byte_lm_validation(self.corpus(), task, budget.batch_size)
+
     def corpus(self) -> np.ndarray:
-        if self._corpus is None:
-            self._corpus = data.load_corpus(self.options.corpus or None)
         return self._corpus
 
     def _save(self, candidate, stage: int, seeds: Sequence[int], params: list) -> None:
         from search_spaces.linear_attention import checkpoints
 
         checkpoints.save(
-            os.path.join(self._checkpoint_dir, fingerprint(candidate)),
+            storage.join(self._checkpoint_dir, fingerprint(candidate)),
             candidate,
             stage,
             {int(s): p for s, p in zip(seeds, params, strict=True)},

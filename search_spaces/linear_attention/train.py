@@ -179,6 +179,32 @@ def train_mqar(
     )
 
 
+def byte_lm_validation(
+    corpus: np.ndarray, task: ByteLMConfig, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out windows val_bpb is measured on: (inputs, targets), each [N, B, T].
+
+    The same windows for every seed and candidate (paired), and for re-measuring a checkpoint.
+    """
+    val = data.byte_lm_dataset(
+        corpus, seq_len=task.seq_len, batch_size=batch_size, seed=0, split="validation"
+    )
+    held = [val[i] for i in range(task.val_batches)]
+    return np.stack([b["inputs"] for b in held]), np.stack([b["targets"] for b in held])
+
+
+def evaluate(lm: nnx.Module, inputs_NBT, targets_NBT) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of a model over batches, as training measures them."""
+    graphdef, params = nnx.split(lm)
+
+    @jax.jit
+    def per_batch(params, inputs, targets):
+        return _masked_xent(nnx.merge(graphdef, params)(inputs), targets)
+
+    pairs = [per_batch(params, i, t) for i, t in zip(inputs_NBT, targets_NBT, strict=True)]
+    return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+
+
 def train_byte_lm(
     cfg: model.ModelConfig,
     task: ByteLMConfig,
@@ -188,23 +214,20 @@ def train_byte_lm(
     corpus: np.ndarray,
 ) -> list[SeedResult]:
     """Trains one architecture on byte-level LM; reports validation bits per byte."""
+    val_inputs, val_targets = byte_lm_validation(corpus, task, train.batch_size)
     streams = []
     for seed in seeds:
         batches = data.byte_lm_dataset(
             corpus, seq_len=task.seq_len, batch_size=train.batch_size, seed=seed, split="train"
         )
-        val = data.byte_lm_dataset(
-            corpus, seq_len=task.seq_len, batch_size=train.batch_size, seed=0, split="validation"
-        )
         take = [batches[i] for i in range(train.steps)]
-        held = [val[i] for i in range(task.val_batches)]
         streams.append(
             (
                 np.int32(seed),
                 np.stack([b["inputs"] for b in take]),
                 np.stack([b["targets"] for b in take]),
-                np.stack([b["inputs"] for b in held]),
-                np.stack([b["targets"] for b in held]),
+                val_inputs,
+                val_targets,
             )
         )
     population = jax.tree.map(lambda *xs: np.stack(xs), *streams)

@@ -1,0 +1,89 @@
+"""Where a run's files live: one layer for local paths, ``file://`` and ``gs://`` URLs.
+
+A workdir is named as a path (``runs/quickstart``) or a URL (``file:///data/run``,
+``gs://bucket/run``). Everything under it is reached through this module: the history and the
+report through TensorStore key-value stores, checkpoints through Orbax on an ``etils.epath``
+path. Local paths become ``file://`` URLs first, so a ``file://`` workdir runs the same code as
+a ``gs://`` one; only the storage driver underneath differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import tensorstore as ts
+
+_SCHEMES = ("file://", "gs://")
+
+
+class StorageError(ValueError):
+    """A workdir that cannot be used; the message says why."""
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def to_url(location: str) -> str:
+    """The location as a URL without a trailing slash; local paths become absolute file:// ."""
+    if not is_url(location):
+        return "file://" + os.path.abspath(location)
+    if not location.startswith(_SCHEMES):
+        scheme = location.split("://", 1)[0]
+        raise StorageError(f"workdir {location!r}: unsupported scheme {scheme!r} (file://, gs://)")
+    return location.rstrip("/")
+
+
+def join(location: str, *parts: str) -> str:
+    """``location/part/...`` as a URL."""
+    return "/".join([to_url(location), *(p.strip("/") for p in parts)])
+
+
+def local_path(location: str) -> str | None:
+    """The local filesystem path of a location, or None for remote storage."""
+    url = to_url(location)
+    return url[len("file://") :] if url.startswith("file://") else None
+
+
+def check_workdir(location: str) -> None:
+    """Raises StorageError when ``location`` cannot hold a run (before any work is done)."""
+    url = to_url(location)
+    path = local_path(url)
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise StorageError(f"workdir {location!r} is a file, not a directory")
+
+
+def check_epath(location: str) -> None:
+    """Raises StorageError when Orbax cannot write under ``location`` on this install."""
+    # Orbax reaches gs:// through etils.epath, whose GCS backend is gcsfs.
+    if to_url(location).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+        raise StorageError(
+            f"workdir {location!r} is on GCS, which needs gcsfs for checkpoints: "
+            "pip install -e '.[gcs]' (the tpu extra includes it)"
+        )
+
+
+def kvstore(location: str) -> ts.KvStore:
+    """A TensorStore key-value store rooted at ``location`` (a directory)."""
+    return ts.KvStore.open(to_url(location) + "/").result()
+
+
+def write_text(location: str, name: str, text: str) -> str:
+    """Writes ``location/name`` whole (a reader sees the old file or the new one); its URL."""
+    kvstore(location).write(name, text.encode("utf-8")).result()
+    return join(location, name)
+
+
+def read_text(location: str, name: str) -> str | None:
+    """The text of ``location/name``, or None when it does not exist."""
+    result = kvstore(location).read(name).result()
+    return result.value.decode("utf-8") if result.state == "value" else None
+
+
+def epath(location: str):
+    """An ``etils.epath.Path`` for Orbax: a local path for file:// URLs, else the URL."""
+    from etils import epath as _epath
+
+    path = local_path(location)
+    return _epath.Path(path if path is not None else to_url(location))
