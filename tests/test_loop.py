@@ -229,27 +229,25 @@ def test_sigkill_mid_step_mid_promotion_mid_migration_then_resume_matches(tmp_pa
     def step_nodes(snap, step):
         return [n for n in snap["nodes"].values() if n["origin"]["step"] == step]
 
+    def mid_step(step):
+        return lambda snap: 1 <= len(step_nodes(snap, step)) < 3
+
+    kills = [  # (log line to kill at, what the store must show if the kill landed there)
+        ("step 0/3 slot 0", mid_step(0)),  # the first seed committed, the others not yet
+        # Mid-promotion: stage-1 results written, stage 2 (evaluated next) not yet.
+        ("to stage 1", lambda snap: {s for _, s in snap["stages"]} == {1}),
+        ("step 1/3 slot 0", mid_step(1)),  # mid-step again, in an evolution step
+        # Mid-migration: step 2's migration record written, none of step 2's nodes.
+        (
+            "islands: migration at step 2",
+            lambda snap: "00000002" in snap["migrations"] and not step_nodes(snap, 2),
+        ),
+    ]
     snapshots = []
-    # Mid-step: the first seed committed, the others not yet.
-    _run_until(args, "step 0/3 slot 0")
-    snap = _snapshot(workdir)
-    assert 1 <= len(step_nodes(snap, 0)) < 3
-    snapshots.append(snap)
-    # Mid-promotion: stage-1 results written, stage 2 (evaluated next) not yet.
-    _run_until(args, "to stage 1")
-    snap = _snapshot(workdir)
-    assert {s for _, s in snap["stages"]} == {1}
-    snapshots.append(snap)
-    # Mid-step again, in an evolution step.
-    _run_until(args, "step 1/3 slot 0")
-    snap = _snapshot(workdir)
-    assert 1 <= len(step_nodes(snap, 1)) < 3
-    snapshots.append(snap)
-    # Mid-migration: step 2's migration record written, none of step 2's nodes.
-    _run_until(args, "islands: migration at step 2")
-    snap = _snapshot(workdir)
-    assert "00000002" in snap["migrations"] and not step_nodes(snap, 2)
-    snapshots.append(snap)
+    for event, landed in kills:
+        _run_until(args, event)
+        snapshots.append(_snapshot(workdir))
+        assert landed(snapshots[-1]), f"the kill at {event!r} landed elsewhere"
 
     done = run_cli("evolve_jax.main", *_main_args(workdir, *extra, *slow))
     assert done.returncode == 0, done.stderr
