@@ -118,12 +118,16 @@ def config_from_flags() -> RunConfig:
     )
 
 
+def request_determinism() -> None:
+    """Asks XLA for deterministic GPU ops; XLA reads the flag when a backend starts, so this
+    runs before anything (a search space's factory included) can start one."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if _DETERMINISTIC.value and "xla_gpu_deterministic_ops" not in xla_flags:
+        os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def setup_devices() -> list:
     """Configures JAX's devices from the flags; returns them, or exits 2 on the wrong platform."""
-    if _DETERMINISTIC.value:  # read when the GPU backend starts: set it before
-        xla_flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_gpu_deterministic_ops" not in xla_flags:
-            os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
     import jax
 
     if _NUM_CPU_DEVICES.value:
@@ -149,6 +153,7 @@ def main(argv: list[str]) -> None:
         if not flags.FLAGS[name].value:
             print(f"error: --{name} is required", file=sys.stderr)
             sys.exit(2)
+    request_determinism()
     # Everything that can be wrong with the input is checked before any work is done.
     try:
         config = config_from_flags()

@@ -125,6 +125,7 @@ def test_cli_runs_and_history_prints_json_lines(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "rank" in done.stdout and workdir in done.stdout
     assert "step 1/1 slot 1" in done.stderr  # progress lines; --steps=1 overrode the file
+    assert "JAX backend cpu: 4 device(s)" in done.stderr
     listing = run_cli("evolve_jax.history", f"--workdir={workdir}", "--sort=score")
     rows = [json.loads(line) for line in listing.stdout.splitlines()]
     assert len(rows) == 3 + 2

@@ -31,6 +31,12 @@ BAD_OPTIONS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+    # The driver appends to XLA_FLAGS (--deterministic); later tests' subprocesses inherit it.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+
+
 def _main(capsys, *argv):
     """Runs the driver in this process; returns (exit code, stderr)."""
     flags.FLAGS.unparse_flags()
@@ -64,8 +70,7 @@ def test_bad_space_option_is_one_line_exit_2_before_any_work(capsys, tmp_path, k
     assert not os.path.exists(workdir)
 
 
-def test_platform_that_is_missing_stops_before_any_work(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the driver appends to it
+def test_platform_that_is_missing_stops_before_any_work(capsys, tmp_path):
     workdir = str(tmp_path / "never")
     code, err = _main(
         capsys, "--search_space=tests.toy_space:make", f"--workdir={workdir}", "--platform=gpu"
