@@ -6,6 +6,7 @@ import os
 import pytest
 from absl import flags
 
+from evolve_jax import loop
 from evolve_jax import main as driver
 from search_spaces.linear_attention.space import Options
 
@@ -32,9 +33,15 @@ BAD_OPTIONS = {
 
 
 @pytest.fixture(autouse=True)
-def _keep_xla_flags(monkeypatch):
+def _no_search(monkeypatch):
     # The driver appends to XLA_FLAGS (--deterministic); later tests' subprocesses inherit it.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+
+    def search_started(*args, **kwargs):
+        raise AssertionError("the search started: the bad value was not caught before any work")
+
+    # A value that slips through fails at once instead of running a whole search.
+    monkeypatch.setattr(loop, "run", search_started)
 
 
 def _main(capsys, *argv):
