@@ -87,6 +87,16 @@ def test_platform_that_is_missing_stops_before_any_work(capsys, tmp_path):
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_gpu_ops_are_requested_before_jax_starts(capsys, tmp_path, deterministic):
+    code, _ = _main(
+        capsys, "--search_space=tests.toy_space:make", f"--workdir={tmp_path / 'never'}",
+        "--platform=tpu", f"--deterministic={str(deterministic).lower()}",
+    )  # fmt: skip
+    assert code == 2  # stopped by the platform check, after the flag was set
+    assert ("--xla_gpu_deterministic_ops=true" in os.environ["XLA_FLAGS"]) == deterministic
+
+
 def test_gpu_and_tpu_flagfiles_require_their_platform():
     for name, platform in (("gpu", "gpu"), ("tpu_pod", "tpu")):
         with open(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.flags")) as f:
