@@ -21,13 +21,9 @@ class StorageError(ValueError):
     """A workdir that cannot be used; the message says why."""
 
 
-def is_url(location: str) -> bool:
-    return "://" in location
-
-
 def to_url(location: str) -> str:
     """The location as a URL without a trailing slash; local paths become absolute file:// ."""
-    if not is_url(location):
+    if "://" not in location:
         return "file://" + os.path.abspath(location)
     if not location.startswith(_SCHEMES):
         scheme = location.split("://", 1)[0]
@@ -73,12 +69,6 @@ def write_text(location: str, name: str, text: str) -> str:
     """Writes ``location/name`` whole (a reader sees the old file or the new one); its URL."""
     kvstore(location).write(name, text.encode("utf-8")).result()
     return join(location, name)
-
-
-def read_text(location: str, name: str) -> str | None:
-    """The text of ``location/name``, or None when it does not exist."""
-    result = kvstore(location).read(name).result()
-    return result.value.decode("utf-8") if result.state == "value" else None
 
 
 def epath(location: str):

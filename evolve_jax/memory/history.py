@@ -125,10 +125,11 @@ def kvstore_url(workdir: str) -> str:
         storage.check_workdir(workdir)
     except storage.StorageError as e:
         raise HistoryError(str(e)) from e
-    history = storage.local_path(storage.join(workdir, "history"))
+    url = storage.join(workdir, "history")
+    history = storage.local_path(url)
     if history is not None and os.path.exists(history) and not os.path.isdir(history):
         raise HistoryError(f"{history!r} is a file, not a history store directory")
-    return storage.join(workdir, "history") + "/"
+    return url + "/"
 
 
 class History:
