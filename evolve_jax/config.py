@@ -8,6 +8,64 @@ from evolve_jax.sampling import SamplerConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Settings of the model-backed agent backends (ignored by the offline one)."""
+
+    researcher_model: str = "gemini-2.5-pro"
+    engineer_model: str = "gemini-2.5-flash"
+    analyzer_model: str = "gemini-2.5-flash"
+    judge_model: str | None = None
+    embedding_model: str = "gemini-embedding-001"
+    embedding_dims: int = 768
+    base_url: str | None = None
+    vertex: bool = False
+    project: str | None = None
+    location: str | None = None
+    attempts: int = 5  # HTTP attempts per call (retries on 408, 429, 5xx, timeouts)
+    initial_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    timeout_s: float = 300.0
+    max_output_tokens: int = 8192
+    thinking_budget: int | None = None
+    temperature: float | None = None
+    prices_file: str | None = None  # None: the prices.json shipped in evolve_jax/agents
+    prompts_dir: str | None = None  # None: the templates shipped in evolve_jax/agents/prompts
+    record_dir: str | None = None  # None: WORKDIR/llm_record (calls/ and embeddings/)
+    prompt_budget_tokens: int = 12_000  # bound of a prompt's variable part
+    concurrency: int = 4  # proposals of one step requested at once
+    offline_share: float = 0.0  # share of children made by the offline operators instead
+    max_reasks: int = 2  # re-asks after an answer that does not parse or validate
+    novelty_threshold: float = 0.95  # cosine above which a proposal is sent back
+    novelty_retries: int = 1
+    judge_weight: float = 0.0
+
+    def __post_init__(self):
+        for name in ("attempts", "embedding_dims", "max_output_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_reasks", "novelty_retries", "prompt_budget_tokens", "timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("offline_share", "judge_weight", "novelty_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.judge_weight > 0 and not self.judge_model:
+            raise ValueError("judge_weight > 0 needs a judge model (--judge_model)")
+
+    def models(self) -> dict[str, str]:
+        """Role -> model, for every role that calls one."""
+        roles = {
+            "researcher": self.researcher_model,
+            "engineer": self.engineer_model,
+            "analyzer": self.analyzer_model,
+            "embedding": self.embedding_model,
+        }
+        if self.judge_model:
+            roles["judge"] = self.judge_model
+        return roles
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     search_space: str
     workdir: str
@@ -24,6 +82,8 @@ class RunConfig:
     max_item_chars: int = 600
     max_repairs: int = 2
     top_k_report: int = 10
+    budget_usd: float | None = None  # stop at a step boundary once the run's LLM cost reaches it
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
     space_options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
@@ -33,6 +93,8 @@ class RunConfig:
         for name in ("steps", "promote_top_k", "max_repairs", "max_item_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.budget_usd is not None and self.budget_usd < 0:
+            raise ValueError(f"budget_usd must be >= 0, got {self.budget_usd}")
         if not self.workdir:
             raise ValueError("workdir must be set")
         if not self.run_name or "/" in self.run_name:

@@ -70,9 +70,13 @@ class ResearchLoop:
                 devices=self.devices,
                 concurrency=config.concurrency,
                 max_repairs=config.max_repairs,
+                workdir=config.workdir,
+                run_name=config.run_name,
+                llm=config.llm,
             ),
         )
         self._started = time.perf_counter()
+        self._spent = 0.0  # USD of LLM calls recorded for this run
         self._evaluated = 0  # candidates evaluated by this process (for the ETA)
         self._remaining = 0
 
@@ -151,8 +155,29 @@ class ResearchLoop:
     ) -> Node:
         outcome, score, stats = self._score(outcome, fitness)
         parents = [self.history.get(p) for p in proposal.parents]
-        analysis = self.agents.analyzer.analyze(proposal, outcome, score, parents, siblings)
+        label = f"{step}/{slot}"
+        analyzer = self.agents.analyzer
+        judgement = (
+            analyzer.judge(proposal, outcome, parents, label=label)
+            if outcome.status == "ok"
+            else None
+        )
+        if judgement is not None and math.isfinite(score):
+            # Blended only into [0, 1] baseline-normalised scores (the backend checks this).
+            stats["measured_score"] = score
+            weight = judgement["weight"]
+            score = (1 - weight) * score + weight * judgement["normalised"]
+        analysis = analyzer.analyze(proposal, outcome, score, parents, siblings, label=label)
         stats = {**stats, "repairs": outcome.repairs}
+        if outcome.attempts:
+            stats["repair_attempts"] = [dict(a) for a in outcome.attempts]
+        if proposal.notes:
+            stats["design"] = dict(proposal.notes)
+        if judgement is not None:
+            stats["judge"] = judgement
+        if self.agents.cost is not None:
+            stats["llm"] = self.agents.cost.take_slot(step, slot)
+            self._spent += stats["llm"]["usd"]
         node = self.history.append(
             parents=list(proposal.parents),
             search_space=self.space.name,
@@ -185,10 +210,15 @@ class ResearchLoop:
         best = self._best()
         best_text = f"{best.score:.4g} ({best.name})" if best else "none"
         reason = f" [{node.reason}]" if node.reason else ""
+        cost = ""
+        if "llm" in node.stats:
+            llm = node.stats["llm"]
+            cost = f" | llm {llm['prompt_tokens']}+{llm['output_tokens'] + llm['thinking_tokens']}"
+            cost += f" tok ${llm['usd']:.4f}, run ${self._spent:.4f}"
         logging.info(
-            "step %d/%d slot %d | %s | %s%s | score %.4g | best %s | elapsed %s | eta %s",
+            "step %d/%d slot %d | %s | %s%s | score %.4g | best %s%s | elapsed %s | eta %s",
             step, self.config.steps, slot, node.name, node.status, reason, node.score,
-            best_text, report.clock(elapsed), report.clock(eta),
+            best_text, cost, report.clock(elapsed), report.clock(eta),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ steps
@@ -252,38 +282,86 @@ class ResearchLoop:
         known = {fingerprint(n.candidate): n.id for n in view}
         proposals: list[Proposal] = []
         design_seconds = []
-        for slot in range(cfg.samples_per_step):
+        width = max(1, self.agents.researcher.batch_size)
+        self.cognition.restrict(frozenset(n.id for n in view))
+        for first in range(0, cfg.samples_per_step, width):
+            # A batch of slots is designed at once; each sees the proposals of earlier batches,
+            # so the proposals do not depend on the order in which a batch's answers arrive.
             start = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, step, slot])
-            selection = self.sampler.select(pool, rng, slot)
-            query = " ".join(n.analysis for n in (selection.parent, *selection.references))
-            lessons = self.cognition.retrieve(query, cfg.retrieval_k, cfg.max_item_chars)
-            context = DesignContext(
-                step=step,
-                slot=slot,
-                selection=selection,
-                lessons=tuple(lessons),
-                siblings=tuple(proposals),
-                known=frozenset(known),
-                rng=rng,
-            )
-            proposals.append(self.agents.researcher.propose(context))
-            design_seconds.append(time.perf_counter() - start)
+            contexts = []
+            for slot in range(first, min(first + width, cfg.samples_per_step)):
+                rng = np.random.default_rng([cfg.seed, step, slot])
+                selection = self.sampler.select(pool, rng, slot)
+                query = " ".join(n.analysis for n in (selection.parent, *selection.references))
+                lessons = self.cognition.retrieve(query, cfg.retrieval_k, cfg.max_item_chars)
+                contexts.append(
+                    DesignContext(
+                        step=step,
+                        slot=slot,
+                        selection=selection,
+                        lessons=tuple(lessons),
+                        siblings=tuple(proposals),
+                        known=frozenset(known),
+                        rng=rng,
+                    )
+                )
+            proposals.extend(self.agents.researcher.propose_batch(contexts))
+            design_seconds += [(time.perf_counter() - start) / len(contexts)] * len(contexts)
+        self.cognition.restrict(None)
         if todo:
-            outcomes = self.agents.engineer.run(
-                [proposals[s].candidate for s in todo], known, 0, cfg.eval_seed_list
+            runnable = [s for s in todo if proposals[s].failure is None]
+            outcomes = dict(
+                zip(
+                    runnable,
+                    self.agents.engineer.run(
+                        [proposals[s].candidate for s in runnable],
+                        known,
+                        0,
+                        cfg.eval_seed_list,
+                        labels=[f"{step}/{s}" for s in runnable],
+                    ),
+                    strict=True,
+                )
             )
+            for s in todo:
+                if proposals[s].failure is not None:
+                    status, reason = proposals[s].failure
+                    outcomes[s] = Outcome(status, reason, {}, proposals[s].candidate)
             fitness = self._fitness(0)
             siblings = [
                 (proposals[s], mine[(step, s)].score)
                 for s in range(cfg.samples_per_step)
                 if (step, s) in mine
             ]
-            for slot, outcome in zip(todo, outcomes, strict=True):
+            for slot in todo:
                 self._record(
-                    step, slot, proposals[slot], outcome, fitness, siblings, design_seconds[slot]
-                )
+                    step, slot, proposals[slot], outcomes[slot], fitness, siblings,
+                    design_seconds[slot],
+                )  # fmt: skip
         self.agents.analyzer.write_lessons(self._view(step + 1), step)
+        self._record_step_cost(step)
+
+    def _record_step_cost(self, step: int) -> None:
+        """Writes the cost of ``step`` not charged to a node (lessons, embeddings) once."""
+        if self.agents.cost is None:
+            return
+        usage = self.agents.cost.take_step(step)
+        key = f"{self.config.run_name}/{step:06d}"
+        if usage["calls"] and self.history.write_record("llm_step_usage", key, usage):
+            self._spent += usage["usd"]
+
+    def spent_usd(self) -> float:
+        """This run's LLM cost so far, as recorded in the history (nodes and steps)."""
+        run = self.config.run_name
+        nodes = sum(
+            n.stats.get("llm", {}).get("usd", 0.0)
+            for n in self.history.nodes(refresh=False)
+            if n.origin.get("run") == run
+        )
+        steps = sum(
+            v["usd"] for k, v in self.history.records("llm_step_usage") if k.startswith(f"{run}/")
+        )
+        return nodes + steps
 
     def promote(self, step: int) -> None:
         """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages.
@@ -348,13 +426,23 @@ class ResearchLoop:
             )
         self.seed_step()
         self.agents.analyzer.write_lessons(self._view(1), 0)
+        self._record_step_cost(0)
         self.promote(0)
+        self._spent = self.spent_usd()
         for step in range(1, cfg.steps + 1):
+            if cfg.budget_usd is not None and self._spent >= cfg.budget_usd:
+                logging.info(
+                    "budget reached: $%.4f of $%.4f spent on LLM calls; stopping before step %d",
+                    self._spent, cfg.budget_usd, step,
+                )  # fmt: skip
+                break
             self.evolve_step(step)
             self.promote(step)
         nodes = self.history.nodes()
         self.history.refresh_stages()
         text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)
+        if self.agents.cost is not None:
+            text += "\n" + report.cost_line(nodes, self.history, cfg.run_name, cfg.budget_usd)
         report.save(cfg.workdir, text)
         return RunSummary(cfg.workdir, nodes, self._best(), self.direction, text)
 

@@ -11,8 +11,9 @@ import sys
 from absl import app, flags, logging
 
 from evolve_jax import search_space, storage
+from evolve_jax.agents.base import backend_factory
 from evolve_jax.cli import parse_flags
-from evolve_jax.config import RunConfig
+from evolve_jax.config import LLMConfig, RunConfig
 from evolve_jax.sampling import SAMPLERS, SamplerConfig
 
 _SEARCH_SPACE = flags.DEFINE_string(
@@ -39,7 +40,87 @@ _EXPLORATION = flags.DEFINE_float(
 _EXPLOITATION = flags.DEFINE_float(
     "exploitation", 0.6, "Islands: chance of the best member.", lower_bound=0, upper_bound=1
 )
-_AGENTS = flags.DEFINE_enum("agents", "offline", ["offline"], "Agent backend.")
+_AGENTS = flags.DEFINE_string(
+    "agents", "offline", "Agent backend: offline, gemini, or 'package.module:factory'."
+)
+_RESEARCHER_MODEL = flags.DEFINE_string(
+    "researcher_model", LLMConfig.researcher_model, "Gemini model of the Researcher."
+)
+_ENGINEER_MODEL = flags.DEFINE_string(
+    "engineer_model", LLMConfig.engineer_model, "Gemini model of the Engineer's repairs."
+)
+_ANALYZER_MODEL = flags.DEFINE_string(
+    "analyzer_model", LLMConfig.analyzer_model, "Gemini model of analyses and lessons."
+)
+_JUDGE_MODEL = flags.DEFINE_string(
+    "judge_model", None, "Gemini model of the optional judge (with --judge_weight > 0)."
+)
+_JUDGE_WEIGHT = flags.DEFINE_float(
+    "judge_weight", 0.0, "Share of the fitness given to the judge's [0, 1] score.",
+    lower_bound=0, upper_bound=1,
+)  # fmt: skip
+_EMBEDDING_MODEL = flags.DEFINE_string(
+    "embedding_model", LLMConfig.embedding_model, "Embedding model (novelty, retrieval)."
+)
+_EMBEDDING_DIMS = flags.DEFINE_integer(
+    "embedding_dims", LLMConfig.embedding_dims, "Embedding size kept.", lower_bound=1
+)
+_GEMINI_BASE_URL = flags.DEFINE_string(
+    "gemini_base_url", None, "API endpoint (proxy, gateway); default: GOOGLE_GEMINI_BASE_URL."
+)
+_VERTEX = flags.DEFINE_bool("vertex", False, "Use Vertex AI instead of a Gemini API key.")
+_VERTEX_PROJECT = flags.DEFINE_string("vertex_project", None, "Vertex AI project.")
+_VERTEX_LOCATION = flags.DEFINE_string("vertex_location", None, "Vertex AI location.")
+_LLM_ATTEMPTS = flags.DEFINE_integer(
+    "llm_attempts", LLMConfig.attempts, "HTTP attempts per call (408, 429, 5xx, timeouts).",
+    lower_bound=1,
+)  # fmt: skip
+_LLM_RETRY_DELAY = flags.DEFINE_float(
+    "llm_retry_delay_s", LLMConfig.initial_delay_s, "First retry delay (doubles).", lower_bound=0
+)
+_LLM_TIMEOUT = flags.DEFINE_float(
+    "llm_timeout_s", LLMConfig.timeout_s, "Timeout of one HTTP attempt.", lower_bound=0
+)
+_MAX_OUTPUT_TOKENS = flags.DEFINE_integer(
+    "max_output_tokens", LLMConfig.max_output_tokens, "Output-token limit per call.", lower_bound=1
+)
+_THINKING_BUDGET = flags.DEFINE_integer(
+    "thinking_budget", None, "Thinking-token budget per call (default: the model's)."
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: model's).")
+_PRICES_FILE = flags.DEFINE_string(
+    "prices_file", None, "JSON of USD per 1M tokens (default: evolve_jax/agents/prices.json)."
+)
+_PROMPTS_DIR = flags.DEFINE_string(
+    "prompts_dir", None, "Directory of prompt templates (default: evolve_jax/agents/prompts)."
+)
+_LLM_RECORD = flags.DEFINE_string(
+    "llm_record", None, "Where calls and embeddings are recorded (default: WORKDIR/llm_record)."
+)
+_PROMPT_BUDGET = flags.DEFINE_integer(
+    "prompt_budget_tokens", LLMConfig.prompt_budget_tokens,
+    "Bound of a prompt's variable part (tokens, estimated at 4 characters each).", lower_bound=0,
+)  # fmt: skip
+_AGENT_CONCURRENCY = flags.DEFINE_integer(
+    "agent_concurrency", LLMConfig.concurrency, "Proposals requested at once.", lower_bound=1
+)
+_OFFLINE_SHARE = flags.DEFINE_float(
+    "offline_share", 0.0, "Share of children made by the offline operators instead.",
+    lower_bound=0, upper_bound=1,
+)  # fmt: skip
+_MAX_REASKS = flags.DEFINE_integer(
+    "max_reasks", LLMConfig.max_reasks, "Re-asks after an unusable answer.", lower_bound=0
+)
+_NOVELTY_THRESHOLD = flags.DEFINE_float(
+    "novelty_threshold", LLMConfig.novelty_threshold,
+    "Embedding cosine above which a proposal is sent back.", lower_bound=0, upper_bound=1,
+)  # fmt: skip
+_NOVELTY_RETRIES = flags.DEFINE_integer(
+    "novelty_retries", LLMConfig.novelty_retries, "Send-backs per proposal.", lower_bound=0
+)
+_BUDGET_USD = flags.DEFINE_float(
+    "budget_usd", None, "Stop at a step boundary once the LLM cost reaches this.", lower_bound=0
+)
 _SAMPLES_PER_STEP = flags.DEFINE_integer(
     "samples_per_step", 4, "Children proposed per step.", lower_bound=1
 )
@@ -115,6 +196,35 @@ def config_from_flags() -> RunConfig:
         max_item_chars=_MAX_ITEM_CHARS.value,
         max_repairs=_MAX_REPAIRS.value,
         space_options=tuple(options),
+        budget_usd=_BUDGET_USD.value,
+        llm=LLMConfig(
+            researcher_model=_RESEARCHER_MODEL.value,
+            engineer_model=_ENGINEER_MODEL.value,
+            analyzer_model=_ANALYZER_MODEL.value,
+            judge_model=_JUDGE_MODEL.value,
+            judge_weight=_JUDGE_WEIGHT.value,
+            embedding_model=_EMBEDDING_MODEL.value,
+            embedding_dims=_EMBEDDING_DIMS.value,
+            base_url=_GEMINI_BASE_URL.value,
+            vertex=_VERTEX.value,
+            project=_VERTEX_PROJECT.value,
+            location=_VERTEX_LOCATION.value,
+            attempts=_LLM_ATTEMPTS.value,
+            initial_delay_s=_LLM_RETRY_DELAY.value,
+            timeout_s=_LLM_TIMEOUT.value,
+            max_output_tokens=_MAX_OUTPUT_TOKENS.value,
+            thinking_budget=_THINKING_BUDGET.value,
+            temperature=_TEMPERATURE.value,
+            prices_file=_PRICES_FILE.value,
+            prompts_dir=_PROMPTS_DIR.value,
+            record_dir=_LLM_RECORD.value,
+            prompt_budget_tokens=_PROMPT_BUDGET.value,
+            concurrency=_AGENT_CONCURRENCY.value,
+            offline_share=_OFFLINE_SHARE.value,
+            max_reasks=_MAX_REASKS.value,
+            novelty_threshold=_NOVELTY_THRESHOLD.value,
+            novelty_retries=_NOVELTY_RETRIES.value,
+        ),
     )
 
 
@@ -160,6 +270,10 @@ def main(argv: list[str]) -> None:
         storage.check_workdir(config.workdir)
         storage.check_epath(config.workdir)
         space = search_space.load(config.search_space, **dict(config.space_options))
+        # A backend's own checks (credentials, prices, prompt templates) also come first.
+        preflight = getattr(backend_factory(config.agents), "preflight", None)
+        if preflight is not None:
+            preflight(config.llm, space)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -81,3 +81,22 @@ def render(
 def save(workdir: str, text: str) -> str:
     """Writes ``WORKDIR/report.txt`` whole, on any storage the history uses; returns its URL."""
     return storage.write_text(workdir, "report.txt", text + "\n")
+
+
+def cost_line(nodes: Sequence[Node], history, run: str, budget_usd: float | None) -> str:
+    """The run's LLM usage: calls, tokens and estimated USD (nodes plus per-step calls)."""
+    total: dict[str, float] = {}
+    records = [n.stats.get("llm") for n in nodes if n.origin.get("run") == run]
+    records += [v for k, v in history.records("llm_step_usage") if k.startswith(f"{run}/")]
+    for record in filter(None, records):
+        for key, value in record.items():
+            total[key] = total.get(key, 0) + (value or 0)
+    budget = f" of a ${budget_usd:.2f} budget" if budget_usd is not None else ""
+    return (
+        f"LLM usage of run {run!r}: {int(total.get('calls', 0))} calls, "
+        f"{int(total.get('prompt_tokens', 0))} prompt tokens "
+        f"({int(total.get('cached_tokens', 0))} cached), "
+        f"{int(total.get('output_tokens', 0))} output and "
+        f"{int(total.get('thinking_tokens', 0))} thinking tokens; "
+        f"estimated ${total.get('usd', 0.0):.4f}{budget} at the prices file's rates"
+    )

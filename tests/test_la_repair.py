@@ -48,11 +48,14 @@ def test_greedy_prefers_the_smallest_change():
 
 def test_engineer_repairs_within_max_repairs():
     space = _space()
-    repaired, reason, n = RuleEngineer(space, jax.devices(), max_repairs=1).prepare(BIG, {})
-    assert reason is None and n == 1
+    repaired, reason, attempts = RuleEngineer(space, jax.devices(), max_repairs=1).prepare(BIG, {})
+    assert reason is None and [a["by"] for a in attempts] == ["rule"]
+    assert attempts[0]["reason"].startswith("param_budget")
     assert _count(space, repaired) <= BUDGET
-    unrepaired, reason, n = RuleEngineer(space, jax.devices(), max_repairs=0).prepare(BIG, {})
-    assert unrepaired == BIG and n == 0
+    unrepaired, reason, attempts = RuleEngineer(space, jax.devices(), max_repairs=0).prepare(
+        BIG, {}
+    )
+    assert unrepaired == BIG and attempts == []
     assert reason.startswith("param_budget")
 
 
@@ -60,8 +63,8 @@ def test_unreachable_budget_is_not_repaired():
     space = _space(budget=1_000)  # the embedding alone has 64 x 32 parameters
     [failure] = space.check(BIG)
     assert space.repair(BIG, [failure]) is None
-    _, reason, n = RuleEngineer(space, jax.devices(), max_repairs=2).prepare(BIG, {})
-    assert reason.startswith("param_budget") and n == 0
+    _, reason, attempts = RuleEngineer(space, jax.devices(), max_repairs=2).prepare(BIG, {})
+    assert reason.startswith("param_budget") and attempts == []
 
 
 def test_other_failures_are_not_repaired():

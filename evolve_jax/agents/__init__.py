@@ -1,12 +1,19 @@
 """The agent trio (Researcher, Engineer, Analyzer) and the registry of their backends."""
 
 from evolve_jax.agents.base import (
-    AGENT_BACKENDS,
     AgentTrio,
     DesignContext,
     Outcome,
     Proposal,
+    available_backends,
     make_agents,
 )
 
-__all__ = ["AGENT_BACKENDS", "AgentTrio", "DesignContext", "Outcome", "Proposal", "make_agents"]
+__all__ = [
+    "AgentTrio",
+    "DesignContext",
+    "Outcome",
+    "Proposal",
+    "available_backends",
+    "make_agents",
+]

@@ -42,7 +42,8 @@ class OfflineAnalyzer(Analyzer):
         self.cognition = cognition
         self.direction = direction
 
-    def analyze(self, proposal, outcome: Outcome, score, parents, siblings):
+    def analyze(self, proposal, outcome: Outcome, score, parents, siblings, label=""):
+        del label  # no model calls to charge
         if outcome.status != "ok":
             return (
                 f"{outcome.status}: {outcome.reason}. Produced by {proposal.operator} from "

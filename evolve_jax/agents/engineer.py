@@ -1,8 +1,10 @@
 """The Engineer: static checks and rule-based repair before running, evaluation, failure records.
 
 Cheap checks run first (schema, the search space's checks, novelty) so that an invalid
-candidate costs seconds, not a training run. Evaluation groups run on ``concurrency`` threads
-(JAX releases the GIL while a compiled program runs); results keep their input order.
+candidate costs seconds, not a training run. Every repair attempt is recorded with its reason;
+a backend with a model overrides ``fix`` to repair what the rules cannot, failed runs included.
+Evaluation groups run on ``concurrency`` threads (JAX releases the GIL while a compiled program
+runs); results keep their input order.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from evolve_jax.agents.base import Engineer, Outcome
-from evolve_jax.search_space import EvalResult, Genome, GenomeError, SearchSpace, fingerprint
+from evolve_jax.search_space import (
+    CheckFailure,
+    EvalResult,
+    Genome,
+    GenomeError,
+    SearchSpace,
+    fingerprint,
+)
 
 
 def _metrics_json(result: EvalResult) -> dict[str, dict[str, float | None]]:
@@ -41,25 +50,50 @@ class RuleEngineer(Engineer):
         self.concurrency = max(1, concurrency)
         self.max_repairs = max_repairs
 
-    def prepare(self, genome: Genome, known: dict[str, int]) -> tuple[Genome, str | None, int]:
-        """Validates, checks and repairs; returns (genome, reason it may not run, repairs)."""
-        repairs = 0
+    def fix(
+        self,
+        genome: Genome,
+        reason: str,
+        failures: Sequence[CheckFailure],
+        attempts: list[dict],
+        label: str,
+    ) -> Genome | None:
+        """A repaired genome for ``reason`` (appending its attempt record), or None.
+
+        Rule-based: only failed static checks are repaired, by the search space's ``repair``.
+        ``failures`` is empty when the candidate's schema or its run failed.
+        """
+        del label
+        repaired = self.space.repair(genome, failures) if failures else None
+        if repaired is not None:
+            attempts.append({"reason": reason, "by": "rule"})
+        return repaired
+
+    def prepare(
+        self, genome: Genome, known: dict[str, int], label: str = "", attempts=None
+    ) -> tuple[Genome, str | None, list[dict]]:
+        """Validates, checks and repairs; returns (genome, reason it may not run, attempts)."""
+        attempts = [] if attempts is None else attempts
         while True:
+            failures: list[CheckFailure] = []
             try:
                 genome = self.space.validate(genome)
+                failures = self.space.check(genome)
+                reason = "; ".join(f"{f.check}: {f.reason}" for f in failures) or None
             except GenomeError as e:
-                return genome, f"schema: {e}", repairs
-            failures = self.space.check(genome)
-            if not failures:
+                reason = f"schema: {e}"
+            if reason is None:
                 break
-            repaired = self.space.repair(genome, failures) if repairs < self.max_repairs else None
+            repaired = None
+            if len(attempts) < self.max_repairs:
+                repaired = self.fix(genome, reason, failures, attempts, label)
             if repaired is None:
-                return genome, "; ".join(f"{f.check}: {f.reason}" for f in failures), repairs
-            genome, repairs = repaired, repairs + 1
+                return genome, reason, attempts
+            genome = repaired
         duplicate = known.get(fingerprint(genome))
         if duplicate is not None:
-            return genome, f"novelty: duplicate of node {duplicate}", repairs
-        return genome, None, repairs
+            return genome, f"novelty: duplicate of node {duplicate}", attempts
+        return genome, None, attempts
 
     def _evaluate(self, genomes, stage, seeds) -> tuple[list[EvalResult], float]:
         start = time.perf_counter()
@@ -71,38 +105,64 @@ class RuleEngineer(Engineer):
             results = [EvalResult(error=f"{type(e).__name__}: {e}") for _ in genomes]
         return results, time.perf_counter() - start
 
-    def run(self, candidates, known, stage, seeds):
-        prepared = [self.prepare(g, known) for g in candidates]
-        runnable = [i for i, (_, reason, _) in enumerate(prepared) if reason is None]
-        groups = [runnable[k :: self.concurrency] for k in range(self.concurrency)]
+    def _evaluate_groups(self, genomes, stage, seeds) -> list[tuple[EvalResult, float]]:
+        groups = [list(range(len(genomes)))[k :: self.concurrency] for k in range(self.concurrency)]
         groups = [g for g in groups if g]
         results: dict[int, tuple[EvalResult, float]] = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups) or 1) as pool:
             futures = {
-                pool.submit(self._evaluate, [prepared[i][0] for i in g], stage, seeds): g
+                pool.submit(self._evaluate, [genomes[i] for i in g], stage, seeds): g
                 for g in groups
             }
             for future, group in futures.items():
                 group_results, seconds = future.result()
                 for i, r in zip(group, group_results, strict=True):
                     results[i] = (r, seconds / len(group))
+        return [results[i] for i in range(len(genomes))]
 
-        outcomes = []
-        for i, (genome, reason, repairs) in enumerate(prepared):
+    def run(self, candidates, known, stage, seeds, labels=None):
+        labels = list(labels) if labels is not None else [""] * len(candidates)
+        prepared = [
+            self.prepare(g, known, label) for g, label in zip(candidates, labels, strict=True)
+        ]
+        outcomes: list[Outcome | None] = [None] * len(candidates)
+        seconds = [0.0] * len(candidates)
+        for i, (genome, reason, attempts) in enumerate(prepared):
             if reason is not None:
-                outcomes.append(Outcome("invalid", reason, {}, genome, repairs))
-                continue
-            result, seconds = results[i]
-            metrics = _metrics_json(result)
-            if result.timed_out:
-                status, why = "timeout", result.error or "evaluation timed out"
-            elif result.error:
-                status, why = "failed", result.error
-            elif (bad := _non_finite(metrics)) is not None:
-                status, why = "failed", bad
-            elif not metrics:
-                status, why = "failed", "evaluation returned no metrics"
-            else:
-                status, why = "ok", None
-            outcomes.append(Outcome(status, why, metrics, genome, repairs, seconds))
+                outcomes[i] = Outcome(
+                    "invalid", reason, {}, genome, len(attempts), 0.0, tuple(attempts)
+                )
+        pending = [i for i, o in enumerate(outcomes) if o is None]
+        while pending:  # a failed run goes back for repair while the repair budget lasts
+            results = self._evaluate_groups([prepared[i][0] for i in pending], stage, seeds)
+            retry = []
+            for i, (result, secs) in zip(pending, results, strict=True):
+                genome, _, attempts = prepared[i]
+                seconds[i] += secs
+                status, why, metrics = _classify(result)
+                if status == "failed" and stage == 0 and len(attempts) < self.max_repairs:
+                    repaired = self.fix(genome, f"run: {why}", (), attempts, labels[i])
+                    if repaired is not None:
+                        prepared[i] = self.prepare(repaired, known, labels[i], attempts)
+                        if prepared[i][1] is None:
+                            retry.append(i)
+                            continue
+                        status, why, metrics, genome = "invalid", prepared[i][1], {}, prepared[i][0]
+                outcomes[i] = Outcome(
+                    status, why, metrics, genome, len(attempts), seconds[i], tuple(attempts)
+                )
+            pending = retry
         return outcomes
+
+
+def _classify(result: EvalResult) -> tuple[str, str | None, dict]:
+    metrics = _metrics_json(result)
+    if result.timed_out:
+        return "timeout", result.error or "evaluation timed out", metrics
+    if result.error:
+        return "failed", result.error, metrics
+    if (bad := _non_finite(metrics)) is not None:
+        return "failed", bad, metrics
+    if not metrics:
+        return "failed", "evaluation returned no metrics", metrics
+    return "ok", None, metrics

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from evolve_jax.agents.analyzer import OfflineAnalyzer
-from evolve_jax.agents.base import AgentEnv, AgentTrio, register_backend
+from evolve_jax.agents.base import AgentEnv, AgentTrio
 from evolve_jax.agents.engineer import RuleEngineer
 from evolve_jax.agents.researcher import OfflineResearcher
 
 
-@register_backend("offline")
 def make_offline(env: AgentEnv) -> AgentTrio:
     return AgentTrio(
         researcher=OfflineResearcher(env.space, env.direction),

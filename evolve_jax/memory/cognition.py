@@ -1,8 +1,10 @@
 """The cognition base: prior knowledge seeded per search space, plus the Analyzer's lessons.
 
-Retrieval is BM25 (bm25s) over title, tags and content. Lessons are persisted in the
-experiment history as write-once records, each with its provenance (node ids and time); a
-lesson that restates an earlier one under the same ``key`` supersedes it at retrieval time.
+Retrieval is BM25 (bm25s) over title, tags and content; with an embedder set, BM25 and
+embedding-cosine rankings are fused by reciprocal rank fusion, so an item that says the same
+thing in other words is found too. Lessons are persisted in the experiment history as
+write-once records, each with its provenance (node ids and time); a lesson that restates an
+earlier one under the same ``key`` supersedes it at retrieval time.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import bm25s
+import numpy as np
 
+from evolve_jax.memory.embeddings import Embedder, cosine_top_k
 from evolve_jax.memory.history import History
 
 # bm25s logs every index build at DEBUG through the root logger; keep run logs readable.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
+_log = logging.getLogger(__name__)
+# The usual reciprocal rank fusion constant: damps the weight of the very first ranks.
+RRF_K = 60
 
 
 class CognitionError(ValueError):
@@ -87,6 +94,11 @@ def _tokens(texts: Sequence[str]):
     return bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
 
 
+def _text(item: Item) -> str:
+    """What an item is indexed (and embedded) as."""
+    return f"{item.title} {' '.join(item.tags)} {item.content}"
+
+
 class Cognition:
     """Items in memory, a BM25 index over them, and write-back of lessons to the history."""
 
@@ -95,6 +107,9 @@ class Cognition:
         self._history = history
         self._index: bm25s.BM25 | None = None
         self._indexed: list[Item] = []
+        self._embedder: Embedder | None = None
+        self._vectors: np.ndarray | None = None  # embeddings of _indexed, made on first use
+        self._visible: frozenset[int] | None = None
         for item in items:
             self._items.setdefault(item.id, item)
         if history is not None:
@@ -143,10 +158,30 @@ class Cognition:
             default=0,
         )
 
+    def restrict(self, visible_nodes: frozenset[int] | None) -> None:
+        """Hides lessons drawn from nodes outside ``visible_nodes`` (None: hides nothing).
+
+        A resumed run designs a step as it was first designed: lessons written after that step
+        began cite nodes it could not see, so they stay out of its retrieval.
+        """
+        if visible_nodes != self._visible:
+            self._visible = visible_nodes
+            self._index = None
+
+    def _items_visible(self) -> list[Item]:
+        if self._visible is None:
+            return list(self._items.values())
+        return [
+            i
+            for i in self._items.values()
+            if i.source != "analyzer" or set(i.provenance.get("nodes", ())) <= self._visible
+        ]
+
     def _live(self) -> list[Item]:
         """Items with superseded lessons dropped (newest per key) and identical texts merged."""
+        items = self._items_visible()
         newest: dict[str, Item] = {}
-        for item in self._items.values():
+        for item in items:
             if item.key is None:
                 continue
             held = newest.get(item.key)
@@ -154,10 +189,8 @@ class Cognition:
                 newest[item.key] = item
         # Prior knowledge in file order, then lessons by id: the same order however the items
         # arrived (live or reloaded on resume), so retrieval ties break the same way.
-        prior = [i for i in self._items.values() if i.source != "analyzer"]
-        lessons = sorted(
-            (i for i in self._items.values() if i.source == "analyzer"), key=lambda i: i.id
-        )
+        prior = [i for i in items if i.source != "analyzer"]
+        lessons = sorted((i for i in items if i.source == "analyzer"), key=lambda i: i.id)
         ordered = prior + lessons
         seen, live = set(), []
         for item in ordered:
@@ -169,16 +202,58 @@ class Cognition:
                 live.append(item)
         return live
 
-    def retrieve(self, query: str, k: int = 5, max_chars: int = 600) -> list[Item]:
-        """The ``k`` items most relevant to ``query`` (score > 0), each clipped to ``max_chars``."""
+    def set_embedder(self, embedder: Embedder | None) -> None:
+        """Turns hybrid retrieval and ``similar`` on (an Embedder) or off (None)."""
+        self._embedder = embedder
+        self._vectors = None
+
+    def _refresh_index(self) -> None:
         if self._index is None:
             self._indexed = self._live()
+            self._vectors = None
             if self._indexed:
                 self._index = bm25s.BM25()
-                docs = [f"{i.title} {' '.join(i.tags)} {i.content}" for i in self._indexed]
-                self._index.index(_tokens(docs), show_progress=False)
+                self._index.index(_tokens([_text(i) for i in self._indexed]), show_progress=False)
+
+    def _cosines(self, embedder: Embedder, text: str) -> list[tuple[int, float]]:
+        """Every indexed item as ``(position, cosine with text)``, best first."""
+        if self._vectors is None:
+            self._vectors = embedder.embed([_text(i) for i in self._indexed])
+        query = embedder.embed([text])[0]
+        return cosine_top_k(query, self._vectors, len(self._indexed))
+
+    def retrieve(self, query: str, k: int = 5, max_chars: int = 600) -> list[Item]:
+        """The ``k`` items most relevant to ``query``, each clipped to ``max_chars``.
+
+        BM25 alone returns only items with a score > 0; with an embedder, its ranking and the
+        embedding ranking (which ranks every item) are fused, so up to ``k`` items come back.
+        """
+        self._refresh_index()
         if self._index is None or not query.strip():
             return []
+        if self._embedder is None:
+            return self._bm25(query, k, max_chars)
+        try:
+            cosines = self._cosines(self._embedder, query)
+        except Exception as e:  # the embedding API being down must not stop the run
+            _log.warning("embedding retrieval failed, using BM25 alone: %r", e)
+            return self._bm25(query, k, max_chars)
+        docs, scores = self._index.retrieve(
+            _tokens([query]), k=len(self._indexed), show_progress=False
+        )
+        # BM25 ties are ranked by item order, as the fused ties are.
+        bm25 = sorted(
+            ((int(d), float(s)) for d, s in zip(docs[0], scores[0], strict=True) if s > 0),
+            key=lambda ds: (-ds[1], ds[0]),
+        )
+        fused = np.zeros(len(self._indexed))
+        for ranking in (bm25, cosines):
+            for rank, (position, _) in enumerate(ranking, start=1):
+                fused[position] += 1.0 / (RRF_K + rank)
+        best = sorted(range(len(self._indexed)), key=lambda p: (-fused[p], p))
+        return [self._indexed[p].clipped(max_chars) for p in best[:k]]
+
+    def _bm25(self, query: str, k: int, max_chars: int) -> list[Item]:
         k = min(k, len(self._indexed))
         docs, scores = self._index.retrieve(_tokens([query]), k=k, show_progress=False)
         return [
@@ -186,3 +261,18 @@ class Cognition:
             for d, s in zip(docs[0], scores[0], strict=True)
             if s > 0
         ]
+
+    def similar(self, text: str, threshold: float) -> list[tuple[Item, float]]:
+        """Live items whose embedding cosine with ``text`` is >= ``threshold``, best first.
+
+        [] without an embedder, or when embedding fails (then nothing gets merged).
+        """
+        self._refresh_index()
+        if self._embedder is None or not self._indexed:
+            return []
+        try:
+            cosines = self._cosines(self._embedder, text)
+        except Exception as e:  # as in retrieve: a lesson kept apart beats a crashed run
+            _log.warning("embedding similarity failed: %r", e)
+            return []
+        return [(self._indexed[p], c) for p, c in cosines if c >= threshold]

@@ -1,0 +1,381 @@
+"""The gemini backend on the wire: the real google-genai SDK against a fake Gemini server.
+
+Every test runs the research loop (the toy search space) with ``--agents=gemini`` pointed at
+``tests/fake_gemini.py`` on 127.0.0.1; nothing in the SDK is stubbed.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from evolve_jax import loop
+from evolve_jax.agents import llm as llm_lib
+from evolve_jax.agents import prompting
+from evolve_jax.config import LLMConfig, RunConfig
+from evolve_jax.memory.history import History
+from evolve_jax.sampling import SamplerConfig
+from evolve_jax.search_space import fingerprint
+from tests.fake_gemini import GENERATE, FakeGemini
+from tests.toy_space import ToySpace
+
+RESEARCHER = "fake-researcher"
+ANALYZER = "fake-analyzer"
+PRICES = {
+    "models": {
+        m: {"input": 1.0, "output": 4.0}
+        for m in (RESEARCHER, "fake-engineer", ANALYZER, "fake-judge", "fake-embedding")
+    }
+}
+
+
+def _system(request):
+    """The system text of a responder's request or of a logged one (which wraps the body)."""
+    return request.get("body", request)["systemInstruction"]["parts"][0]["text"]
+
+
+def _turns(request):
+    return [c["parts"][0]["text"] for c in request.get("body", request)["contents"]]
+
+
+def respond(request) -> str:
+    """A deterministic stand-in for each role, keyed by its template's first words."""
+    system, last = _system(request), _turns(request)[-1]
+    digest = hashlib.sha256("".join(_turns(request)).encode()).digest()
+    if system.startswith("You are the Researcher"):
+        x = [round((b / 255.0) * 6 - 3, 3) for b in digest[:4]]
+        return json.dumps(
+            {"name": f"try {digest[4]}", "motivation": f"move towards {x}", "candidate": {
+                "x": x, "shape": "bowl"}}
+        )  # fmt: skip
+    if system.startswith("You are the Engineer"):
+        candidate = json.loads(last.split("# Candidate\n", 1)[1].split("\n", 1)[0])
+        candidate["x"] = [max(-5.0, min(5.0, v)) for v in candidate["x"]]
+        if candidate.get("shape") == "broken":
+            candidate["shape"] = "bowl"
+        return json.dumps({"diagnosis": "clipped and unbroken", "candidate": candidate})
+    if system.startswith("You are the Analyzer of an automated research loop. Given"):
+        return json.dumps({"analysis": f"analysis {digest[0]}"})
+    if system.startswith("You are the Analyzer"):
+        return json.dumps(
+            {"lessons": [{"title": "Bowls near the target win", "content": "Scores rise.",
+                          "tags": ["bowl"], "nodes": [3]}]}
+        )  # fmt: skip
+    if system.startswith("You are a reviewer"):
+        return json.dumps({"score": 7, "reason": "sound"})
+    raise AssertionError(f"unexpected prompt: {system[:60]}")
+
+
+@pytest.fixture
+def server():
+    with FakeGemini(respond) as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    for name in ("GOOGLE_API_KEY", "GEMINI_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+
+
+@pytest.fixture
+def prices(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps(PRICES))
+    return str(path)
+
+
+def _config(tmp_path, server, prices, name="run", **overrides) -> RunConfig:
+    llm = dict(
+        researcher_model=RESEARCHER, engineer_model="fake-engineer", analyzer_model=ANALYZER,
+        embedding_model="fake-embedding", embedding_dims=32, base_url=server.url, attempts=3,
+        initial_delay_s=0.01, max_delay_s=0.02, timeout_s=10, prices_file=prices,
+    )  # fmt: skip
+    llm.update(overrides.pop("llm", {}))
+    base = dict(
+        search_space="tests.toy_space:ToySpace", workdir=str(tmp_path / name), steps=2,
+        samples_per_step=3, agents="gemini", sampler=SamplerConfig(name="greedy"),
+        llm=LLMConfig(**llm),
+    )  # fmt: skip
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def _run(config, **space_options):
+    return loop.run(config, ToySpace(**space_options))
+
+
+def _researcher_requests(server):
+    return [r for r in server.requests if r["model"] == RESEARCHER]
+
+
+def _slot(summary, step, slot):
+    [node] = [n for n in summary.nodes if n.origin.get("step") == step and n.origin["slot"] == slot]
+    return node
+
+
+def test_three_step_run_records_designs_costs_lessons_and_embeddings(tmp_path, server, prices):
+    summary = _run(_config(tmp_path, server, prices, steps=3))
+    children = [n for n in summary.nodes if n.origin["step"] > 0]
+    assert len(children) == 9 and all(n.operator == "gemini" for n in children)
+    assert len(_researcher_requests(server)) == 9
+    assert all(n.ok for n in children), [(n.name, n.reason) for n in children]
+    assert all(
+        n.analysis.startswith("analysis ") and "Measured: score" in n.analysis for n in children
+    )
+    # Cost per node, priced at the test's rates (1 USD / 4 USD per 1M input / output tokens).
+    llm = children[0].stats["llm"]
+    assert llm["calls"] == 2 and llm["prompt_tokens"] > 500  # researcher + analyzer
+    assert llm["usd"] == pytest.approx((llm["prompt_tokens"] + 4 * llm["output_tokens"]) / 1e6)
+    assert "LLM usage of run 'main'" in summary.report and "estimated $" in summary.report
+    history = History(summary.workdir)
+    assert {k.split("/")[1] for k, _ in history.records("llm_step_usage")} >= {"000001", "000003"}
+    lessons = [v for _, v in history.records("lessons") if "model" in v["tags"]]
+    assert lessons and all(v["provenance"]["nodes"] for v in lessons)
+    assert server.count("batchEmbedContents") >= 1
+    assert os.path.isdir(os.path.join(summary.workdir, "llm_record", "embeddings"))
+
+
+def test_unparseable_answer_is_asked_again_with_the_error(tmp_path, server, prices):
+    server.enqueue(text="this is not json", model=RESEARCHER)
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    node = _slot(summary, 1, 0)
+    assert node.ok and node.stats["design"]["calls"] == 2
+    assert "not valid JSON" in node.stats["design"]["rejected"][0]
+    second = _researcher_requests(server)[1]
+    assert _turns(second)[1] == "this is not json"
+    assert "Your answer was rejected: the answer is not valid JSON" in _turns(second)[2]
+
+
+def test_schema_invalid_genome_is_asked_again_with_the_validation_error(tmp_path, server, prices):
+    bad = {"name": "tri", "motivation": "m", "candidate": {"x": [0, 0, 0, 0], "shape": "triangle"}}
+    server.enqueue(text=json.dumps(bad), model=RESEARCHER, times=3)
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    node = _slot(summary, 1, 0)
+    assert (node.status, node.candidate) == ("invalid", None)
+    assert "no valid answer in 3 calls" in node.reason and "'triangle'" in node.reason
+    asks = _researcher_requests(server)
+    assert len(asks) == 3  # max_reasks = 2
+    assert "shape 'triangle' is not one of" in _turns(asks[1])[-1]
+
+
+def test_rate_limit_then_success_is_retried_by_the_sdk(tmp_path, server, prices):
+    server.enqueue(status=429, model=RESEARCHER)
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    assert _slot(summary, 1, 0).ok
+    assert len(_researcher_requests(server)) == 2  # the 429, then the answer
+
+
+def test_server_error_on_every_attempt_fails_the_slot_and_the_run_goes_on(tmp_path, server, prices):
+    server.enqueue(status=500, model=RESEARCHER, times=3)  # llm attempts = 3
+    summary = _run(_config(tmp_path, server, prices, steps=2, samples_per_step=2, llm={
+        "concurrency": 1}))  # fmt: skip
+    failed = _slot(summary, 1, 0)
+    assert failed.status == "failed" and "500 INTERNAL after 3 attempt(s)" in failed.reason
+    assert failed.reason.startswith("researcher: Gemini API error")
+    assert all(n.ok for n in summary.nodes if n.id != failed.id)
+    assert len([n for n in summary.nodes if n.origin["step"] == 2]) == 2
+
+
+def test_near_duplicate_is_sent_back_with_its_nearest_matches(tmp_path, server, prices):
+    first = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    taken = _slot(first, 1, 0)
+    x = list(taken.candidate["x"])
+    x[0] += 0.001  # not an exact duplicate, the same words otherwise
+    near = {"name": "again", "motivation": taken.motivation, "candidate": {"x": x, "shape": "bowl"}}
+    server.enqueue(text=json.dumps(near), model=RESEARCHER)
+    config = _config(tmp_path, server, prices, steps=2, samples_per_step=1,
+                     llm={"novelty_threshold": 0.9})  # fmt: skip
+    summary = _run(config)
+    node = _slot(summary, 2, 0)
+    [sent_back] = node.stats["design"]["sent_back"]
+    assert sent_back[0][0] == f"node {taken.id} {taken.name}" and sent_back[0][1] >= 0.9
+    assert fingerprint(node.candidate) != fingerprint(near["candidate"])
+    resend = _researcher_requests(server)[-1]
+    assert "too close to what was already tried: node" in _turns(resend)[-1]
+
+
+def test_budget_stops_at_a_step_boundary_and_prints_the_table(tmp_path, server, prices):
+    # What the seed step and step 1 cost, measured on a first run; the budget lies between.
+    probe = _config(tmp_path, server, prices, "probe", steps=1, samples_per_step=2)
+    _run(probe)
+    spent = loop.ResearchLoop(probe, ToySpace())
+    after_step_1 = spent.spent_usd()
+    after_seeds = sum(n.stats["llm"]["usd"] for n in spent.history.nodes() if n.origin["step"] == 0)
+    budget = (after_seeds + after_step_1) / 2
+    config = _config(tmp_path, server, prices, steps=5, samples_per_step=2, budget_usd=budget)
+    summary = _run(config)
+    per_step = collections.Counter(n.origin["step"] for n in summary.nodes)
+    assert per_step == {0: 3, 1: 2}  # stopped before step 2, nothing half-written
+    assert "rank" in summary.report and f"of a ${budget:.2f} budget" in summary.report
+    assert loop.ResearchLoop(config, ToySpace()).spent_usd() == pytest.approx(after_step_1)
+
+
+def test_replay_with_the_server_stopped_gives_the_same_history(tmp_path, server, prices):
+    record = str(tmp_path / "record")
+    first = _run(_config(tmp_path, server, prices, "a", llm={"record_dir": record}))
+    calls = len(server.requests)
+    server.stop()
+    again = _run(_config(tmp_path, server, prices, "b", llm={"record_dir": record}))
+    assert len(server.requests) == calls  # zero network calls
+    assert loop.same_history(first.nodes, again.nodes)
+    assert again.nodes[-1].stats["llm"] == first.nodes[-1].stats["llm"]
+
+
+def test_resumed_run_replays_what_was_already_answered(tmp_path, server, prices):
+    _run(_config(tmp_path, server, prices, steps=1))
+    before = len(_researcher_requests(server))
+    _run(_config(tmp_path, server, prices, steps=2))
+    assert len(_researcher_requests(server)) - before == 3  # step 2 only; step 1 replayed
+
+
+def test_history_does_not_depend_on_the_order_answers_arrive(tmp_path, prices):
+    histories = []
+    for seed in (0, 1):
+        jitter = random.Random(seed)
+
+        def slow(request, jitter=jitter):
+            if _system(request).startswith("You are the Researcher"):
+                import time
+
+                time.sleep(jitter.random() * 0.2)
+            return respond(request)
+
+        with FakeGemini(slow) as fake:
+            summary = _run(_config(tmp_path, fake, prices, f"order{seed}", llm={"concurrency": 3}))
+        histories.append(summary.nodes)
+    assert loop.same_history(*histories)
+
+
+def test_unknown_model_is_a_recorded_reason_not_a_crash(tmp_path, prices):
+    with FakeGemini(respond, known_models={ANALYZER, "fake-engineer", "fake-embedding"}) as fake:
+        config = _config(tmp_path, fake, prices, steps=1, samples_per_step=2,
+                         llm={"concurrency": 1})  # fmt: skip
+        summary = _run(config)
+        asked = len([r for r in fake.requests if r["model"] == RESEARCHER])
+    children = [n for n in summary.nodes if n.origin["step"] == 1]
+    assert all(n.status == "failed" for n in children)
+    assert all(f"model '{RESEARCHER}' not found (404" in n.reason for n in children)
+    assert asked == 1  # a missing model is not asked again
+
+
+def test_answer_cut_off_at_the_token_limit_is_a_recorded_reason(tmp_path, server, prices):
+    server.enqueue(text='{"name": "cut', finish_reason="MAX_TOKENS", model=RESEARCHER, times=3)
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    node = _slot(summary, 1, 0)
+    assert node.status == "invalid" and "cut off at the output-token limit" in node.reason
+
+
+def test_engineer_repairs_a_failed_run_with_the_model(tmp_path, server, prices):
+    broken = {"name": "b", "motivation": "m", "candidate": {"x": [1, 1, 1, 1], "shape": "broken"}}
+    server.enqueue(text=json.dumps(broken), model=RESEARCHER)
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    node = _slot(summary, 1, 0)
+    [attempt] = node.stats["repair_attempts"]
+    assert attempt["by"] == "model" and "non-finite metric" in attempt["reason"]
+    assert node.ok and node.candidate["shape"] == "bowl"
+
+
+def test_judge_score_is_normalised_and_blended_apart_from_the_metrics(tmp_path, server, prices):
+    config = _config(tmp_path, server, prices, steps=1, samples_per_step=1,
+                     llm={"judge_model": "fake-judge", "judge_weight": 0.2})  # fmt: skip
+    summary = _run(config, baseline="origin")
+    node = _slot(summary, 1, 0)
+    judge = node.stats["judge"]
+    assert (judge["score"], judge["normalised"]) == (7, pytest.approx(6 / 9))
+    assert node.score == pytest.approx(0.8 * node.stats["measured_score"] + 0.2 * 6 / 9)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_credentials_resolution():
+    config = LLMConfig()
+    assert llm_lib.resolve_credentials(config, {"GEMINI_API_KEY": "k"}).api_key == "k"
+    same = {"GEMINI_API_KEY": "k", "GOOGLE_API_KEY": "k"}
+    assert llm_lib.resolve_credentials(config, same).api_key == "k"
+    with pytest.raises(llm_lib.CredentialsError, match="both set, to different keys"):
+        llm_lib.resolve_credentials(config, {"GEMINI_API_KEY": "a", "GOOGLE_API_KEY": "b"})
+    with pytest.raises(llm_lib.CredentialsError, match="set GEMINI_API_KEY"):
+        llm_lib.resolve_credentials(config, {})
+    vertex = dataclasses.replace(config, vertex=True)
+    with pytest.raises(llm_lib.CredentialsError, match="--vertex_project"):
+        llm_lib.resolve_credentials(vertex, {})
+    env = {"GOOGLE_CLOUD_PROJECT": "p", "GOOGLE_CLOUD_LOCATION": "us-central1"}
+    assert llm_lib.resolve_credentials(vertex, env).project == "p"
+    with pytest.raises(llm_lib.CredentialsError, match="also set"):
+        llm_lib.resolve_credentials(vertex, {**env, "GEMINI_API_KEY": "k"})
+
+
+def _cli(tmp_path, *args, env_keys=None):
+    env = {k: v for k, v in os.environ.items() if "API_KEY" not in k and "GENAI" not in k}
+    env.update(env_keys or {})
+    workdir = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "evolve_jax.main", "--search_space=tests.toy_space:ToySpace",
+         f"--workdir={workdir}", "--agents=gemini", *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    return result, workdir
+
+
+@pytest.mark.parametrize(
+    "args, keys, message",
+    [
+        ((), {}, "error: --agents=gemini needs credentials: set GEMINI_API_KEY"),
+        ((), {"GEMINI_API_KEY": "a", "GOOGLE_API_KEY": "b"}, "both set, to different keys"),
+        (("--prices_file=/nonexistent.json",), {"GEMINI_API_KEY": "a"}, "cannot be read"),
+        (("--researcher_model=gemini-9",), {"GEMINI_API_KEY": "a"}, "no price for gemini-9"),
+        (("--agents=oracle",), {}, "unknown agent backend 'oracle'"),
+    ],
+)
+def test_bad_setup_is_one_line_and_exit_2_before_any_work(tmp_path, args, keys, message):
+    result, workdir = _cli(tmp_path, *args, env_keys=keys)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr and not workdir.exists()
+
+
+def test_malformed_prices_and_templates_name_the_file(tmp_path):
+    bad = tmp_path / "prices.json"
+    bad.write_text('{"models": {"m": {"input": "cheap"}}}')
+    with pytest.raises(llm_lib.PricesError, match="needs a non-negative number 'input'"):
+        llm_lib.Prices(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(llm_lib.PricesError, match="cannot be read"):
+        llm_lib.Prices(str(bad))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "judge.txt").write_text("[system]\n$task $oops\n[prompt]\n$node $parent\n")
+    with pytest.raises(prompting.PromptError, match=r"judge.txt.*unknown \$oops"):
+        prompting.Template("judge", str(prompts))
+    (prompts / "judge.txt").write_text("[system]\n$task\n[prompt]\n$node\n")
+    with pytest.raises(prompting.PromptError, match=r"missing \$parent"):
+        prompting.Template("judge", str(prompts))
+    (prompts / "judge.txt").write_text("no sections")
+    with pytest.raises(prompting.PromptError, match="must be a \\[system\\] section"):
+        prompting.Template("judge", str(prompts))
+    with pytest.raises(prompting.PromptError, match="cannot be read"):
+        prompting.Template("analyzer", str(prompts))
+
+
+def test_shipped_templates_load_and_the_budget_cuts_with_a_marker():
+    for role in prompting.ROLES:
+        prompting.Template(role)
+    fitted = prompting.fit({"short": "a" * 40, "long": "b" * 10_000}, budget_tokens=500)
+    assert fitted["short"] == "a" * 40  # the short part keeps all of its share
+    assert len(fitted["long"]) <= 2000 - 40 and "characters cut to fit" in fitted["long"]
+    assert sum(len(t) for t in fitted.values()) <= 2000
+
+
+def test_static_prompt_part_comes_first_and_is_the_same_for_every_call(tmp_path, server, prices):
+    _run(_config(tmp_path, server, prices, steps=1))
+    systems = {_system(r) for r in _researcher_requests(server) if r["method"] == GENERATE}
+    assert len(systems) == 1 and "Genome schema" in next(iter(systems))
