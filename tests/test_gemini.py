@@ -379,3 +379,9 @@ def test_static_prompt_part_comes_first_and_is_the_same_for_every_call(tmp_path,
     _run(_config(tmp_path, server, prices, steps=1))
     systems = {_system(r) for r in _researcher_requests(server) if r["method"] == GENERATE}
     assert len(systems) == 1 and "Genome schema" in next(iter(systems))
+
+
+def test_gemini_flagfile_parses_and_asks_for_credentials_before_any_work(tmp_path):
+    result, _ = _cli(tmp_path, "--flagfile=configs/gemini.flags", f"--workdir={tmp_path / 'g'}")
+    assert result.returncode == 2 and "needs credentials" in result.stderr
+    assert not (tmp_path / "g").exists()
