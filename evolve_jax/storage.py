@@ -77,3 +77,13 @@ def epath(location: str):
 
     path = local_path(location)
     return _epath.Path(path if path is not None else to_url(location))
+
+
+def store_url(workdir: str, name: str) -> str:
+    """The checked base URL (ending in '/') of the key-value store ``name`` under ``workdir``."""
+    check_workdir(workdir)
+    url = join(workdir, name)
+    local = local_path(url)
+    if local is not None and os.path.exists(local) and not os.path.isdir(local):
+        raise StorageError(f"{local!r} is a file, not the directory of the {name} store")
+    return url + "/"

@@ -13,7 +13,6 @@ harmless: the same text gets the same vector.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,16 +44,12 @@ class EmbeddingStore:
 
     def __init__(self, workdir: str):
         try:
-            storage.check_workdir(workdir)
+            url = storage.store_url(workdir, "embeddings")
         except storage.StorageError as e:
             raise EmbeddingStoreError(str(e)) from e
-        url = storage.join(workdir, "embeddings")
-        local = storage.local_path(url)
-        if local is not None and os.path.exists(local) and not os.path.isdir(local):
-            raise EmbeddingStoreError(f"{local!r} is a file, not an embedding store directory")
         try:
             self._kv = ts.KvStore.open(
-                {"driver": "ocdbt", "base": url + "/", "config": _OCDBT_CONFIG}
+                {"driver": "ocdbt", "base": url, "config": _OCDBT_CONFIG}
             ).result()
         except ValueError as e:
             raise EmbeddingStoreError(f"cannot open the embedding store at {url}: {e}") from e

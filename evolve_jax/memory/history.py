@@ -122,14 +122,9 @@ def _stage_key(node_id: int, stage: int) -> bytes:
 def kvstore_url(workdir: str) -> str:
     """The OCDBT base URL of a workdir's history (see evolve_jax.storage)."""
     try:
-        storage.check_workdir(workdir)
+        return storage.store_url(workdir, "history")
     except storage.StorageError as e:
         raise HistoryError(str(e)) from e
-    url = storage.join(workdir, "history")
-    history = storage.local_path(url)
-    if history is not None and os.path.exists(history) and not os.path.isdir(history):
-        raise HistoryError(f"{history!r} is a file, not a history store directory")
-    return url + "/"
 
 
 class History:
