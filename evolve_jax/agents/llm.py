@@ -1,9 +1,9 @@
 """Gemini calls for the agents: credentials, retries, usage and price, and exact replay.
 
 Every call goes through ``LLM.generate``. Its answer (or its final error) is written once to a
-TensorStore record keyed by the model, the contents and the settings, so the same call made
-again, by a resumed run or by the same command over a fresh history, is answered from the
-record with no network call. Usage comes from the answer's ``usage_metadata`` and is priced
+TensorStore record keyed by the model, the contents, the settings and the slot, so the same
+call made again, by a resumed run or by the same command over a fresh history, is answered from
+the record with no network call. Usage comes from the answer's ``usage_metadata`` and is priced
 with the rates in ``prices.json``; replayed answers carry the usage they were first billed.
 """
 
@@ -336,6 +336,9 @@ class LLM:
     ) -> Answer:
         """Asks ``model`` (or the record); raises LLMError with the reason when it fails."""
         request = {
+            # The label (slot) is part of the key: two slots that send the same prompt at once
+            # get an answer each, whichever finishes first, so replay stays exact.
+            "label": label,
             "model": model,
             "system": system,
             "turns": [list(t) for t in turns],
