@@ -17,6 +17,15 @@ import tensorstore as ts
 _SCHEMES = ("file://", "gs://")
 
 
+# Small B-tree nodes: a commit rewrites only the O(log N) nodes on its path, so appending the
+# 10,000th key costs what the 100th did (the 8 MiB default makes every commit rewrite one big
+# leaf). Fixed when a store is created; later opens read it from the manifest.
+OCDBT_CONFIG = {"max_decoded_node_bytes": 32 * 1024}
+# The storage generation of a key with no value: writing with if_equal=ABSENT succeeds only if
+# the key does not exist (if_equal=b"" would be unconditional).
+ABSENT = ts.KvStore.open({"driver": "memory"}).result().read(b"k").result().stamp.generation
+
+
 class StorageError(ValueError):
     """A workdir that cannot be used; the message says why."""
 
@@ -87,3 +96,11 @@ def store_url(workdir: str, name: str) -> str:
     if local is not None and os.path.exists(local) and not os.path.isdir(local):
         raise StorageError(f"{local!r} is a file, not the directory of the {name} store")
     return url + "/"
+
+
+def open_kvstore(url: str, what: str) -> ts.KvStore:
+    """The OCDBT key-value store at ``url`` (created if absent); StorageError names ``what``."""
+    try:
+        return ts.KvStore.open({"driver": "ocdbt", "base": url, "config": OCDBT_CONFIG}).result()
+    except ValueError as e:
+        raise StorageError(f"cannot open the {what} at {url}: {e}") from e

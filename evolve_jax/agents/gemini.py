@@ -133,7 +133,7 @@ class Shared:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def ask(self, role: str, model: str, variable: dict[str, str], static: dict, schema, label):
-        """One question, answered as JSON: ``(parsed answer, raw text)``.
+        """One question; returns the answer parsed as a JSON object.
 
         Raises llm_lib.LLMError (the call failed) or llm_lib.AnswerError (unusable answer).
         """

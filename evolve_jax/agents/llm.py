@@ -22,14 +22,12 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 from absl import logging
 from google import genai
 from google.genai import errors, types
 
 from evolve_jax import storage
 from evolve_jax.config import LLMConfig
-from evolve_jax.memory.history import _ABSENT
 
 _API_KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 _EMBED_CHARS = 8000  # about the embedding models' 2,048-token input limit
@@ -132,10 +130,6 @@ class Usage:
         record = record or {}
         return cls(**{f.name: record.get(f.name, 0) or 0 for f in dataclasses.fields(cls)})
 
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.output_tokens + self.thinking_tokens
-
 
 class Prices:
     """USD per million tokens, per model, read from a JSON file."""
@@ -192,15 +186,10 @@ class Ledger:
     def __init__(self):
         self._lock = threading.Lock()
         self._by_label: dict[str, Usage] = collections.defaultdict(Usage)
-        self.network_calls = 0
 
     def charge(self, label: str, usage: Usage) -> None:
         with self._lock:
             self._by_label[label].add(usage)
-
-    def count_network_call(self) -> None:
-        with self._lock:
-            self.network_calls += 1
 
     def take(self, label: str) -> Usage:
         """The usage charged to ``label`` so far, removed from the ledger."""
@@ -223,7 +212,7 @@ class CallRecord:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/") + "/"
-        self._kv = ts.KvStore.open({"driver": "ocdbt", "base": self.url}).result()
+        self._kv = storage.open_kvstore(self.url, "LLM call record")
 
     def get(self, key: str) -> dict[str, Any] | None:
         result = self._kv.read(key.encode()).result()
@@ -237,7 +226,7 @@ class CallRecord:
 
     def put(self, key: str, value: Mapping[str, Any]) -> None:
         data = json.dumps(value, sort_keys=True).encode()
-        self._kv.write(key.encode(), data, if_equal=_ABSENT).result()
+        self._kv.write(key.encode(), data, if_equal=storage.ABSENT).result()
 
 
 def call_key(request: Mapping[str, Any]) -> str:
@@ -252,7 +241,6 @@ class Answer:
     text: str
     finish_reason: str
     usage: Usage
-    replayed: bool
 
     def json(self) -> Any:
         """The answer parsed as JSON; AnswerError names why it cannot be."""
@@ -346,7 +334,6 @@ class LLM:
         }
         key = call_key(request)
         stored = self.record.get(key)
-        replayed = stored is not None
         if stored is None:
             stored = self._call(model, system, turns, schema)
             self.record.put(key, stored)
@@ -356,7 +343,7 @@ class LLM:
             if stored.get("code") == 404:
                 self._missing_models.setdefault(model, stored["error"])
             raise LLMError(stored["error"], stored.get("code"))
-        return Answer(stored["text"], stored["finish_reason"], usage, replayed)
+        return Answer(stored["text"], stored["finish_reason"], usage)
 
     def _call(self, model, system, turns, schema) -> dict[str, Any]:
         if model in self._missing_models:
@@ -374,7 +361,6 @@ class LLM:
         )
         contents = [types.Content(role=role, parts=[types.Part(text=text)]) for role, text in turns]
         start = time.perf_counter()
-        self.ledger.count_network_call()
         try:
             response = self.client.models.generate_content(
                 model=model, contents=contents, config=config
@@ -420,7 +406,6 @@ class LLM:
         model, dims = self.config.embedding_model, self.config.embedding_dims
 
         def embed(texts: list[str]) -> np.ndarray:
-            self.ledger.count_network_call()
             try:
                 response = self.client.models.embed_content(
                     model=model,

@@ -10,7 +10,6 @@ estimate) with an explicit marker where text was cut.
 from __future__ import annotations
 
 import dataclasses
-import math
 import string
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -32,10 +31,6 @@ ROLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 class PromptError(ValueError):
     """A template that is missing or malformed; the message names the file."""
-
-
-def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
 def cut(text: str, max_chars: int) -> str:
@@ -75,10 +70,6 @@ def fit(sections: Mapping[str, str], budget_tokens: int) -> dict[str, str]:
 class Prompt:
     system: str
     user: str
-
-    @property
-    def tokens(self) -> int:
-        return estimate_tokens(self.system) + estimate_tokens(self.user)
 
 
 class Template:

@@ -17,10 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 
 from evolve_jax import storage
-from evolve_jax.memory.history import _ABSENT, _OCDBT_CONFIG
 
 _DTYPE = np.dtype("<f4")
 
@@ -45,14 +43,9 @@ class EmbeddingStore:
     def __init__(self, workdir: str):
         try:
             url = storage.store_url(workdir, "embeddings")
+            self._kv = storage.open_kvstore(url, "embedding store")
         except storage.StorageError as e:
             raise EmbeddingStoreError(str(e)) from e
-        try:
-            self._kv = ts.KvStore.open(
-                {"driver": "ocdbt", "base": url, "config": _OCDBT_CONFIG}
-            ).result()
-        except ValueError as e:
-            raise EmbeddingStoreError(f"cannot open the embedding store at {url}: {e}") from e
         self.url = url
 
     def get_many(
@@ -87,7 +80,7 @@ class EmbeddingStore:
             raise ValueError(f"put_many: non-finite values in embeddings of {model!r}")
         matrix = _normalise(matrix).astype(_DTYPE)
         futures = [
-            self._kv.write(key(model, dims, task, t), row.tobytes(), if_equal=_ABSENT)
+            self._kv.write(key(model, dims, task, t), row.tobytes(), if_equal=storage.ABSENT)
             for t, row in zip(texts, matrix, strict=True)
         ]
         for future in futures:

@@ -33,13 +33,6 @@ _NODE_PREFIX = b"nodes/"
 _STAGE_PREFIX = b"stages/"
 _COUNTER = b"counters/next_node"
 _MAX_CAS_ATTEMPTS = 10_000
-# Small B-tree nodes: a commit rewrites only the O(log N) nodes on its path, so appending the
-# 10,000th node costs what the 100th did (the 8 MiB default makes every commit rewrite one big
-# leaf). Fixed when the store is created; later opens read it from the manifest.
-_OCDBT_CONFIG = {"max_decoded_node_bytes": 32 * 1024}
-# The storage generation of a key with no value: writing with if_equal=_ABSENT succeeds only if
-# the key does not exist (if_equal=b"" would be unconditional).
-_ABSENT = ts.KvStore.open({"driver": "memory"}).result().read(b"k").result().stamp.generation
 
 
 class HistoryError(RuntimeError):
@@ -137,11 +130,9 @@ class History:
         if not create and local is not None and not os.path.isdir(local):
             raise HistoryError(f"no experiment history under {workdir!r}")
         try:
-            self._kv = ts.KvStore.open(
-                {"driver": "ocdbt", "base": url, "config": _OCDBT_CONFIG}
-            ).result()
-        except ValueError as e:
-            raise HistoryError(f"cannot open the experiment history at {url}: {e}") from e
+            self._kv = storage.open_kvstore(url, "experiment history")
+        except storage.StorageError as e:
+            raise HistoryError(str(e)) from e
         self._nodes: dict[int, Node] = {}
         self._last_key = b""
         self._meta: dict[str, Any] | None = None
@@ -277,7 +268,7 @@ class History:
                 with ts.Transaction(atomic=True) as txn:
                     kv = self._kv.with_transaction(txn)
                     kv.write(_COUNTER, b"%d" % (node_id + 1), if_equal=counter.stamp.generation)
-                    kv.write(_node_key(node_id), value, if_equal=_ABSENT)
+                    kv.write(_node_key(node_id), value, if_equal=storage.ABSENT)
             except ValueError as e:
                 if "mismatch" in str(e).lower() or "ABORTED" in str(e):
                     continue  # another writer took this id first: read the counter again
@@ -297,7 +288,7 @@ class History:
         """Writes ``value`` at ``key`` unless the key exists; returns whether it was written."""
         key = key.encode() if isinstance(key, str) else key
         data = json.dumps(_finite_or_none(value), sort_keys=True, allow_nan=False).encode()
-        stamp = self._kv.write(key, data, if_equal=_ABSENT).result()
+        stamp = self._kv.write(key, data, if_equal=storage.ABSENT).result()
         return bool(stamp.generation)
 
     def records(self, kind: str) -> list[tuple[str, Any]]:
