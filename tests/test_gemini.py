@@ -22,7 +22,9 @@ from evolve_jax.config import LLMConfig, RunConfig
 from evolve_jax.memory.history import History
 from evolve_jax.sampling import SamplerConfig
 from evolve_jax.search_space import fingerprint
+from tests.conftest import TOY, run_cli
 from tests.fake_gemini import GENERATE, FakeGemini
+from tests.test_loop import _run_until
 from tests.toy_space import ToySpace
 
 RESEARCHER = "fake-researcher"
@@ -385,3 +387,35 @@ def test_gemini_flagfile_parses_and_asks_for_credentials_before_any_work(tmp_pat
     result, _ = _cli(tmp_path, "--flagfile=configs/gemini.flags", f"--workdir={tmp_path / 'g'}")
     assert result.returncode == 2 and "needs credentials" in result.stderr
     assert not (tmp_path / "g").exists()
+
+
+def test_sigkill_mid_step_then_resume_replays_what_was_answered(tmp_path, server, prices):
+    """The driver is killed between two commits of step 2 (all of its designs answered); the
+    resumed run asks the Researcher nothing again and ends with the uninterrupted history."""
+    flags = (
+        f"--search_space={TOY}", "--agents=gemini", "--steps=2", "--samples_per_step=3",
+        "--sampler=greedy", f"--researcher_model={RESEARCHER}", "--engineer_model=fake-engineer",
+        f"--analyzer_model={ANALYZER}", "--embedding_model=fake-embedding",
+        "--embedding_dims=32", f"--gemini_base_url={server.url}", f"--prices_file={prices}",
+        "--llm_attempts=2", "--llm_retry_delay_s=0.01", "--agent_concurrency=1",
+    )  # fmt: skip
+    reference = run_cli("evolve_jax.main", *flags, f"--workdir={tmp_path / 'ref'}")
+    assert reference.returncode == 0, reference.stderr
+    expected = History(str(tmp_path / "ref")).nodes()
+
+    workdir = tmp_path / "killed"
+    slow = "--space_opt=record_delay=0.5"  # commits half a second apart: the kill lands between
+    args = [sys.executable, "-m", "evolve_jax.main", *flags, f"--workdir={workdir}", slow]
+    before = len(server.requests)
+    _run_until(args, "step 2/2 slot 0")
+    killed = History(str(workdir)).nodes()
+    assert [n.origin["step"] for n in killed].count(2) == 1  # mid-step: one of three committed
+    asked = len(_researcher_requests(server))
+    assert asked - len([r for r in server.requests[:before] if r["model"] == RESEARCHER]) == 6
+
+    done = run_cli("evolve_jax.main", *flags, f"--workdir={workdir}", slow)
+    assert done.returncode == 0, done.stderr
+    assert len(_researcher_requests(server)) == asked  # every design replayed from the record
+    resumed = History(str(workdir)).nodes()
+    assert [n.to_json() for n in resumed[: len(killed)]] == [n.to_json() for n in killed]
+    assert loop.same_history(resumed, expected)
