@@ -6,6 +6,24 @@ import dataclasses
 
 from evolve_jax.sampling import SamplerConfig
 
+# Code mode: the kinds of change a model-backed Researcher makes to a program.
+EDIT_KINDS = ("diff", "rewrite", "crossover")
+
+
+def parse_edit_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """``"diff=0.7,rewrite=0.2,crossover=0.1"`` -> pairs; raises ValueError naming the problem."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        kind, sep, weight = part.partition("=")
+        if not sep or kind.strip() not in EDIT_KINDS:
+            raise ValueError(f"edit mix {text!r}: {part!r} is not KIND=WEIGHT ({EDIT_KINDS})")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"edit mix {text!r}: weight {weight!r} is not a number") from None
+        pairs.append((kind.strip(), value))
+    return tuple(pairs)
+
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
@@ -38,8 +56,18 @@ class LLMConfig:
     novelty_threshold: float = 0.95  # cosine above which a proposal is sent back
     novelty_retries: int = 1
     judge_weight: float = 0.0
+    # Code mode: the share of slots asking for each kind of change (normalised).
+    edit_mix: tuple[tuple[str, float], ...] = (("diff", 0.7), ("rewrite", 0.2), ("crossover", 0.1))
 
     def __post_init__(self):
+        if isinstance(self.edit_mix, str):
+            object.__setattr__(self, "edit_mix", parse_edit_mix(self.edit_mix))
+        weights = dict(self.edit_mix)
+        bad = [w for w in weights.values() if not 0 <= w < float("inf")]
+        if set(weights) - set(EDIT_KINDS) or bad:
+            raise ValueError(f"edit_mix {self.edit_mix}: kinds {EDIT_KINDS}, finite weights >= 0")
+        if not sum(weights.values()) > 0:
+            raise ValueError(f"edit_mix {self.edit_mix}: the weights must not all be 0")
         for name in ("attempts", "embedding_dims", "max_output_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

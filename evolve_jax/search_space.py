@@ -104,6 +104,20 @@ class EvalResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class CodeSpec:
+    """Code mode: candidates are programs ``{"source": text}`` built on a template.
+
+    ``template`` is the program text whose EVOLVE-BLOCKs may change (``evolve_jax.programs``);
+    ``interface`` says, for the prompts, what the blocks must implement.
+    """
+
+    template: str
+    path: str
+    interface: str
+    language: str = "python"
+
+
+@dataclasses.dataclass(frozen=True)
 class DescriptorAxis:
     """One behaviour-descriptor axis of the MAP-Elites grid."""
 
@@ -139,6 +153,10 @@ class SearchSpace(abc.ABC):
 
     @abc.abstractmethod
     def operators(self) -> dict[str, Operator]: ...
+
+    def code_spec(self) -> CodeSpec | None:
+        """The template of code mode, or None when candidates are genomes."""
+        return None
 
     def check(self, genome: Genome) -> list[CheckFailure]:
         """Cheap static checks; an empty list means the candidate may run."""
