@@ -23,6 +23,7 @@ from absl import logging
 from evolve_jax import report
 from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
 from evolve_jax.config import RunConfig
+from evolve_jax.evaluation import workers
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, worst_score
@@ -59,6 +60,9 @@ class ResearchLoop:
         self.sampler = make_sampler(
             config.sampler, self.direction, self.space.descriptors(), config.run_name
         )
+        if self.space.code_spec() is not None:
+            # Programs run in sandboxed workers, which own the accelerators (workers.py).
+            workers.keep_controller_off_accelerators()
         self.devices = jax.devices()
         self.agents = make_agents(
             config.agents,

@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from evolve_jax import search_space, storage
 from evolve_jax.agents.base import backend_factory
 from evolve_jax.cli import parse_flags
-from evolve_jax.config import LLMConfig, RunConfig
+from evolve_jax.config import LLMConfig, RunConfig, parse_edit_mix
 from evolve_jax.sampling import SAMPLERS, SamplerConfig
 
 _SEARCH_SPACE = flags.DEFINE_string(
@@ -118,6 +118,11 @@ _NOVELTY_THRESHOLD = flags.DEFINE_float(
 _NOVELTY_RETRIES = flags.DEFINE_integer(
     "novelty_retries", LLMConfig.novelty_retries, "Send-backs per proposal.", lower_bound=0
 )
+_EDIT_MIX = flags.DEFINE_string(
+    "edit_mix", "diff=0.7,rewrite=0.2,crossover=0.1",
+    "Code mode: share of slots asking for SEARCH/REPLACE edits, a rewrite of the EVOLVE-BLOCKs, "
+    "or a crossover of two parents.",
+)  # fmt: skip
 _BUDGET_USD = flags.DEFINE_float(
     "budget_usd", None, "Stop at a step boundary once the LLM cost reaches this.", lower_bound=0
 )
@@ -224,6 +229,7 @@ def config_from_flags() -> RunConfig:
             max_reasks=_MAX_REASKS.value,
             novelty_threshold=_NOVELTY_THRESHOLD.value,
             novelty_retries=_NOVELTY_RETRIES.value,
+            edit_mix=parse_edit_mix(_EDIT_MIX.value),
         ),
     )
 
@@ -278,7 +284,17 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.INFO)
-    setup_devices()
+    if space.code_spec() is None:
+        setup_devices()
+    else:
+        # Code mode: sandboxed workers own the accelerators; this process keeps JAX on the CPU.
+        from evolve_jax.evaluation import workers
+
+        workers.keep_controller_off_accelerators()
+        if _PLATFORM.value != "any":
+            message = "--platform applies to genome mode; in code mode workers use what they find"
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
 
     from evolve_jax.loop import LoopError, run
     from evolve_jax.memory.cognition import CognitionError

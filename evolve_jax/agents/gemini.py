@@ -35,12 +35,13 @@ from evolve_jax.agents.base import (
     Researcher,
 )
 from evolve_jax.agents.engineer import RuleEngineer
-from evolve_jax.agents.prompting import ROLES, Template, load_templates
+from evolve_jax.agents.prompting import ROLES, Prompt, Template, load_templates
 from evolve_jax.agents.researcher import OfflineResearcher, OperatorBandit, family
 from evolve_jax.config import LLMConfig
 from evolve_jax.memory.cognition import Cognition
 from evolve_jax.memory.embeddings import Embedder, EmbeddingStore, cosine_top_k
 from evolve_jax.memory.history import Node
+from evolve_jax.programs import Program, ProgramError, load_template
 from evolve_jax.search_space import Genome, GenomeError, SearchSpace, fingerprint
 
 OPERATOR = "gemini"  # the operator name of model-designed children (the bandit tracks it)
@@ -56,9 +57,24 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")[:40] or "idea"
 
 
+def is_program(candidate: Any) -> bool:
+    return isinstance(candidate, dict) and set(candidate) == {"source"}
+
+
+def show(candidate: Any) -> str:
+    """A candidate as the prompts show it: a genome as JSON, a program as its EVOLVE-BLOCKs."""
+    if not is_program(candidate):
+        return _json(candidate)
+    try:
+        blocks = Program.parse(candidate["source"]).blocks
+    except ProgramError:
+        return f"(a program without valid EVOLVE-BLOCKs)\n{candidate['source']}"
+    return "\n".join(f"[EVOLVE-BLOCK {i + 1}]\n{b.rstrip()}" for i, b in enumerate(blocks))
+
+
 def node_text(motivation: str, candidate: Genome) -> str:
     """What novelty compares: a node's motivation and its candidate."""
-    return f"{motivation}\n{_json(candidate)}"
+    return f"{motivation}\n{show(candidate)}"
 
 
 def describe_task(space: SearchSpace) -> str:
@@ -94,7 +110,7 @@ def describe_node(node: Node, analysis_chars: int = _ANALYSIS_CHARS) -> str:
             f"  stage {stage} ({record.get('stage_name')}): {record.get('status')}, score "
             f"{score_text}, metrics {_json(record.get('metrics', {}))}"
         )
-    lines.append(f"  candidate: {_json(node.candidate)}")
+    lines.append(f"  candidate: {show(node.candidate)}")
     if node.analysis:
         analysis = node.analysis
         if len(analysis) > analysis_chars:
@@ -157,14 +173,28 @@ class Shared:
 # ---------------------------------------------------------------- Researcher
 
 
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """One slot's request to the Researcher model: the prompt, the answer's schema, the lineage."""
+
+    prompt: Prompt
+    schema: dict[str, Any]
+    operator: str
+    parents: tuple[Node, ...]
+
+
 class GeminiResearcher(Researcher):
+    """Genome mode: the model answers with a whole genome, constrained by the genome schema."""
+
+    model_operators: tuple[str, ...] = (OPERATOR,)  # how the model makes children (statistics)
+
     def __init__(self, shared: Shared, direction: str):
         self.shared = shared
         self.config = shared.config
         self.space = shared.space
         self.batch_size = self.config.concurrency
         self.offline = OfflineResearcher(shared.space, direction)
-        self.stats = OperatorBandit([*sorted(self.offline.operators), OPERATOR])
+        self.stats = OperatorBandit([*sorted(self.offline.operators), *self.model_operators])
         self.direction = direction
         self.view: list[Node] = []
         self._view_vectors: np.ndarray | None = None
@@ -220,7 +250,15 @@ class GeminiResearcher(Researcher):
             ),
         }
 
-    def _check(self, parsed: Any, taken: dict[str, str]) -> tuple[str, str, Genome]:
+    def _design(self, context: DesignContext) -> Design:
+        prompt = self.shared.templates["researcher"].render(
+            {"task": self.shared.task, **self.static},
+            self._variable(context),
+            self.config.prompt_budget_tokens,
+        )
+        return Design(prompt, self.schema, OPERATOR, (context.selection.parent,))
+
+    def _check(self, parsed: Any, taken: dict[str, str], design: Design) -> tuple[str, str, Genome]:
         if not isinstance(parsed, dict):
             raise llm_lib.AnswerError("the answer is not a JSON object")
         missing = [k for k in ("name", "motivation", "candidate") if k not in parsed]
@@ -232,11 +270,15 @@ class GeminiResearcher(Researcher):
             candidate = self.space.validate(parsed["candidate"])
         except GenomeError as e:
             raise llm_lib.AnswerError(f"the candidate does not validate: {e}") from e
+        return str(parsed["name"]), str(parsed["motivation"]), self._new(candidate, taken)
+
+    @staticmethod
+    def _new(candidate: Genome, taken: dict[str, str]) -> Genome:
         if fingerprint(candidate) in taken:
             raise llm_lib.AnswerError(
                 f"the candidate is exactly {taken[fingerprint(candidate)]}, already tried"
             )
-        return str(parsed["name"]), str(parsed["motivation"]), candidate
+        return candidate
 
     def _nearest(self, text: str, context: DesignContext) -> list[tuple[str, float]]:
         """Nodes and earlier proposals at or above the novelty threshold, best first."""
@@ -261,19 +303,15 @@ class GeminiResearcher(Researcher):
         label = f"{context.step}/{context.slot}"
         taken = {fingerprint(n.candidate): f"node {n.id} {n.name}" for n in self.view}
         taken |= {fingerprint(p.candidate): f"proposal {p.name}" for p in context.siblings}
-        prompt = self.shared.templates["researcher"].render(
-            {"task": self.shared.task, **self.static},
-            self._variable(context),
-            cfg.prompt_budget_tokens,
-        )
-        turns = [("user", prompt.user)]
+        design = self._design(context)
+        turns = [("user", design.prompt.user)]
         notes: dict[str, Any] = {"calls": 0, "rejected": [], "sent_back": []}
         base = Proposal(
-            name=f"{family(sel.parent.name)}+{OPERATOR}.s{context.step}n{context.slot}",
+            name=f"{family(sel.parent.name)}+{design.operator}.s{context.step}n{context.slot}",
             motivation="",
             candidate=None,  # until an answer validates
-            operator=OPERATOR,
-            parents=(sel.parent.id,),
+            operator=design.operator,
+            parents=tuple(p.id for p in design.parents),
             island=sel.island,
             cognition_ids=tuple(item.id for item in context.lessons),
             notes=notes,
@@ -282,13 +320,13 @@ class GeminiResearcher(Researcher):
             notes["calls"] += 1
             try:
                 answer = self.shared.llm.generate(
-                    model=cfg.researcher_model, system=prompt.system, turns=turns,
-                    schema=self.schema, label=label,
+                    model=cfg.researcher_model, system=design.prompt.system, turns=turns,
+                    schema=design.schema, label=label,
                 )  # fmt: skip
             except llm_lib.LLMError as e:
                 return dataclasses.replace(base, failure=("failed", f"researcher: {e}"))
             try:
-                name, motivation, candidate = self._check(answer.json(), taken)
+                name, motivation, candidate = self._check(answer.json(), taken, design)
             except llm_lib.AnswerError as e:
                 notes["rejected"].append(str(e))
                 if len(notes["rejected"]) > cfg.max_reasks:
@@ -393,14 +431,12 @@ class GeminiAnalyzer(OfflineAnalyzer):
         best = sorted((s for s in siblings if math.isfinite(s[1])), key=lambda s: sign * s[1])[:3]
         variable = {
             "node": (
-                f"{proposal.name}: {proposal.motivation}\ncandidate {_json(outcome.candidate)}\n"
+                f"{proposal.name}: {proposal.motivation}\ncandidate {show(outcome.candidate)}\n"
                 f"{outcome.status} {outcome.reason or ''}; metrics by seed "
                 f"{_json(outcome.metrics)}; measured: {numbers}"
             ),
             "parent": "\n".join(describe_node(p) for p in parents) or "none (a seed)",
-            "siblings": "\n".join(
-                f"- {p.name} score {s:.4g}: {_json(p.candidate)}" for p, s in best
-            )
+            "siblings": "\n".join(f"- {p.name} score {s:.4g}: {show(p.candidate)}" for p, s in best)
             or "none",
         }
         schema = {
@@ -421,7 +457,7 @@ class GeminiAnalyzer(OfflineAnalyzer):
         if not cfg.judge_model or cfg.judge_weight == 0:
             return None
         variable = {
-            "node": f"{proposal.name}: {proposal.motivation}\ncandidate {_json(outcome.candidate)}",
+            "node": f"{proposal.name}: {proposal.motivation}\ncandidate {show(outcome.candidate)}",
             "parent": "\n".join(describe_node(p) for p in parents) or "none (a seed)",
         }
         schema = {
@@ -523,6 +559,8 @@ def preflight(config: LLMConfig, space: SearchSpace):
     prices = llm_lib.Prices(config.prices_file)
     prices.require(list(config.models().values()))
     templates = load_templates(config.prompts_dir, list(ROLES))
+    if space.code_spec() is not None:
+        load_template(space.code_spec())  # raises ProgramError naming the template file
     if config.judge_weight > 0 and space.baseline() is None:
         raise ValueError(
             "--judge_weight > 0 needs a search space with a baseline: the judge's [0, 1] score is "
@@ -552,9 +590,15 @@ def make_gemini(env: AgentEnv) -> AgentTrio:
         else "",
         record,
     )  # fmt: skip
+    if env.space.code_spec() is not None:
+        from evolve_jax.agents.coding import CodeEngineer, CodeResearcher  # builds on this module
+
+        researcher, engineer = CodeResearcher(shared, env.direction), CodeEngineer(shared, env)
+    else:
+        researcher, engineer = GeminiResearcher(shared, env.direction), GeminiEngineer(shared, env)
     return AgentTrio(
-        researcher=GeminiResearcher(shared, env.direction),
-        engineer=GeminiEngineer(shared, env),
+        researcher=researcher,
+        engineer=engineer,
         analyzer=GeminiAnalyzer(shared, env.cognition, env.direction, env.run_name),
         cost=Meter(client.ledger),
     )

@@ -26,6 +26,14 @@ ROLES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "analyzer": (frozenset({"task"}), frozenset({"node", "parent", "siblings"})),
     "lessons": (frozenset({"task"}), frozenset({"nodes", "lessons"})),
     "judge": (frozenset({"task"}), frozenset({"node", "parent"})),
+    "researcher_code": (
+        frozenset({"task", "interface", "template"}),
+        frozenset({"parents", "lessons", "siblings", "failures", "operator_stats", "request"}),
+    ),
+    "engineer_code": (
+        frozenset({"task", "interface"}),
+        frozenset({"candidate", "failure", "attempts"}),
+    ),
 }
 
 

@@ -44,6 +44,9 @@ def save(
 ) -> list[str]:
     """Saves each seed's parameters; returns the checkpoint paths (existing ones are kept).
 
+    ``params_by_seed`` holds nnx parameter states, or their ``nnx.to_pure_dict`` nested dicts
+    (what a code-mode worker sends back).
+
     ``directory`` is a path or URL (see evolve_jax.storage).
     """
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -55,7 +58,9 @@ def save(
             checkpointer.save(
                 path,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+                    params=ocp.args.StandardSave(
+                        params if isinstance(params, dict) else nnx.to_pure_dict(params)
+                    ),
                     meta=ocp.args.JsonSave(meta),
                 ),
             )

@@ -3,7 +3,8 @@
     python -m search_spaces.linear_attention.restore --workdir=runs/quickstart --node=ID
 
 Checkpoints exist for candidates promoted to the byte-LM stage (``--promote_top_k``). For each
-seed's checkpoint the command rebuilds the model from the genome and options saved with it,
+seed's checkpoint the command rebuilds the model from the genome (or, in code mode, the program:
+it runs in this process, not in the sandbox) and options saved with it,
 restores its weights with Orbax, and re-measures validation bits per byte on the same held-out
 windows the stage measured (``train.byte_lm_validation``), so ``val_bpb`` matches the recorded
 ``recorded_val_bpb`` up to float round-off. One JSON line per checkpoint.

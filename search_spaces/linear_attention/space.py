@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,9 +18,11 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from evolve_jax import storage
+from evolve_jax import programs, storage
+from evolve_jax.evaluation import sandbox, workers
 from evolve_jax.search_space import (
     CheckFailure,
+    CodeSpec,
     DescriptorAxis,
     EvalResult,
     Metric,
@@ -28,7 +31,7 @@ from evolve_jax.search_space import (
     TaskDescription,
     fingerprint,
 )
-from search_spaces.linear_attention import checks, data, genome, model, repairs, train
+from search_spaces.linear_attention import checks, code_mode, data, genome, model, repairs, train
 
 _TEXT = """\
 Design the token mixer of a causal language model with linear (sub-quadratic) cost: a
@@ -69,7 +72,12 @@ class Options:
     chunk_size: int = 64
     param_budget: int = 600_000
     baseline: str = "deltanet"
+    seeds: tuple[str, ...] = ()  # a subset of the six named seeds (empty: all); baseline included
     checkpoint: bool = True
+    # Code mode: candidates are TokenMixer programs (code_mode.py), run in sandboxed workers.
+    mode: str = "genome"
+    sandbox_timeout_s: float = 1800.0
+    sandbox_memory_gb: float = 16.0
 
     @classmethod
     def parse(cls, **raw: Any) -> Options:
@@ -108,9 +116,24 @@ class Options:
             raise ValueError(
                 f"linear_attention option impl={self.impl!r} ({', '.join(model.IMPLS)})"
             )
+        if self.mode not in ("genome", "code"):
+            raise ValueError(f"linear_attention option mode={self.mode!r} (genome, code)")
+        if not (self.sandbox_timeout_s > 0 and self.sandbox_memory_gb > 0):
+            raise ValueError(
+                "linear_attention options sandbox_timeout_s and sandbox_memory_gb: > 0"
+            )
         if self.baseline not in genome.SEEDS:
             raise ValueError(
                 f"baseline {self.baseline!r} is not a seed ({', '.join(genome.SEEDS)})"
+            )
+        unknown = [name for name in self.seeds if name not in genome.SEEDS]
+        if unknown:
+            raise ValueError(
+                f"linear_attention option seeds: {unknown} ({', '.join(genome.SEEDS)})"
+            )
+        if self.seeds and self.baseline not in self.seeds:
+            raise ValueError(
+                f"linear_attention option seeds must include the baseline {self.baseline!r}"
             )
         # MQAR's own argument checks, run now rather than at the first evaluation.
         try:
@@ -143,6 +166,28 @@ class LinearAttentionSpace(SearchSpace):
         # Read now, so a bad corpus fails when the space is built, before any work.
         self._corpus = self.options.load_corpus()
         self._checkpoint_dir: str | None = None
+        self._code: CodeSpec | None = None
+        if self.options.mode == "code":
+            with open(code_mode.TEMPLATE, encoding="utf-8") as f:
+                template = f.read()
+            self._code = CodeSpec(template, code_mode.TEMPLATE, self._interface())
+            programs.load_template(self._code)  # a template without markers fails here
+            limits = sandbox.Limits(
+                timeout_s=self.options.sandbox_timeout_s,
+                memory_bytes=int(self.options.sandbox_memory_gb * (1 << 30)),
+            )
+            self._limits = limits
+            self._slots = workers.LazySlots(lambda: workers.Slots.for_jax(limits))
+
+    def _interface(self) -> str:
+        g = genome.SEEDS[self.options.baseline]
+        return (
+            f"Define class {code_mode.ENTRY}(nnx.Module) as the template's docstring says. The "
+            f"rest of the model is fixed: d_model={g['d_model']}, num_heads={g['num_heads']}, "
+            f"head_dim={g['head_dim']}, {g['num_layers']} layers, MLP {g['mlp']} x"
+            f"{g['mlp_ratio']}; stage 1 doubles d_model and head_dim. Parameter budget "
+            f"{self.options.param_budget:,} (whole model, stage 0)."
+        )
 
     # -------------------------------------------------------------------- contract
 
@@ -163,30 +208,56 @@ class LinearAttentionSpace(SearchSpace):
         )
 
     def seeds(self) -> dict[str, genome.Genome]:
-        return {name: dict(g) for name, g in genome.SEEDS.items()}
+        names = [n for n in genome.SEEDS if n in self.options.seeds or not self.options.seeds]
+        if self._code is None:
+            return {name: dict(genome.SEEDS[name]) for name in names}
+        sources = {}
+        for name in names:
+            with open(os.path.join(code_mode.PROGRAMS, f"{name}.py"), encoding="utf-8") as f:
+                sources[name] = {"source": f.read()}
+        return sources
+
+    def code_spec(self) -> CodeSpec | None:
+        return self._code
 
     def baseline(self) -> str:
         return self.options.baseline
 
     def genome_schema(self) -> dict[str, Any]:
-        return genome.json_schema()
+        return programs.source_schema() if self._code else genome.json_schema()
 
     def validate(self, candidate: genome.Genome) -> genome.Genome:
+        if self._code is not None:
+            return programs.validate_source(self._code, candidate)
         return genome.validate(candidate)
 
     def operators(self):
-        return genome.OPERATORS
+        return {} if self._code else genome.OPERATORS
 
     def model_config(self, candidate: genome.Genome, stage: int = 0) -> model.ModelConfig:
+        """The model of a genome; of a program too, which this runs in-process (restore only)."""
         o = self.options
+        mixer = None
+        if self._code is not None:
+            from search_spaces.linear_attention import program_api
+
+            program_api.configure(o.chunk_size, o.impl)
+            mixer = code_mode.load_mixer(candidate["source"])
+            candidate = genome.SEEDS[o.baseline]  # the frame: everything but the mixer
+        genes = tuple(candidate.items())
         if stage == 0:
-            return model.ModelConfig(tuple(candidate.items()), o.vocab_size, o.chunk_size, o.impl)
+            return model.ModelConfig(genes, o.vocab_size, o.chunk_size, o.impl, mixer=mixer)
         return model.ModelConfig(
-            tuple(candidate.items()), data.BYTE_VOCAB_SIZE, o.chunk_size, o.impl, o.lm_width
+            genes, data.BYTE_VOCAB_SIZE, o.chunk_size, o.impl, o.lm_width, mixer=mixer
         )
 
     def check(self, candidate: genome.Genome) -> list[CheckFailure]:
         key = fingerprint(candidate)
+        if key not in self._checked and self._code is not None:
+            with self._slots.get().acquire() as env:
+                self._checked[key] = code_mode.run_check(
+                    self._request("check", 0, ()), self._limits, env, candidate["source"]
+                )
         if key not in self._checked:
             cfg = self.model_config(candidate)
             seq = self.options.seq_len
@@ -202,6 +273,8 @@ class LinearAttentionSpace(SearchSpace):
         self, candidate: genome.Genome, failures: Sequence[CheckFailure]
     ) -> genome.Genome | None:
         """Shrinks a model over the parameter budget (shape genes only); nothing else."""
+        if self._code is not None:
+            return None  # programs are repaired by a model (the Engineer), not by rules
         return repairs.repair(
             candidate,
             failures,
@@ -212,6 +285,8 @@ class LinearAttentionSpace(SearchSpace):
     def evaluate(
         self, candidates: Sequence[genome.Genome], stage: int, seeds: Sequence[int], devices
     ) -> list[EvalResult]:
+        if self._code is not None:
+            return [self._evaluate_program(c, stage, seeds) for c in candidates]
         o = self.options
         results = []
         for candidate in candidates:
@@ -251,12 +326,16 @@ class LinearAttentionSpace(SearchSpace):
         return results
 
     def descriptors(self) -> tuple[DescriptorAxis, ...]:
+        if self._code is not None:
+            return ()  # a program's behaviour is not read off genes
         return (
             DescriptorAxis("update_rule", 0, len(genome.UPDATE_RULES), len(genome.UPDATE_RULES)),
             DescriptorAxis("log2_params", 15, 21, 6),
         )
 
     def describe_genome(self, candidate: genome.Genome) -> tuple[float, ...]:
+        if self._code is not None:
+            return ()
         rule = list(genome.UPDATE_RULES).index(candidate["update_rule"])
         return (rule + 0.5, float(np.log2(model.param_count(self.model_config(candidate)))))
 
@@ -283,6 +362,41 @@ class LinearAttentionSpace(SearchSpace):
 
     def corpus(self) -> np.ndarray:
         return self._corpus
+
+    def _request(self, job: str, stage: int, seeds: Sequence[int]) -> dict:
+        return {
+            "job": job,
+            "stage": stage,
+            "seeds": [int(s) for s in seeds],
+            "options": json.loads(json.dumps(dataclasses.asdict(self.options))),
+            "frame": dict(genome.SEEDS[self.options.baseline]),
+            "return_params": bool(stage > 0 and self.options.checkpoint and self._checkpoint_dir),
+        }
+
+    def _evaluate_program(self, candidate, stage: int, seeds: Sequence[int]) -> EvalResult:
+        """Trains a program in a sandboxed worker; the metrics are computed here."""
+        start = time.perf_counter()
+        if stage == 0:
+            held = code_mode.held_out_mqar(self.options, seeds)
+            vocab, names = self.options.vocab_size, ("mqar_loss", "mqar_accuracy")
+        else:
+            held = code_mode.held_out_bytes(self.validation_windows(), seeds)
+            vocab, names = data.BYTE_VOCAB_SIZE, ("val_nats", "val_byte_accuracy")
+        with self._slots.get().acquire() as env:
+            result, params = code_mode.run_training(
+                self._request("train", stage, seeds), self._limits, env, candidate["source"],
+                held, vocab, names,
+            )  # fmt: skip
+        if result.error is None and stage > 0:
+            for values in result.metrics.values():
+                values["val_bpb"] = values.pop("val_nats") / math.log(2)
+            if params:
+                self._save(candidate, stage, seeds, [params[int(s)] for s in seeds])
+        logging.info(
+            "stage %d: trained program %s in %.0f s: %s", stage, fingerprint(candidate)[:8],
+            time.perf_counter() - start, result.error or dict(result.metrics),
+        )  # fmt: skip
+        return result
 
     def _save(self, candidate, stage: int, seeds: Sequence[int], params: list) -> None:
         from search_spaces.linear_attention import checkpoints

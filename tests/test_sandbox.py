@@ -1,0 +1,309 @@
+"""Sandbox: the channel's refusals, the limits, and what leaks from the parent (nothing)."""
+
+import os
+import socket
+import statistics
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from evolve_jax.evaluation import sandbox, sandbox_worker
+from evolve_jax.evaluation.sandbox import Channel, Limits, Sandbox, SandboxError, run_once
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = "tests.sandbox_targets"
+SMALL = Limits(timeout_s=3, memory_bytes=512 << 20)
+
+
+@pytest.fixture
+def mark():
+    """An environment variable every process of the child's tree inherits, to find them."""
+    return f"SANDBOX_TEST_MARK={uuid.uuid4().hex}"
+
+
+def _env(mark: str | None = None) -> dict[str, str]:
+    env = {"PYTHONPATH": REPO}
+    if mark:
+        name, value = mark.split("=")
+        env[name] = value
+    return env
+
+
+def _marked(mark: str) -> list[int]:
+    """Pids of processes whose environment holds ``mark`` (a zombie's environment is empty)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if mark.encode() in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def _children() -> list[int]:
+    """This process's children, zombies included: a sandbox must reap what it started."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) == os.getpid():
+                    found.append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+# --------------------------------------------------------------------------- channel, no child
+
+
+@pytest.fixture
+def pipe_channels():
+    """Two channels joined back to back, as parent and child would be."""
+    (a_read, b_write), (b_read, a_write) = os.pipe(), os.pipe()
+    a, b = Channel(a_read, a_write), Channel(b_read, b_write)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_channel_round_trip_keeps_dtypes(pipe_channels):
+    a, b = pipe_channels
+    a.send(
+        {"step": 1, "nested": {"x": [1.5]}}, {"f": np.ones((2, 3), np.float32), "i": np.arange(4)}
+    )
+    header, arrays = b.receive(timeout_s=5)
+    assert header == {"step": 1, "nested": {"x": [1.5]}}
+    assert arrays["f"].dtype == np.float32 and arrays["f"].shape == (2, 3)
+    np.testing.assert_array_equal(arrays["i"], np.arange(4))
+
+
+def test_channel_refuses_to_send_object_arrays(pipe_channels):
+    with pytest.raises(ValueError, match="pickle"):
+        pipe_channels[0].send({}, {"x": np.array([{}], dtype=object)})
+
+
+def test_channel_refuses_oversized_and_non_object_messages_and_times_out(pipe_channels):
+    a, b = pipe_channels
+    with pytest.raises(SandboxError, match="timeout"):
+        b.receive(timeout_s=0.1)
+    small = Channel(os.dup(b.read_fd), os.dup(a.write_fd), max_message_bytes=100)
+    try:
+        with pytest.raises(SandboxError, match="over the 100 limit"):
+            small.send({"x": "y" * 200})
+        a.send({"x": "y" * 200})
+        with pytest.raises(SandboxError, match="over the 100 limit"):
+            small.receive(timeout_s=5)
+    finally:
+        small.close()
+    header = b"[1, 2]"
+    os.write(a.write_fd, sandbox._frame_head(header, b""))
+    with pytest.raises(SandboxError, match="not an object"):
+        b.receive(timeout_s=5)
+
+
+def test_child_environment_keeps_runtime_knobs_and_drops_credentials(monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_SECRET_TOKEN", "s1")  # allowlisted prefix, credential-looking name
+    monkeypatch.setenv("XLA_API_KEY", "s2")
+    monkeypatch.setenv("GOOGLE_API_KEY", "s3")
+    monkeypatch.setenv("SOME_UNRELATED_VAR", "x")
+    env = sandbox.child_environment({"CUDA_VISIBLE_DEVICES": "1"})
+    assert env["PATH"] == "/usr/bin" and env["JAX_PLATFORMS"] == "cpu"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    for name in ("JAX_SECRET_TOKEN", "XLA_API_KEY", "GOOGLE_API_KEY", "SOME_UNRELATED_VAR"):
+        assert name not in env
+
+
+# ------------------------------------------------------------------------------- with a child
+
+
+def test_round_trip_with_arrays_both_ways_imports_the_candidate_file():
+    x, n = np.arange(3, dtype=np.float32), np.arange(4, dtype=np.int32)
+    with Sandbox(
+        f"{TARGETS}:echo",
+        SMALL,
+        files={"candidate.py": "def scale(x):\n    return 2 * x\n"},
+        env=_env(),
+    ) as box:
+        box.send({"step": 7}, {"x": x, "n": n})
+        header, arrays = box.receive()
+        report = box.finish()
+        workdir = box.workdir
+    assert header["echo"] == {"step": 7} and header["cwd"] == workdir
+    assert arrays["scaled"].dtype == np.float32 and arrays["shifted"].dtype == np.int32
+    np.testing.assert_array_equal(arrays["scaled"], 2 * x)
+    np.testing.assert_array_equal(arrays["shifted"], n + 1)
+    assert report.returncode == 0 and report.reason() is None
+    assert box.finish() is report  # idempotent, also after __exit__
+    assert not os.path.exists(workdir)
+
+
+def test_endless_loop_is_killed_at_the_timeout_leaving_no_process(mark):
+    start = time.monotonic()
+    reply, report = run_once(f"{TARGETS}:spin", {}, limits=SMALL, env=_env(mark))
+    elapsed = time.monotonic() - start
+    assert reply is None
+    assert report.timed_out and report.reason().startswith("timeout"), report
+    assert elapsed < SMALL.timeout_s + 3
+    assert _marked(mark) == [] and _children() == []
+
+
+def test_unbounded_allocation_is_stopped_and_reported_as_memory():
+    limits = Limits(timeout_s=20, memory_bytes=512 << 20)
+    reply, report = run_once(f"{TARGETS}:allocate", {}, limits=limits, env=_env())
+    assert report.memory_exceeded and report.reason().startswith("memory"), report
+    assert not report.timed_out
+    # RLIMIT_DATA turned the allocation into a MemoryError, which the worker still reported.
+    assert "MemoryError" in reply[0]["error"]
+
+
+def test_memory_summed_over_the_tree_is_capped_by_the_watchdog(mark):
+    # Each child stays under the per-process RLIMIT_DATA; only their sum passes the cap.
+    limits = Limits(timeout_s=20, memory_bytes=512 << 20)
+    reply, report = run_once(f"{TARGETS}:allocate_in_children", {}, limits=limits, env=_env(mark))
+    assert reply is None
+    assert report.memory_exceeded and not report.timed_out, report
+    assert report.reason() == "memory: the process tree exceeded 0.5 GiB"
+    assert report.seconds < 10
+    assert _marked(mark) == [] and _children() == []
+
+
+def test_fork_bomb_is_bounded_by_nproc_and_cleaned_up(mark):
+    limits = Limits(timeout_s=20, memory_bytes=8 << 30, max_tasks=32)
+    with Sandbox(f"{TARGETS}:fork_bomb", limits, env=_env(mark)) as box:
+        header, _ = box.receive()
+        alive = _marked(mark)
+        report = box.finish(timeout_s=0)
+        left = _marked(mark)
+    assert header["errno"] == "EAGAIN"
+    if report.isolation["user_ns"] and sandbox_worker.nproc_per_namespace():
+        # Only the namespace's tasks count: the bound holds whatever else runs as the uid.
+        assert 0 < header["forks"] <= limits.max_tasks
+        assert len(alive) <= limits.max_tasks + 1  # + the worker
+    else:
+        assert 0 < header["forks"] < report.isolation["nproc_limit"]
+    assert left == [] and _children() == []
+
+
+def test_daemon_that_left_the_session_dies_with_the_sandbox(mark):
+    if not sandbox.isolation_support()["pid_ns"]:
+        pytest.skip("no PID namespace here: such a daemon escapes the cleanup (documented)")
+    reply, report = run_once(f"{TARGETS}:daemonize", {}, limits=SMALL, env=_env(mark))
+    assert reply[0] == {"ok": True} and report.returncode == 0
+    assert _marked(mark) == []
+
+
+def test_credentials_in_the_parent_environment_do_not_reach_the_child(monkeypatch):
+    secrets = {
+        "GEMINI_API_KEY": "g-secret",
+        "GOOGLE_API_KEY": "k-secret",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/secret/key.json",
+        "AWS_SECRET_ACCESS_KEY": "a-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    reply, _ = run_once(f"{TARGETS}:environment", {}, limits=SMALL, env=_env())
+    environ = reply[0]["environ"]
+    assert not set(secrets) & set(environ)
+    assert not set(secrets.values()) & set(environ.values())
+    assert environ["JAX_PLATFORMS"] == "cpu"  # the allowlist does let runtime knobs through
+    assert environ["HOME"] == environ["TMPDIR"] != os.environ.get("HOME")
+
+
+def test_connection_to_the_parents_localhost_fails_without_network():
+    support = sandbox.isolation_support()
+    if not support["net_ns"]:
+        pytest.skip(f"no network namespace on this machine: {support}")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        request = {"port": server.getsockname()[1]}
+        denied, report = run_once(f"{TARGETS}:connect", request, limits=SMALL, env=_env())
+        allowed, _ = run_once(
+            f"{TARGETS}:connect", request, limits=Limits(timeout_s=3, network=True), env=_env()
+        )
+    assert report.isolation["net_ns"]
+    assert denied[0]["connected"] is False, denied
+    assert allowed[0]["connected"] is True, allowed  # the target itself works
+
+
+def _peak_rss_growth(function) -> int:
+    """Bytes by which this process's peak RSS passes its RSS before ``function`` ran."""
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field))
+        return int(line.split()[1]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak to the current RSS
+    before = status("VmRSS:")
+    function()
+    return status("VmHWM:") - before
+
+
+def test_ten_megabytes_of_output_keep_head_and_tail_within_output_bytes():
+    limits = Limits(timeout_s=20, output_bytes=32_768)
+    result = []
+    growth = _peak_rss_growth(
+        lambda: result.append(run_once(f"{TARGETS}:print_lines", {}, limits=limits, env=_env()))
+    )
+    reply, report = result[0]
+    assert reply[0] == {"done": True}
+    total = 100_000 * 101  # bytes printed
+    assert report.stdout.startswith("line 000000 xxx")
+    assert report.stdout.endswith("line 099999 " + "x" * 88 + "\n")
+    assert f"[... {total - limits.output_bytes} bytes cut ...]" in report.stdout
+    assert len(report.stdout) <= limits.output_bytes + 64
+    assert growth < 4 << 20, f"the parent's peak RSS grew by {growth} bytes"
+
+
+def test_exception_in_the_target_comes_back_as_an_error_reply():
+    reply, report = run_once(f"{TARGETS}:fail", {}, limits=SMALL, env=_env())
+    assert "ValueError: candidate exploded" in reply[0]["error"]
+    assert reply[0]["error"].startswith("Traceback")
+    assert report.returncode == 1
+    assert report.reason() == "exit code 1: ValueError: candidate exploded"
+
+
+def test_garbage_on_the_channel_raises_sandbox_error_at_once():
+    with Sandbox(f"{TARGETS}:garbage", Limits(timeout_s=30), env=_env()) as box:
+        start = time.monotonic()
+        with pytest.raises(SandboxError, match="malformed"):
+            box.receive()
+        assert time.monotonic() - start < 5
+        with pytest.raises(SandboxError, match="malformed"):  # and the channel stays broken
+            box.receive()
+
+
+def test_reply_that_needs_pickle_is_refused():
+    box = Sandbox(f"{TARGETS}:send_pickled_array", SMALL, env=_env())
+    with box, pytest.raises(SandboxError, match="allow_pickle=False"):
+        box.receive()
+
+
+def test_startup_cost_is_measured(capsys):
+    """Prints the median time from start to first reply; asserts nothing about it."""
+
+    def seconds(target: str, env: dict) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.monotonic()
+            with Sandbox(f"{TARGETS}:{target}", Limits(timeout_s=120), env=env) as box:
+                box.receive()
+                runs.append(time.monotonic() - start)
+        return statistics.median(runs)
+
+    light = seconds("reply", _env())
+    heavy = seconds("reply_with_jax", {**_env(), "JAX_PLATFORMS": "cpu"})
+    with capsys.disabled():
+        print(
+            f"\nsandbox startup to first reply (median of 3): {light:.2f} s plain, "
+            f"{heavy:.2f} s importing jax + jnp.ones(3).sum() on CPU"
+        )
