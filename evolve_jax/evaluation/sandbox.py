@@ -70,8 +70,10 @@ def candidate_traceback(error: BaseException, lines: int = 30) -> str:
     What a repair prompt shows; the harness's own frames above the candidate's are left out.
     """
     text = "".join(traceback.format_exception(error)).rstrip().splitlines()
-    start = next((i for i, line in enumerate(text) if "candidate.py" in line), 0)
-    return "\n".join(text[max(start - 1, 0) :][-lines:])
+    start = next((i for i, line in enumerate(text) if "candidate.py" in line), None)
+    if start is not None:
+        text = ["Traceback (most recent call last):", *text[start:]]
+    return "\n".join(text[-lines:])
 
 
 _EMPTY: Mapping[str, str] = types.MappingProxyType({})

@@ -1,0 +1,1 @@
+"""Circle packing in the unit square (sum of radii): genome, optimiser, strict validator."""
