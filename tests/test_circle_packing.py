@@ -294,8 +294,10 @@ def test_options_errors_are_clear():
         space.make(tol="-1e-9")
     with pytest.raises(ValueError, match="option budget_s must be >="):
         space.make(budget_s="0.01")
-    with pytest.raises(ValueError, match="mode='code' is not supported"):
-        space.make(mode="code")
+    with pytest.raises(ValueError, match="mode='program' is not supported"):
+        space.make(mode="program")
+    with pytest.raises(ValueError, match="sandbox_timeout_s, sandbox_memory_gb: > 0"):
+        space.make(mode="code", sandbox_timeout_s="0")
     opts = space.make(n="10", tol="0", workers="0").options
     assert (opts.n, opts.tol, opts.workers, opts.mode) == (10, 0.0, 0, "genome")
 
