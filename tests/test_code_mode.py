@@ -300,3 +300,14 @@ def test_code_mode_refuses_the_offline_backend_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "code mode" in result.stderr and "--agents=gemini" in result.stderr
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("flagfile", ["configs/la_code.flags", "configs/circle_packing_code.flags"])
+def test_code_mode_flagfiles_parse_and_ask_for_credentials_before_any_work(
+    tmp_path, monkeypatch, flagfile
+):
+    for name in ("GEMINI_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name)
+    result = run_cli("evolve_jax.main", f"--flagfile={flagfile}", f"--workdir={tmp_path}/w")
+    assert result.returncode == 2 and "needs credentials" in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "w")

@@ -57,6 +57,11 @@ def report_devices(channel: sandbox.Channel) -> None:
     )
 
 
+def echo(channel: sandbox.Channel) -> None:
+    """Sandbox target: sends back what it receives (start-up measurements)."""
+    channel.send(*channel.receive())
+
+
 def probe(limits: sandbox.Limits) -> dict:
     """The platform a worker sees; raises RuntimeError with the worker's reason if none starts."""
     reply, report = sandbox.run_once(

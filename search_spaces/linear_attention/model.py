@@ -3,7 +3,8 @@
 Block: x + Mixer(RMSNorm(x)), then x + MLP(RMSNorm(x)). The mixer projects q, k, v (optionally
 through a depthwise causal short convolution), applies the feature map and q/k normalisation,
 computes beta and the decay the update rule needs, runs the rule (``mixers.mix``), then an
-optional per-head RMSNorm and output gate.
+optional per-head RMSNorm and output gate. In code mode (``ModelConfig.mixer``) a program's
+``TokenMixer`` takes the mixer's place.
 
 Axis letters: B batch, T time, D model width, H heads, K key dim per head, V value dim per head,
 F MLP hidden, W conv window.
@@ -44,13 +45,20 @@ OUTPUT_GATE_BIAS = {"silu": 1.2785, "sigmoid": 3.0}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The genome plus what the task fixes: vocabulary, chunk size, mixer implementation."""
+    """The genome plus what the task fixes: vocabulary, chunk size, mixer implementation.
+
+    ``mixer``, when set, is a code-mode ``TokenMixer`` class (``programs/template.py``) that
+    every block uses in place of the genome's mixer; the genome's mixer genes are then unused,
+    its shape and MLP genes still apply. A class hashes by identity, so the config stays a
+    cache key.
+    """
 
     genome: tuple[tuple[str, Any], ...]
     vocab_size: int
     chunk_size: int = 64
     impl: str = "chunked"
     width_multiplier: int = 1  # the costlier stage trains a wider model of the same design
+    mixer: Any = None
 
     def __post_init__(self):
         if self.impl not in IMPLS:
@@ -215,14 +223,23 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.mixer_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-        self.mixer = Mixer(cfg, rngs=rngs)
+        self.code_mixer = cfg.mixer is not None
+        if self.code_mixer:
+            g = cfg.g
+            K = g["head_dim"] * cfg.width_multiplier
+            self.mixer = cfg.mixer(cfg.d_model, g["num_heads"], K, rngs=rngs)
+        else:
+            self.mixer = Mixer(cfg, rngs=rngs)
         self.has_mlp = cfg.g["mlp"] != "none"
         if self.has_mlp:
             self.mlp_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
             self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BTD):
-        x_BTD = x_BTD + self.mixer(self.mixer_norm(x_BTD))
+        y_BTD = self.mixer(self.mixer_norm(x_BTD))
+        if self.code_mixer:  # (y, final state): the state is there for the interface checks
+            y_BTD = y_BTD[0]
+        x_BTD = x_BTD + y_BTD
         if self.has_mlp:
             x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return x_BTD
