@@ -189,6 +189,40 @@ class SearchSpace(abc.ABC):
         return None
 
 
+def parse_options(cls: type, raw: Mapping[str, Any], space: str) -> Any:
+    """The options dataclass ``cls`` from ``--space_opt`` strings, typed by its defaults.
+
+    Tuples are comma-separated and booleans are true/false, yes/no, on/off or 1/0; a ValueError
+    names the unknown option or the value that does not convert.
+    """
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ValueError(f"unknown {space} option {key!r} (known: {', '.join(known)})")
+        kind = type(getattr(cls, key))
+        try:
+            if kind is tuple:
+                values[key] = tuple(p for p in str(value).split(",") if p)
+            elif kind is bool:
+                values[key] = _boolean(value)
+            else:
+                values[key] = kind(value)
+        except ValueError as e:
+            raise ValueError(f"{space} option {key}={value!r}: {e}") from e
+    return cls(**values)
+
+
+def _boolean(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
 def fingerprint(candidate: Genome | str) -> str:
     """A stable hash of a candidate (genome or source), for novelty checks and file names."""
     text = candidate if isinstance(candidate, str) else json.dumps(candidate, sort_keys=True)

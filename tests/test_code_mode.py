@@ -16,6 +16,7 @@ from evolve_jax import loop
 from evolve_jax.evaluation import sandbox
 from evolve_jax.memory.history import History
 from evolve_jax.programs import Program
+from evolve_jax.search_space import CodeSpec
 from search_spaces.circle_packing import code_mode as cp_code
 from search_spaces.circle_packing.space import CirclePackingSpace
 from tests.conftest import run_cli
@@ -290,6 +291,29 @@ def test_a_seed_program_without_the_interface_is_a_recorded_reason(tmp_path, ser
     assert empty.status == "invalid"
     assert "interface: the program defines no function construct_packing" in empty.reason
     assert all(n.ok for n in summary.nodes if n.name != "empty")
+
+
+class _UnmarkedSpace(CirclePackingSpace):
+    def code_spec(self):
+        return CodeSpec("def construct_packing(n, seed): ...\n", "unmarked.py", "interface")
+
+
+def unmarked_space(**options):
+    """A space whose template has no EVOLVE-BLOCK (for the CLI test below)."""
+    return _UnmarkedSpace(**options)
+
+
+def test_a_template_without_markers_stops_the_run_before_any_work(tmp_path, prices):
+    result = run_cli(
+        "evolve_jax.main", "--search_space=tests.test_code_mode:unmarked_space",
+        f"--workdir={tmp_path}/w", "--space_opt=mode=code", "--agents=gemini",
+        f"--prices_file={prices}", f"--researcher_model={RESEARCHER}",
+        f"--engineer_model={ENGINEER}", "--analyzer_model=fake-analyzer",
+        "--embedding_model=fake-embedding",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "template unmarked.py has no EVOLVE-BLOCK" in result.stderr
+    assert not os.path.exists(tmp_path / "w")
 
 
 def test_code_mode_refuses_the_offline_backend_before_any_work(tmp_path):

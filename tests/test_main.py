@@ -29,6 +29,10 @@ BAD_OPTIONS = {
     "param_budget": "0",
     "baseline": "transformer",
     "checkpoint": "maybe",
+    "seeds": "deltanet,transformer",
+    "mode": "program",
+    "sandbox_timeout_s": "0",
+    "sandbox_memory_gb": "-1",
 }
 
 

@@ -42,6 +42,7 @@ from evolve_jax.search_space import (
     Stage,
     TaskDescription,
     fingerprint,
+    parse_options,
 )
 from search_spaces.circle_packing import code_mode, genome, optimize, validate
 
@@ -91,19 +92,7 @@ class Options:
 
     @classmethod
     def parse(cls, **raw: Any) -> Options:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in raw.items():
-            if key not in fields:
-                raise ValueError(
-                    f"unknown circle_packing option {key!r} (known: {', '.join(fields)})"
-                )
-            kind = type(getattr(cls, key))
-            try:
-                values[key] = kind(value)
-            except ValueError as e:
-                raise ValueError(f"circle_packing option {key}={value!r}: {e}") from e
-        options = cls(**values)
+        options = parse_options(cls, raw, "circle_packing")
         options.validate()
         return options
 

@@ -30,6 +30,7 @@ from evolve_jax.search_space import (
     Stage,
     TaskDescription,
     fingerprint,
+    parse_options,
 )
 from search_spaces.linear_attention import checks, code_mode, data, genome, model, repairs, train
 
@@ -41,16 +42,6 @@ feature map and normalisation, a short causal convolution, the form of beta, the
 parametrisation, output norm and gate, head shapes, the MLP, depth and width. Candidates are
 trained on multi-query associative recall (MQAR, Zoology) and the best on byte-level language
 modelling; fitness is normalised against DeltaNet trained with the same budget and seeds."""
-
-
-def _flag(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +72,7 @@ class Options:
 
     @classmethod
     def parse(cls, **raw: Any) -> Options:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in raw.items():
-            if key not in fields:
-                raise ValueError(
-                    f"unknown linear_attention option {key!r} (known: {', '.join(fields)})"
-                )
-            kind = type(getattr(cls, key))
-            try:
-                if kind is tuple:
-                    values[key] = tuple(p for p in str(value).split(",") if p)
-                elif kind is bool:
-                    values[key] = _flag(value)
-                else:
-                    values[key] = kind(value)
-            except ValueError as e:
-                raise ValueError(f"linear_attention option {key}={value!r}: {e}") from e
-        options = cls(**values)
+        options = parse_options(cls, raw, "linear_attention")
         options.validate()
         return options
 
