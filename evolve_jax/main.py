@@ -14,7 +14,7 @@ from evolve_jax import search_space, storage
 from evolve_jax.agents.base import backend_factory
 from evolve_jax.cli import parse_flags
 from evolve_jax.config import LLMConfig, RunConfig, parse_edit_mix
-from evolve_jax.sampling import SAMPLERS, SamplerConfig
+from evolve_jax.sampling import SAMPLERS, SamplerConfig, make_sampler
 
 _SEARCH_SPACE = flags.DEFINE_string(
     "search_space", None, "Installed search space name, or 'package.module:factory'."
@@ -276,6 +276,7 @@ def main(argv: list[str]) -> None:
         storage.check_workdir(config.workdir)
         storage.check_epath(config.workdir)
         space = search_space.load(config.search_space, **dict(config.space_options))
+        make_sampler(config.sampler, "max", space.descriptors())  # e.g. map_elites without axes
         # A backend's own checks (credentials, prices, prompt templates) also come first.
         preflight = getattr(backend_factory(config.agents), "preflight", None)
         if preflight is not None:

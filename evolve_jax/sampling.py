@@ -223,6 +223,11 @@ class MapElites(Sampler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if not self.axes:  # one cell: the archive would hold the best node only (greedy)
+            raise ValueError(
+                "--sampler=map_elites needs behaviour descriptors, and this search space has "
+                "none (code mode reads none off a program); choose another sampler"
+            )
         self._elites: dict[tuple[int, ...], Node] = {}
         self._seen: set[int] = set()
 

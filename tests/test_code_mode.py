@@ -335,3 +335,12 @@ def test_code_mode_flagfiles_parse_and_ask_for_credentials_before_any_work(
     result = run_cli("evolve_jax.main", f"--flagfile={flagfile}", f"--workdir={tmp_path}/w")
     assert result.returncode == 2 and "needs credentials" in result.stderr, result.stderr
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_map_elites_is_refused_in_code_mode_before_any_work(tmp_path):
+    result = run_cli(
+        "evolve_jax.main", "--search_space=circle_packing", f"--workdir={tmp_path}/w",
+        "--space_opt=mode=code", "--sampler=map_elites",
+    )  # fmt: skip
+    assert result.returncode == 2 and "map_elites needs behaviour descriptors" in result.stderr
+    assert not os.path.exists(tmp_path / "w")

@@ -128,3 +128,8 @@ def test_map_elites_keeps_the_best_node_per_cell():
     rng = np.random.default_rng(0)
     chosen = {sampler.select(pool, rng, 0).parent.id for _ in range(60)}
     assert chosen == {1, 2, 3}  # only elites, every elite
+
+
+def test_map_elites_without_descriptors_is_refused():
+    with pytest.raises(ValueError, match="map_elites needs behaviour descriptors"):
+        make_sampler(SamplerConfig(name="map_elites"), "max", ())
