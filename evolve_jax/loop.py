@@ -175,6 +175,8 @@ class ResearchLoop:
         stats = {**stats, "repairs": outcome.repairs}
         if outcome.attempts:
             stats["repair_attempts"] = [dict(a) for a in outcome.attempts]
+        if outcome.output:
+            stats["output"] = dict(outcome.output)
         if proposal.notes:
             stats["design"] = dict(proposal.notes)
         if judgement is not None:

@@ -183,10 +183,13 @@ HOSTILE = {
         "def construct_packing(n, seed):\n    hoard = []\n    while True:\n"
         "        hoard.append(bytearray(1 << 24))\n"
     ),
+    # Its children become "sleep 606.5": a name the test can look for afterwards.
     "forks_without_bound": (
-        "import os, time\n\n\ndef construct_packing(n, seed):\n    while True:\n"
+        "import os\n\n\ndef construct_packing(n, seed):\n    while True:\n"
         "        try:\n            pid = os.fork()\n        except OSError:\n"
-        "            continue\n        if pid == 0:\n            time.sleep(600)\n"
+        "            continue\n        if pid == 0:\n            try:\n"
+        "                os.execv('/bin/sleep', ['sleep', '606.5'])\n"
+        "            finally:\n                os._exit(0)\n"
     ),
     "reads_the_keys": GRID.format(
         extra="    import os\n    found = [k for k in os.environ if 'KEY' in k or 'CRED' in k]\n"
@@ -228,6 +231,10 @@ def test_hostile_programs_are_contained_and_the_run_goes_on(tmp_path, server, pr
     assert status["reads_the_keys"][0] == "ok", status  # it raises if it finds any
     honest = by_name["writes_its_own_score"]
     assert honest.ok and _sum(honest) < 3.0
+    # What it printed is kept on the node and shown to the Analyzer, not counted.
+    assert "sum_radii: 99.0" in honest.stats["output"]["stdout"]
+    analyses = [_turns(r)[-1] for r in server.requests if r["model"] == "fake-analyzer"]
+    assert any("its stdout (tail):\nsum_radii: 99.0" in text for text in analyses)
     assert status["wrong_shape"] == ("failed", status["wrong_shape"][1])
     assert "centers must have shape (8, 2)" in status["wrong_shape"][1]
     assert "is not finite" in status["not_finite"][1]
@@ -235,7 +242,7 @@ def test_hostile_programs_are_contained_and_the_run_goes_on(tmp_path, server, pr
     assert len(summary.nodes) == len(cp_code.SEED_PROGRAMS) + len(HOSTILE)
     assert os.path.exists(os.path.join(summary.workdir, "report.txt"))
     # Nothing the fork bomb started outlives the run, and no key reached the history.
-    assert not _processes_named("sandbox_worker")
+    assert not _processes_named("606.5")
     dump = json.dumps([n.to_json() for n in History(summary.workdir).nodes()])
     assert "test-key-must-not-leak" not in dump
 

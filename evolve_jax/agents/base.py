@@ -63,6 +63,8 @@ class Outcome:
     seconds: float = 0.0
     # Every repair attempt: {"reason": why it was needed, "by": "rule" | "model", ...}.
     attempts: tuple[Mapping[str, Any], ...] = ()
+    # A sandboxed program's stdout and stderr (tails), for the Analyzer; empty for genomes.
+    output: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Researcher(abc.ABC):

@@ -149,8 +149,9 @@ class RuleEngineer(Engineer):
                             continue
                         status, why, metrics, genome = "invalid", prepared[i][1], {}, prepared[i][0]
                 outcomes[i] = Outcome(
-                    status, why, metrics, genome, len(attempts), seconds[i], tuple(attempts)
-                )
+                    status, why, metrics, genome, len(attempts), seconds[i], tuple(attempts),
+                    dict(result.extra.get("output", {})),
+                )  # fmt: skip
             pending = retry
         return outcomes
 

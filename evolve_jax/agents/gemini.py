@@ -434,6 +434,7 @@ class GeminiAnalyzer(OfflineAnalyzer):
                 f"{proposal.name}: {proposal.motivation}\ncandidate {show(outcome.candidate)}\n"
                 f"{outcome.status} {outcome.reason or ''}; metrics by seed "
                 f"{_json(outcome.metrics)}; measured: {numbers}"
+                + "".join(f"\nits {k} (tail):\n{v}" for k, v in outcome.output.items())
             ),
             "parent": "\n".join(describe_node(p) for p in parents) or "none (a seed)",
             "siblings": "\n".join(f"- {p.name} score {s:.4g}: {show(p.candidate)}" for p, s in best)

@@ -270,6 +270,11 @@ class Report:
     stderr: str
     isolation: dict  # user_ns, net_ns, pid_ns, uid, nproc_limit, data_limit: what was in force
 
+    def output_tail(self, chars: int = 2000) -> dict[str, str]:
+        """The last ``chars`` of each non-empty stream: what a node records for its Analyzer."""
+        streams = {"stdout": self.stdout, "stderr": self.stderr}
+        return {name: text[-chars:] for name, text in streams.items() if text.strip()}
+
     def reason(self) -> str | None:
         """One line saying why the child failed; None if it exited 0 within its limits."""
         if self.timed_out:

@@ -47,8 +47,10 @@ def run_program(
     request = {"job": "construct", "n": n, "seeds": [int(s) for s in seeds]}
     files = {"candidate.py": source}
     reply, report = sandbox.run_once(_TARGET, request, None, limits, files=files, env=env)
+    extra = {"output": report.output_tail()}
     if reply is None or "error" in reply[0]:
-        return EvalResult(error=_failure(report, reply), timed_out=report.timed_out)
+        error = _failure(report, reply)
+        return EvalResult(error=error, timed_out=report.timed_out, extra=extra)
     arrays = reply[1]
     metrics = {}
     for seed in seeds:
@@ -56,9 +58,9 @@ def run_program(
             arrays.get(f"centers:{seed}"), arrays.get(f"radii:{seed}"), n, tol
         )
         if total is None:
-            return EvalResult(error=f"invalid packing (seed {seed}): {why}")
+            return EvalResult(error=f"invalid packing (seed {seed}): {why}", extra=extra)
         metrics[int(seed)] = {"sum_radii": total}
-    return EvalResult(metrics=metrics)
+    return EvalResult(metrics=metrics, extra=extra)
 
 
 def _load():

@@ -99,19 +99,22 @@ def run_training(
         with box:
             box.send(request)
             trained, _ = box.receive()
-            if not trained.get("trained"):
-                return EvalResult(error=_failure(box.finish(), trained)), {}
-            # The held-out inputs leave this process only now, after training is over.
-            box.send({"job": "outputs"}, {"inputs": held.inputs, "positions": held.positions})
-            header, arrays = box.receive()
+            if trained.get("trained"):
+                # The held-out inputs leave this process only now, after training is over.
+                box.send({"job": "outputs"}, {"inputs": held.inputs, "positions": held.positions})
+                header, arrays = box.receive()
     except sandbox.SandboxError as e:
         report = box.finish()
-        return EvalResult(error=report.reason() or f"sandbox: {e}", timed_out=report.timed_out), {}
+        error = report.reason() or f"sandbox: {e}"
+        return EvalResult(error=error, timed_out=report.timed_out, extra=_output(report)), {}
+    report = box.finish()
+    if not trained.get("trained"):
+        return EvalResult(error=_failure(report, trained), extra=_output(report)), {}
     if "error" in header:
-        return EvalResult(error=str(header["error"])), {}
+        return EvalResult(error=str(header["error"]), extra=_output(report)), {}
     by_seed, error = score_logits(arrays.get("logits"), held, vocab)
     if error is not None:
-        return EvalResult(error=error), {}
+        return EvalResult(error=error, extra=_output(report)), {}
     losses = trained.get("final_train_loss", {})
     metrics = {}
     for i, seed in enumerate(seeds):
@@ -129,7 +132,11 @@ def run_training(
             for key in parents:  # nnx.to_pure_dict's nesting, list indices as ints
                 node = node.setdefault(key, {})
             node[leaf] = array
-    return EvalResult(metrics=metrics), params
+    return EvalResult(metrics=metrics, extra=_output(report)), params
+
+
+def _output(report: sandbox.Report) -> dict:
+    return {"output": report.output_tail()}
 
 
 def load_mixer(source: str):
