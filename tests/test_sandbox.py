@@ -45,7 +45,9 @@ def _marked(mark: str) -> list[int]:
 
 
 def _children() -> list[int]:
-    """This process's children, zombies included: a sandbox must reap what it started."""
+    """This process's children that it did not have before the test, zombies included: a
+    sandbox must reap what it started (earlier tests may have left children of their own,
+    e.g. multiprocessing's resource tracker)."""
     found = []
     for name in os.listdir("/proc"):
         try:
@@ -54,7 +56,17 @@ def _children() -> list[int]:
                     found.append(int(name))
         except (OSError, IndexError, ValueError):
             continue
-    return found
+    return [pid for pid in found if pid not in _EARLIER_CHILDREN]
+
+
+_EARLIER_CHILDREN: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _earlier_children():
+    _EARLIER_CHILDREN.clear()
+    _EARLIER_CHILDREN.update(_children())
+    yield
 
 
 # --------------------------------------------------------------------------- channel, no child

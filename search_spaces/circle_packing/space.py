@@ -333,7 +333,9 @@ class CirclePackingSpace(SearchSpace):
         with self._lock:
             if self._pool is None:
                 self._pool = _start_pool(self.options.workers)
-                self._finalizer = weakref.finalize(self, self._pool.terminate)
+                # At collection the idle workers are told to exit, not signalled by pid: a
+                # pid can be reused once its worker is gone (pids wrap at 32768 on Linux).
+                self._finalizer = weakref.finalize(self, _shut_down, self._pool)
             return self._pool
 
     def close(self) -> None:
@@ -344,6 +346,11 @@ class CirclePackingSpace(SearchSpace):
                 self._pool.terminate()
                 self._pool.join()
                 self._pool = None
+
+
+def _shut_down(pool) -> None:
+    pool.close()
+    pool.join()
 
 
 _ENV_LOCK = threading.Lock()
