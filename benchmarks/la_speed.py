@@ -22,7 +22,11 @@ from search_spaces.linear_attention.space import LinearAttentionSpace
 
 _CANDIDATES = flags.DEFINE_bool("candidate_seconds", True, "Time quickstart candidates.")
 _MIXERS = flags.DEFINE_bool("mixer_seconds", True, "Time mixers at T=2048.")
-_MODELS = flags.DEFINE_list("models", ["linear_attention", "deltanet", "gated_deltanet"], "Seeds.")
+_MODELS = flags.DEFINE_list(
+    "models",
+    ["linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet"],
+    "Seeds.",
+)
 _SPACE_OPT = flags.DEFINE_multi_string(
     "space_opt", ["mqar_steps=800"], "Search-space options (quickstart's by default)."
 )

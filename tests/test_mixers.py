@@ -53,7 +53,8 @@ def assert_close(actual, expected, rtol=1e-4, atol=1e-5):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize(("T", "chunk"), [(5, 8), (16, 8), (37, 16)])
+# (100, 64): channel decay splits its chunks into sub-chunks of 16 (CHANNEL_DECAY_SUBCHUNK).
+@pytest.mark.parametrize(("T", "chunk"), [(5, 8), (16, 8), (37, 16), (100, 64)])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunked_matches_recurrent(rule, T, chunk, with_state):
     (q, k, v), kw = make_inputs(rule, T=T, with_state=with_state)
@@ -76,20 +77,22 @@ def test_negative_eigenvalue_beta(rule):
 
 
 @pytest.mark.parametrize("rule", [r for r in RULES if UPDATE_RULES[r].uses_decay])
-def test_strong_decay_is_stable(rule):
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_strong_decay_is_stable(rule, chunk):
     # Decays down to ~e^-300 per step: a chunk's cumulative log-decay reaches the thousands,
     # where differencing cumsums (G_i - G_j) would lose precision and exp(-G) would overflow.
     (q, k, v), kw = make_inputs(rule, seed=12, T=37, with_state=True)
     kw["g"] = 50.0 * kw["g"]
     o_ref, s_ref = jit_mix(rule, q, k, v, impl="recurrent", **kw)
-    o, s = jit_mix(rule, q, k, v, chunk_size=16, **kw)
+    o, s = jit_mix(rule, q, k, v, chunk_size=chunk, **kw)
     assert bool(jnp.all(jnp.isfinite(o))) and bool(jnp.all(jnp.isfinite(s)))
     assert_close(o, o_ref)
     assert_close(s, s_ref)
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_gradients_match(rule):
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_gradients_match(rule, chunk):
     (q, k, v), kw = make_inputs(rule, seed=2, T=21, with_state=True)
     args = {"q": q, "k": k, "v": v, **kw}
     rng = np.random.default_rng(3)
@@ -103,7 +106,7 @@ def test_gradients_match(rule):
     spec = UPDATE_RULES[rule]
     grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
     g_ref = grad(spec.recurrent, args)
-    g_chk = grad(functools.partial(spec.chunked, chunk_size=8), args)
+    g_chk = grad(functools.partial(spec.chunked, chunk_size=chunk), args)
     assert set(g_ref) == set(args)
     for name in args:
         assert bool(jnp.all(jnp.isfinite(g_chk[name]))), name

@@ -255,18 +255,52 @@ def _scalar_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
     return S_BHKV, o_BHCV
 
 
+# Sub-chunk length of the channel-decay chunk step (fla's chunk_gla splits its chunks the same
+# way): only the diagonal sub-blocks pay for the [Cs, Cs, Dk] pairwise decay tensor.
+CHANNEL_DECAY_SUBCHUNK = 16
+
+
 def _channel_decay_chunk(S_BHKV: jax.Array, xs: _ChunkInputs):
-    """One chunk of channel decay; returns (state after the chunk, o_BHCV)."""
+    """One chunk of channel decay; returns (state after the chunk, o_BHCV).
+
+    The chunk is split into sub-chunks of ``Cs`` steps. Between sub-chunks, the decay from key
+    j to query i factors through r, the step before query i's sub-chunk:
+    exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both exponents <= 0, so the scores are
+    plain matmuls of rescaled q and k with nothing that can overflow. Inside a sub-chunk the
+    full pairwise [Cs, Cs, Dk] decay is used (a single factorisation (q e^G)(k e^-G)^T would
+    overflow once a channel decays by more than ~e^88 within it).
+    """
     q_BHCK, k_BHCK, v_BHCV, _, g_BHCK = xs
+    B, H, C, K = q_BHCK.shape
+    Cs = CHANNEL_DECAY_SUBCHUNK if C % CHANNEL_DECAY_SUBCHUNK == 0 else C
+    n = C // Cs
     G_BHCK = jnp.cumsum(g_BHCK, axis=-2)
-    # The full [C, C, Dk] pairwise decay keeps every exponent <= 0. The cheaper factorisation
-    # (q e^G)(k e^-G)^T overflows once a channel decays by more than ~e^88 within one chunk.
-    decay_BHCCK = _decay_matrix(g_BHCK)
-    attn_BHCC = _einsum("bhik,bhjk,bhijk->bhij", q_BHCK, k_BHCK, decay_BHCCK)
+    # Inter-sub-chunk scores: query sub-chunk m against every key before it, through r_m.
+    G_ref_BHnK = jnp.concatenate(
+        [jnp.zeros_like(G_BHCK[..., :1, :]), G_BHCK[..., Cs - 1 : C - 1 : Cs, :]], axis=-2
+    )
+    q_BHnSK = q_BHCK.reshape(B, H, n, Cs, K) * jnp.exp(
+        G_BHCK.reshape(B, H, n, Cs, K) - G_ref_BHnK[..., None, :]
+    )
+    before_nC = jnp.arange(C)[None, :] < (jnp.arange(n) * Cs)[:, None]  # key j before sub-chunk m
+    k_exp_BHnCK = jnp.where(
+        before_nC[..., None], G_ref_BHnK[..., :, None, :] - G_BHCK[..., None, :, :], -jnp.inf
+    )
+    k_BHnCK = k_BHCK[..., None, :, :] * jnp.exp(k_exp_BHnCK)
+    attn_BHnSC = _einsum("bhmsk,bhmjk->bhmsj", q_BHnSK, k_BHnCK)
+    # Intra-sub-chunk scores with the pairwise decay, placed on the block diagonal.
+    decay_BHnSSK = _decay_matrix(g_BHCK.reshape(B, H, n, Cs, K))
+    q_BHnSK, k_BHnSK = q_BHCK.reshape(B, H, n, Cs, K), k_BHCK.reshape(B, H, n, Cs, K)
+    diag_BHnSS = _einsum("bhmik,bhmjk,bhmijk->bhmij", q_BHnSK, k_BHnSK, decay_BHnSSK)
+    eye_nn = jnp.eye(n, dtype=diag_BHnSS.dtype)
+    attn_BHnSC = attn_BHnSC + _einsum("bhmij,mp->bhmipj", diag_BHnSS, eye_nn).reshape(
+        B, H, n, Cs, C
+    )
+    attn_BHCC = attn_BHnSC.reshape(B, H, C, C)
     o_BHCV = _einsum("bhck,bhkv->bhcv", q_BHCK * jnp.exp(G_BHCK), S_BHKV) + _einsum(
         "bhij,bhjv->bhiv", attn_BHCC, v_BHCV
     )
-    k_to_end_BHCK = k_BHCK * decay_BHCCK[..., -1, :, :]
+    k_to_end_BHCK = k_BHCK * jnp.exp(G_BHCK[..., -1:, :] - G_BHCK)
     S_BHKV = jnp.exp(G_BHCK[..., -1, :])[..., None] * S_BHKV + _einsum(
         "bhck,bhcv->bhkv", k_to_end_BHCK, v_BHCV
     )
@@ -360,7 +394,8 @@ def channel_decay_chunked(
 ):
     """Per-key-channel decay (GLA), chunkwise. ``g: [B,H,T,Dk]`` log-decay.
 
-    Builds a [B, H, C, C, Dk] intra-chunk decay tensor per chunk (stable, O(C^2 Dk) memory).
+    Splits each chunk into sub-chunks of ``CHANNEL_DECAY_SUBCHUNK`` steps (see
+    ``_channel_decay_chunk``); every exponent stays <= 0.
     Returns (o [B,H,T,Dv], final state [B,H,Dk,Dv] f32).
     """
     args = (q, k, v, beta, g, initial_state, scale, chunk_size)
