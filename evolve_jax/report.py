@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import scipy.stats
-
-from evolve_jax import storage
+from evolve_jax import rank_stats, storage
 from evolve_jax.memory.history import Node
 from evolve_jax.search_space import TaskDescription
 
@@ -25,36 +23,53 @@ def ranked(nodes: Sequence[Node], direction: str) -> list[Node]:
     return sorted((n for n in nodes if n.ok), key=lambda n: (-sign * n.score, n.id))
 
 
-def stage_correlation(nodes: Sequence[Node], stage: int = 1) -> tuple[float, int]:
-    """Spearman rank correlation of stage-0 and ``stage`` scores over nodes that have both."""
+def stage_correlation(nodes: Sequence[Node], stage: int = 1) -> rank_stats.Agreement:
+    """Spearman rank correlation (bootstrap CI) of stage-0 and ``stage`` scores over the nodes
+    that have both."""
     pairs = [
         (n.score, n.stages[stage]["score"])
         for n in nodes
         if n.ok and stage in n.stages and n.stages[stage].get("status") == "ok"
     ]
-    if len(pairs) < 3:
-        return math.nan, len(pairs)
-    rho = scipy.stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
-    return float(rho), len(pairs)
+    return rank_stats.agreement([a for a, _ in pairs], [b for _, b in pairs])
+
+
+def stage_metric(node: Node, stage: int, task: TaskDescription) -> str:
+    """The stage's primary metric, mean over seeds, or the stage's status when it has none."""
+    name = task.stage_metrics(stage)[0].name
+    if stage == 0:
+        by_seed = node.metrics.get(task.stages[0].name, {}) if node.ok else {}
+    else:
+        record = node.stages.get(stage)
+        if record is None:
+            return "-"
+        by_seed = record.get("metrics") or {} if record.get("status") == "ok" else {}
+        if not by_seed:
+            return record.get("status", "?")
+    values = [m.get(name) for m in by_seed.values()]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return f"{sum(values) / len(values):.4g}" if values else "-"
 
 
 def render(
     nodes: Sequence[Node], direction: str, task: TaskDescription, k: int, workdir: str
 ) -> str:
-    """A plain-text table of the top ``k`` candidates, with the stage correlation."""
+    """A plain-text table of the top ``k`` candidates with every stage's metric (mean over
+    seeds), and how well stage 0 ranks the nodes the way each later stage does."""
     counts = {s: sum(n.status == s for n in nodes) for s in ("ok", "invalid", "failed", "timeout")}
+    metrics = [task.stage_metrics(s)[0].name for s in range(len(task.stages))]
+    widths = [max(9, len(m)) for m in metrics]
     lines = [
         f"{task.title}: {len(nodes)} nodes ("
         + ", ".join(f"{v} {s}" for s, v in counts.items() if v)
         + f"); score is {'higher' if direction == 'max' else 'lower'}-is-better",
-        f"{'rank':>4}  {'id':>5}  {'score':>9}  {'later stages':>14}  {'vs baseline':>22}  name",
+        f"{'rank':>4}  {'id':>5}  {'score':>9}  "
+        + "  ".join(f"{m:>{w}}" for m, w in zip(metrics, widths, strict=True))
+        + f"  {'vs baseline':>22}  name",
     ]
-    primary = task.stage_metrics(0)[0].name
+    primary = metrics[0]
     for rank, node in enumerate(ranked(nodes, direction)[:k], start=1):
-        later = " ".join(
-            f"{r['score']:.4g}" if r.get("score") is not None else r.get("status", "?")
-            for _, r in sorted(node.stages.items())
-        )
+        per_stage = "  ".join(f"{stage_metric(node, s, task):>{w}}" for s, w in enumerate(widths))
         paired = node.stats.get("vs_baseline", {}).get(primary)
         if paired and paired.get("n", 0) >= 2 and paired["ci95"][0] is not None:
             low, high = paired["ci95"]
@@ -63,16 +78,15 @@ def render(
             vs = f"{paired['mean_diff']:+.3g}"
         else:
             vs = "-"
-        later = later or "-"
         lines.append(
-            f"{rank:>4}  {node.id:>5}  {node.score:>9.4g}  {later:>14}  {vs:>22}  {node.name}"
+            f"{rank:>4}  {node.id:>5}  {node.score:>9.4g}  {per_stage}  {vs:>22}  {node.name}"
         )
     for stage in range(1, len(task.stages)):
-        rho, n = stage_correlation(nodes, stage)
-        if n:
+        agreement = stage_correlation(nodes, stage)
+        if agreement.n:
             lines.append(
                 f"Spearman rank correlation, stage 0 ({task.stages[0].name}) vs stage {stage} "
-                f"({task.stages[stage].name}): {rho:.3f} over {n} promoted nodes"
+                f"({task.stages[stage].name}), over the promoted nodes: {agreement.text()}"
             )
     lines.append(f"History: {workdir} (python -m evolve_jax.history --workdir={workdir})")
     return "\n".join(lines)

@@ -200,10 +200,14 @@ def parse_options(cls: type, raw: Mapping[str, Any], space: str) -> Any:
     for key, value in raw.items():
         if key not in known:
             raise ValueError(f"unknown {space} option {key!r} (known: {', '.join(known)})")
-        kind = type(getattr(cls, key))
+        default = getattr(cls, key)
+        kind = type(default)
         try:
             if kind is tuple:
-                values[key] = tuple(p for p in str(value).split(",") if p)
+                # Elements are typed by the default's first element (strings if it is empty).
+                element = type(default[0]) if default else str
+                parts = value if isinstance(value, tuple | list) else str(value).split(",")
+                values[key] = tuple(element(p) for p in parts if str(p).strip())
             elif kind is bool:
                 values[key] = _boolean(value)
             else:

@@ -153,7 +153,7 @@ def test_is_causal(name):
 def test_trains_to_finite_losses(name):
     (result,) = train.train_mqar(
         _cfg(_mixer(name)),
-        train.MQARConfig(vocab_size=64, seq_len=CHUNK, num_pairs=4, test_examples=8),
+        train.MQARConfig(vocab_size=64, seq_len=CHUNK, num_pairs=(2, 4), test_examples=8),
         train.TrainConfig(steps=5, batch_size=4),
         seeds=[0],
         devices=jax.devices()[:1],

@@ -175,9 +175,30 @@ def test_evaluate_both_stages_and_a_diverging_candidate():
     assert 0.0 <= cheap.metrics[0]["mqar_accuracy"] <= 1.0
     [costly] = space.evaluate([tiny], 1, [0], jax.devices())
     assert costly.error is None and 0 < costly.metrics[0]["val_bpb"] < 10
-    diverging = LinearAttentionSpace(**{**TINY_OPTIONS, "learning_rate": "1e30"})
+    diverging = LinearAttentionSpace(**{**TINY_OPTIONS, "learning_rates": "1e30"})
     [blown] = diverging.evaluate([tiny], 0, [0], jax.devices())
     assert blown.error is not None and blown.error.startswith("finite_loss")
+
+
+def test_stacked_learning_rates_keep_the_best_and_train_as_if_alone():
+    tiny = _tiny("deltanet")
+    options = {**TINY_OPTIONS, "num_pairs": "2,4", "mqar_batch": "4"}
+    # A learning rate that blows up beside one that trains: the sane one is kept, no error.
+    mixed = LinearAttentionSpace(**options, learning_rates="1e30,3e-3")
+    [kept] = mixed.evaluate([tiny], 0, [0, 1], jax.devices())
+    assert kept.error is None
+    assert {m["learning_rate"] for m in kept.metrics.values()} == {3e-3}
+    # Two sane ones: whichever is kept trained exactly as it would have alone.
+    both = LinearAttentionSpace(**options, learning_rates="1e-3,1e-2")
+    [stacked] = both.evaluate([tiny], 0, [0], jax.devices())
+    chosen = stacked.metrics[0]["learning_rate"]
+    alone = LinearAttentionSpace(**options, learning_rates=str(chosen))
+    [single] = alone.evaluate([tiny], 0, [0], jax.devices())
+    for name, value in single.metrics[0].items():
+        assert stacked.metrics[0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    # The recall score is the mean over the numbers of pairs.
+    m = stacked.metrics[0]
+    assert m["mqar_accuracy"] == pytest.approx((m["mqar_accuracy_p2"] + m["mqar_accuracy_p4"]) / 2)
 
 
 def test_quick_search_on_a_url_workdir_checkpoints_reports_and_restores(tmp_path):

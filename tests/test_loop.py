@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import scipy.stats
 
@@ -93,13 +94,28 @@ def test_promotion_records_costlier_stage_and_correlation(tmp_path):
     promoted = [n for n in summary.nodes if 1 in n.stages]
     assert len(promoted) >= 3
     assert all(n.stages[1]["stage_name"] == "full" for n in promoted)
-    rho, n = report.stage_correlation(summary.nodes, 1)
+    agreement = report.stage_correlation(summary.nodes, 1)
+    rho, n = agreement.value, agreement.n
     assert n == len(promoted) and -1.0 <= rho <= 1.0  # a number: NaN fails both comparisons
     cheap = [p.score for p in promoted]
     costly = [p.stages[1]["score"] for p in promoted]
     assert cheap != costly  # the toy's stages differ by construction (noise, moved target)
     assert rho == pytest.approx(scipy.stats.spearmanr(cheap, costly).statistic)
-    assert f"{rho:.3f} over {n} promoted nodes" in summary.report
+    assert agreement.low <= rho <= agreement.high
+    line = next(x for x in summary.report.splitlines() if x.startswith("Spearman"))
+    assert f"{rho:+.3f} (95% CI [{agreement.low:+.2f}, {agreement.high:+.2f}]) over {n}" in line
+    assert ("too few nodes" in line) == (n < 10)
+    # Every stage's metric of a listed node is in the table (mean over its seeds).
+    header = summary.report.splitlines()[1].split()
+    assert header[3:5] == ["reward", "reward"]  # one column per stage (two here)
+    lines = summary.report.splitlines()[2:]
+    rows = {int(x.split()[1]): x.split() for x in lines if x[:4].strip().isdigit()}
+    shown = [n for n in promoted if n.id in rows]
+    assert shown
+    for node in shown:
+        for stage, by_seed in enumerate((node.metrics["cheap"], node.stages[1]["metrics"])):
+            mean = np.mean([m["reward"] for m in by_seed.values()])
+            assert float(rows[node.id][3 + stage]) == pytest.approx(mean, rel=1e-3, abs=1e-3)
 
 
 def test_lessons_are_written_back_with_provenance(tmp_path):

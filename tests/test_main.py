@@ -18,7 +18,8 @@ BAD_OPTIONS = {
     "vocab_size": "4",
     "seq_len": "3",
     "num_pairs": "1000",
-    "learning_rate": "-1e-3",
+    "learning_rates": "-1e-3",
+    "lm_learning_rates": "0",
     "lm_steps": "0",
     "lm_batch": "0",
     "lm_seq_len": "100000000",
@@ -81,6 +82,34 @@ def test_bad_space_option_is_one_line_exit_2_before_any_work(capsys, tmp_path, k
     assert not os.path.exists(workdir)
 
 
+# Stage options that make the task impossible, with what the one-line error must name.
+IMPOSSIBLE_STAGES = [
+    ({"learning_rates": ""}, "learning_rates"),
+    ({"learning_rates": "1e-3,-1"}, "learning_rates"),
+    ({"learning_rates": "inf"}, "learning_rates"),
+    ({"lm_learning_rates": ","}, "lm_learning_rates"),
+    ({"num_pairs": ""}, "num_pairs"),
+    ({"vocab_size": "64", "num_pairs": "4,40"}, "num_pairs=40"),  # 31 distinct keys
+    ({"seq_len": "64", "num_pairs": "8,17"}, "num_pairs=17"),  # 64 tokens hold 16 pairs
+    ({"mqar_batch": "32", "num_pairs": "4,8,16"}, "mqar_batch"),  # 3 equal shares
+]
+
+
+@pytest.mark.parametrize(("options", "named"), IMPOSSIBLE_STAGES)
+def test_impossible_stage_is_one_line_exit_2_before_any_work(capsys, tmp_path, options, named):
+    workdir = str(tmp_path / "never")
+    code, err = _main(
+        capsys,
+        "--search_space=linear_attention",
+        f"--workdir={workdir}",
+        *(f"--space_opt={k}={v}" for k, v in options.items()),
+    )
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert named in err
+    assert not os.path.exists(workdir)
+
+
 def test_platform_that_is_missing_stops_before_any_work(capsys, tmp_path):
     workdir = str(tmp_path / "never")
     code, err = _main(
@@ -105,3 +134,14 @@ def test_gpu_and_tpu_flagfiles_require_their_platform():
     for name, platform in (("gpu", "gpu"), ("tpu_pod", "tpu")):
         with open(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.flags")) as f:
             assert f"--platform={platform}\n" in f.read()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "gpu", "tpu_pod", "la_code"])
+def test_flagfile_space_options_are_valid(name):
+    # Every stage option of a shipped flagfile passes the checks a run makes before any work
+    # (the accelerator flagfiles cannot be run here).
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.flags")
+    with open(path) as f:
+        pairs = [line.strip().split("=", 2)[1:] for line in f if line.startswith("--space_opt=")]
+    options = Options.parse(**dict(pairs))
+    assert options.learning_rates and options.num_pairs

@@ -48,10 +48,15 @@ class HeldOut:
     inputs: np.ndarray  # [S, N, T] int32
     positions: np.ndarray  # [S, N, T] bool
     targets: np.ndarray  # [S, M] int32, M = positions per seed
+    # MQAR's numbers of pairs: each target's group [M] and each group's accuracy metric name.
+    # Loss and accuracy are then means over the groups, as genome mode computes them.
+    groups: np.ndarray | None = None
+    group_metrics: tuple[str, ...] = ()
 
 
-def score_logits(logits: Any, held: HeldOut, vocab: int) -> tuple[dict[int, dict], str | None]:
-    """Per-seed (mean cross-entropy, accuracy) of the worker's logits; or an error."""
+def score_logits(logits: Any, held: HeldOut, vocab: int) -> tuple[dict[int, tuple], str | None]:
+    """Per-seed (mean cross-entropy, accuracy, {group metric: accuracy}) of the worker's
+    logits; or an error."""
     shape = (*held.targets.shape, vocab)
     if not isinstance(logits, np.ndarray) or logits.shape != shape:
         got = getattr(logits, "shape", type(logits).__name__)
@@ -63,7 +68,23 @@ def score_logits(logits: Any, held: HeldOut, vocab: int) -> tuple[dict[int, dict
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, held.targets[..., None], -1)[..., 0]
     correct = logits.argmax(-1) == held.targets
-    return {i: (float(nll[i].mean()), float(correct[i].mean())) for i in range(len(nll))}, None
+    if held.groups is None:
+        return {
+            i: (float(nll[i].mean()), float(correct[i].mean()), {}) for i in range(len(nll))
+        }, None
+    scores = {}
+    for i in range(len(nll)):
+        per_group = [
+            (nll[i][held.groups == g], correct[i][held.groups == g])
+            for g in range(len(held.group_metrics))
+        ]
+        accuracy = {
+            name: float(c.mean())
+            for name, (_, c) in zip(held.group_metrics, per_group, strict=True)
+        }
+        loss = float(np.mean([n.mean() for n, _ in per_group]))
+        scores[i] = (loss, float(np.mean(list(accuracy.values()))), accuracy)
+    return scores, None
 
 
 def _failure(report: sandbox.Report, reply: dict | None) -> str:
@@ -116,12 +137,14 @@ def run_training(
     if error is not None:
         return EvalResult(error=error, extra=_output(report)), {}
     losses = trained.get("final_train_loss", {})
+    rates = trained.get("learning_rate", {})
     metrics = {}
     for i, seed in enumerate(seeds):
-        loss, accuracy = by_seed[i]
-        values = dict(zip(metric_names, (loss, accuracy), strict=True))
-        train_loss = losses.get(str(seed))
-        values["final_train_loss"] = float(train_loss) if train_loss is not None else math.nan
+        loss, accuracy, per_group = by_seed[i]
+        values = {**dict(zip(metric_names, (loss, accuracy), strict=True)), **per_group}
+        for name, reported in (("final_train_loss", losses), ("learning_rate", rates)):
+            value = reported.get(str(seed))
+            values[name] = float(value) if value is not None else math.nan
         metrics[seed] = values
     params: dict[int, dict] = {}
     for name, array in arrays.items():
@@ -249,12 +272,14 @@ def _train(request: dict):
     o, seeds = request["options"], request["seeds"]
     if request["stage"] == 0:
         # The worker's own test set is tiny: its numbers are not the ones recorded.
-        task = train.MQARConfig(o["vocab_size"], o["seq_len"], o["num_pairs"], test_examples=8)
-        budget = train.TrainConfig(o["mqar_steps"], o["mqar_batch"], o["learning_rate"])
+        pairs = tuple(o["num_pairs"])
+        task = train.MQARConfig(o["vocab_size"], o["seq_len"], pairs, test_examples=8)
+        rates = tuple(o["learning_rates"])
+        budget = train.TrainConfig(o["mqar_steps"], o["mqar_batch"], rates)
         return cfg, train.train_mqar(cfg, task, budget, seeds, jax.devices())
     corpus = data.load_corpus(o["corpus"] or None)
     task = train.ByteLMConfig(o["lm_seq_len"], val_batches=1)
-    budget = train.TrainConfig(o["lm_steps"], o["lm_batch"], o["learning_rate"] / 3)
+    budget = train.TrainConfig(o["lm_steps"], o["lm_batch"], tuple(o["lm_learning_rates"]))
     return cfg, train.train_byte_lm(cfg, task, budget, seeds, jax.devices(), corpus)
 
 
@@ -299,8 +324,11 @@ def worker(channel: sandbox.Channel) -> None:
         channel.send({"error": errors[0]})
         return
     seeds = request["seeds"]
-    losses = {str(s): r.metrics["final_train_loss"] for s, r in zip(seeds, per_seed, strict=True)}
-    channel.send({"trained": True, "final_train_loss": losses})
+    reported = {
+        name: {str(s): r.metrics[name] for s, r in zip(seeds, per_seed, strict=True)}
+        for name in ("final_train_loss", "learning_rate")
+    }
+    channel.send({"trained": True, **reported})
     _, arrays = channel.receive()
     inputs, positions = arrays["inputs"], arrays["positions"]
     logits = np.stack(
@@ -317,18 +345,25 @@ def held_out_mqar(options, seeds: Sequence[int]) -> HeldOut:
     """Genome mode's MQAR test examples for each seed, split into what is sent and what is kept."""
     from search_spaces.linear_attention import data, train
 
-    task = train.MQARConfig(options.vocab_size, options.seq_len, options.num_pairs)
-    inputs, positions, targets = [], [], []
+    task = train.MQARConfig(options.vocab_size, options.seq_len, tuple(options.num_pairs))
+    inputs, masks, targets = [], [], []
     for seed in seeds:
-        test = data.make_mqar(
-            np.random.default_rng([seed, 1]), task.test_examples, vocab_size=task.vocab_size,
-            seq_len=task.seq_len, num_pairs=task.num_pairs,
-        )  # fmt: skip
-        mask = test.targets != data.IGNORE_INDEX
-        inputs.append(test.inputs.astype(np.int32))
-        positions.append(mask)
-        targets.append(test.targets[mask].astype(np.int32))
-    return HeldOut(np.stack(inputs), np.stack(positions), np.stack(targets))
+        per_pairs = train.mqar_examples(task, seed, 1, task.test_examples)
+        seed_inputs = np.concatenate([g[0] for g in per_pairs])
+        positions, sparse = (np.concatenate([g[i] for g in per_pairs]) for i in (1, 2))
+        supervised = sparse != data.IGNORE_INDEX
+        mask = np.zeros(seed_inputs.shape, bool)
+        rows = np.broadcast_to(np.arange(len(mask))[:, None], positions.shape)
+        mask[rows[supervised], positions[supervised]] = True
+        inputs.append(seed_inputs.astype(np.int32))
+        masks.append(mask)
+        # Positions come in increasing order per example, as mask indexing reads them.
+        targets.append(sparse[supervised].astype(np.int32))
+    groups = np.concatenate(
+        [np.full(task.test_examples * pairs, g) for g, pairs in enumerate(task.num_pairs)]
+    )
+    names = tuple(f"mqar_accuracy_p{pairs}" for pairs in task.num_pairs)
+    return HeldOut(np.stack(inputs), np.stack(masks), np.stack(targets), groups, names)
 
 
 def held_out_bytes(windows: tuple[np.ndarray, np.ndarray], seeds: Sequence[int]) -> HeldOut:

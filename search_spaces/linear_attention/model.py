@@ -255,12 +255,21 @@ class LanguageModel(nnx.Module):
 
     def from_embeddings(self, x_BTD: jax.Array) -> jax.Array:
         """Logits [B,T,vocab] from input embeddings (the causality probe differentiates this)."""
+        return self.head(self._features(x_BTD))
+
+    def _features(self, x_BTD: jax.Array) -> jax.Array:
         for block in self.blocks:
             x_BTD = block(x_BTD)
-        return self.head(self.norm(x_BTD))
+        return self.norm(x_BTD)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         return self.from_embeddings(self.embed(tokens_BT))
+
+    def logits_at(self, tokens_BT: jax.Array, positions_BP: jax.Array) -> jax.Array:
+        """Logits [B,P,vocab] at the given positions only (the head is the costly part when few
+        positions are scored against a large vocabulary)."""
+        x_BTD = self._features(self.embed(tokens_BT))
+        return self.head(jnp.take_along_axis(x_BTD, positions_BP[..., None], axis=1))
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:

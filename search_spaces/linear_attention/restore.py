@@ -35,7 +35,8 @@ _NODE = flags.DEFINE_integer("node", None, "Node id (see python -m evolve_jax.hi
 def space_for(meta: dict[str, Any]) -> LinearAttentionSpace:
     """The search space with the options a checkpoint was trained with."""
     options = {
-        k: ",".join(v) if isinstance(v, list) else str(v) for k, v in meta["options"].items()
+        k: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        for k, v in meta["options"].items()
     }
     return LinearAttentionSpace(**options)
 

@@ -48,14 +48,18 @@ modelling; fitness is normalised against DeltaNet trained with the same budget a
 class Options:
     """Search-space options (``--space_opt=key=value``), validated at construction."""
 
+    # Stage 0: MQAR at several numbers of pairs (equal shares of each batch, accuracy averaged),
+    # every learning rate trained at once and the best kept (by late training loss).
     mqar_steps: int = 800
-    mqar_batch: int = 32
+    mqar_batch: int = 24
     vocab_size: int = 512
     seq_len: int = 64
-    num_pairs: int = 8
-    learning_rate: float = 1e-2
+    num_pairs: tuple[int, ...] = (4, 8, 16)
+    learning_rates: tuple[float, ...] = (3e-3, 1e-2)
+    # Stage 1: byte-level LM.
     lm_steps: int = 300
     lm_batch: int = 16
+    lm_learning_rates: tuple[float, ...] = (3e-3,)
     lm_seq_len: int = 128
     lm_width: int = 2
     corpus: tuple[str, ...] = ()
@@ -84,8 +88,13 @@ class Options:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"linear_attention option {name} must be >= 1")
-        if not 0 < self.learning_rate < float("inf"):
-            raise ValueError("linear_attention option learning_rate must be a finite number > 0")
+        for name in ("learning_rates", "lm_learning_rates"):
+            rates = getattr(self, name)
+            if not rates or not all(0 < lr < float("inf") for lr in rates):
+                raise ValueError(
+                    f"linear_attention option {name}={','.join(map(str, rates))!r}: "
+                    "give one or more finite learning rates > 0"
+                )
         if self.impl not in model.IMPLS:
             raise ValueError(
                 f"linear_attention option impl={self.impl!r} ({', '.join(model.IMPLS)})"
@@ -110,13 +119,21 @@ class Options:
                 f"linear_attention option seeds must include the baseline {self.baseline!r}"
             )
         # MQAR's own argument checks, run now rather than at the first evaluation.
+        if not self.num_pairs:
+            raise ValueError("linear_attention option num_pairs: give one or more numbers")
         try:
-            data.make_mqar(
-                np.random.default_rng(0), 1, vocab_size=self.vocab_size, seq_len=self.seq_len,
-                num_pairs=self.num_pairs,
-            )  # fmt: skip
+            for pairs in self.num_pairs:
+                data.make_mqar(
+                    np.random.default_rng(0), 1, vocab_size=self.vocab_size,
+                    seq_len=self.seq_len, num_pairs=pairs,
+                )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"linear_attention MQAR options: {e}") from e
+        if self.mqar_batch % len(self.num_pairs):
+            raise ValueError(
+                f"linear_attention option mqar_batch={self.mqar_batch} must be a multiple of the "
+                f"{len(self.num_pairs)} numbers of pairs (num_pairs={self.num_pairs})"
+            )
 
     def load_corpus(self) -> np.ndarray:
         """The byte-LM corpus, checked to hold the stage's training and validation windows."""
@@ -270,8 +287,7 @@ class LinearAttentionSpace(SearchSpace):
                 if stage == 0:
                     per_seed = train.train_mqar(
                         cfg,
-                        train.MQARConfig(o.vocab_size, o.seq_len, o.num_pairs),
-                        train.TrainConfig(o.mqar_steps, o.mqar_batch, o.learning_rate),
+                        *self.mqar_config(),
                         seeds,
                         devices,
                     )
@@ -326,7 +342,15 @@ class LinearAttentionSpace(SearchSpace):
         o = self.options
         return (
             train.ByteLMConfig(o.lm_seq_len),
-            train.TrainConfig(o.lm_steps, o.lm_batch, o.learning_rate / 3),
+            train.TrainConfig(o.lm_steps, o.lm_batch, o.lm_learning_rates),
+        )
+
+    def mqar_config(self) -> tuple[train.MQARConfig, train.TrainConfig]:
+        """The MQAR stage's task and training budget."""
+        o = self.options
+        return (
+            train.MQARConfig(o.vocab_size, o.seq_len, o.num_pairs),
+            train.TrainConfig(o.mqar_steps, o.mqar_batch, o.learning_rates),
         )
 
     def validation_windows(self) -> tuple[np.ndarray, np.ndarray]:

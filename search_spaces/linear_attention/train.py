@@ -25,21 +25,29 @@ from search_spaces.linear_attention import data, model
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """One training budget. Every learning rate is trained, stacked beside the seeds; per seed,
+    the one with the lowest mean training loss over the last ``select_fraction`` of the steps
+    is kept (training batches are fresh data, so this never looks at the held-out set)."""
+
     steps: int
     batch_size: int
-    learning_rate: float = 3e-3
+    learning_rates: tuple[float, ...] = (3e-3,)
     weight_decay: float = 0.1
     warmup: int = 50
     decay_to: float = 0.0  # final learning rate as a fraction of the peak (cosine decay)
     finite_probe_steps: int = 5  # the "finite loss after a few steps" check
+    select_fraction: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
 class MQARConfig:
+    """MQAR at one length and several numbers of pairs; every batch holds equal shares of each
+    and the accuracy is the mean over them (Zoology and MAD average over difficulties too)."""
+
     vocab_size: int = 512
     seq_len: int = 64
-    num_pairs: int = 8
-    test_examples: int = 512
+    num_pairs: tuple[int, ...] = (4, 8, 16)
+    test_examples: int = 256  # per number of pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +72,14 @@ def _weight_decay_mask(params):
 
 
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with a warmup-cosine schedule peaking at 1: the caller scales the updates by its
+    learning rate (a traced value, so one compiled program trains every learning rate)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
-        cfg.learning_rate,
+        1.0,
         min(cfg.warmup, max(cfg.steps - 1, 1)),
         max(cfg.steps, 2),
-        end_value=cfg.learning_rate * cfg.decay_to,
+        end_value=cfg.decay_to,
     )
     return optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -89,16 +99,24 @@ def _masked_xent(logits_BTV, targets_BT) -> tuple[jax.Array, jax.Array]:
 
 
 def _trainer(cfg: model.ModelConfig, train: TrainConfig):
-    """Per-seed training function: (seed, inputs, targets, eval inputs, eval targets) -> out."""
+    """Per-run training function of one (seed, learning rate).
+
+    A run is (seed, lr, inputs [S,B,T], positions [S,B,P] or None, targets, eval inputs
+    [N,E,T], eval positions, eval targets). With positions, logits are computed only there
+    (MQAR supervises a few positions per example: the vocabulary head is then cheap); without,
+    everywhere. Returns (params, training losses [S], eval loss [N], eval accuracy [N]).
+    """
     graphdef, _ = model.abstract(cfg)
     tx = _optimizer(train)
 
-    def loss_fn(params, inputs, targets):
-        logits = nnx.merge(graphdef, params)(inputs)
+    def loss_fn(params, inputs, positions, targets):
+        lm = nnx.merge(graphdef, params)
+        logits = lm(inputs) if positions is None else lm.logits_at(inputs, positions)
         return _masked_xent(logits, targets)
 
     def run(candidate):
-        seed, inputs_SBT, targets_SBT, eval_inputs, eval_targets = candidate
+        seed, lr, inputs_SBT, positions_SBP, targets_SBP = candidate[:5]
+        eval_inputs, eval_positions, eval_targets = candidate[5:]
         _, params = model.init(cfg, jax.random.key(seed))
         opt_state = tx.init(params)
 
@@ -106,13 +124,16 @@ def _trainer(cfg: model.ModelConfig, train: TrainConfig):
             params, opt_state = carry
             (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
             updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: lr * u, updates)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, _), losses_S = jax.lax.scan(step, (params, opt_state), (inputs_SBT, targets_SBT))
-        eval_loss, eval_acc = jax.vmap(lambda i, t: loss_fn(params, i, t))(
-            eval_inputs, eval_targets
+        (params, _), losses_S = jax.lax.scan(
+            step, (params, opt_state), (inputs_SBT, positions_SBP, targets_SBP)
         )
-        return params, losses_S, eval_loss.mean(), eval_acc.mean()
+        eval_loss_N, eval_acc_N = jax.vmap(lambda i, p, t: loss_fn(params, i, p, t))(
+            eval_inputs, eval_positions, eval_targets
+        )
+        return params, losses_S, eval_loss_N, eval_acc_N
 
     return run
 
@@ -125,20 +146,64 @@ class SeedResult:
 
 
 def _finish(results, train: TrainConfig, seeds, metric_fn) -> list[SeedResult]:
-    params, losses_PS, eval_loss_P, eval_acc_P = results
+    """Per seed: the learning rate with the lowest late training loss, its metrics and params.
+
+    A seed fails (finite_loss) only when every learning rate's first steps are non-finite; a
+    learning rate that diverges later is never the one kept.
+    """
+    params, losses_PS, eval_loss_PN, eval_acc_PN = results
+    lrs = train.learning_rates
+    tail = max(1, round(train.steps * train.select_fraction))
     out = []
     for i, _ in enumerate(seeds):
-        losses = np.asarray(losses_PS[i])
-        probe = losses[: train.finite_probe_steps]
-        seed_params = jax.tree.map(lambda x, i=i: x[i], params)
-        if not np.all(np.isfinite(probe)):
+        runs = [i * len(lrs) + j for j in range(len(lrs))]
+        losses = {r: np.asarray(losses_PS[r]) for r in runs}
+        sane = [r for r in runs if np.all(np.isfinite(losses[r][: train.finite_probe_steps]))]
+        if not sane:
+            probe = losses[runs[0]][: train.finite_probe_steps]
             out.append(
                 SeedResult({}, None, f"finite_loss: loss {probe.tolist()} in the first steps")
             )
             continue
-        metrics = metric_fn(float(eval_loss_P[i]), float(eval_acc_P[i]))
-        metrics["final_train_loss"] = float(losses[-16:].mean())
-        out.append(SeedResult(metrics, seed_params))
+        late = {r: float(losses[r][-tail:].mean()) for r in sane}
+        finite = [r for r in sane if np.isfinite(late[r])] or sane
+        best = min(finite, key=lambda r: late[r] if np.isfinite(late[r]) else np.inf)
+        metrics = metric_fn(np.asarray(eval_loss_PN[best]), np.asarray(eval_acc_PN[best]))
+        metrics["final_train_loss"] = late[best]
+        metrics["learning_rate"] = float(lrs[best - runs[0]])
+        out.append(SeedResult(metrics, jax.tree.map(lambda x, b=best: x[b], params)))
+    return out
+
+
+def _runs(seeds: Sequence[int], train: TrainConfig, streams: Sequence[tuple]):
+    """The population: one run per (seed, learning rate), seed-major, data shared by a seed."""
+    runs = [
+        (np.int32(seed), np.float32(lr), *stream)
+        for seed, stream in zip(seeds, streams, strict=True)
+        for lr in train.learning_rates
+    ]
+    return jax.tree.map(lambda *xs: np.stack(xs), *runs)
+
+
+def sparse_targets(batch: data.MQARBatch, width: int):
+    """(inputs [N,T], positions [N,width], targets [N,width]): the supervised positions first,
+    in order, padded with unsupervised ones (target IGNORE_INDEX)."""
+    positions = np.argsort(~batch.target_mask, axis=1, kind="stable")[:, :width]
+    targets = np.take_along_axis(batch.targets, positions, axis=1)
+    return batch.inputs, positions.astype(np.int32), targets
+
+
+def mqar_examples(task: MQARConfig, seed: int, split: int, per_group: int) -> list[tuple]:
+    """Per number of pairs, ``per_group`` examples as ``sparse_targets`` triples; split 0 is
+    training data, 1 the test set. The same for every candidate: comparisons are paired."""
+    width = max(task.num_pairs)
+    out = []
+    for pairs in task.num_pairs:
+        batch = data.make_mqar(
+            np.random.default_rng([seed, split, pairs]), per_group,
+            vocab_size=task.vocab_size, seq_len=task.seq_len, num_pairs=pairs,
+        )  # fmt: skip
+        out.append(sparse_targets(batch, width))
     return out
 
 
@@ -149,34 +214,34 @@ def train_mqar(
     seeds: Sequence[int],
     devices: Sequence[Any],
 ) -> list[SeedResult]:
-    """Trains one architecture on MQAR for every seed; metrics are on held-out examples."""
+    """Trains one architecture on MQAR for every seed and learning rate; metrics are on
+    held-out examples: ``mqar_accuracy`` (mean over the numbers of pairs) and one
+    ``mqar_accuracy_p{pairs}`` each."""
+    groups = len(task.num_pairs)
+    if train.batch_size % groups:
+        raise ValueError(
+            f"MQAR batch {train.batch_size} does not split evenly over {groups} numbers of pairs"
+        )
+    share = train.batch_size // groups
     streams = []
     for seed in seeds:
-        rng = np.random.default_rng([seed, 0])  # the same data for every candidate: paired seeds
-        batch = data.make_mqar(
-            rng, train.steps * train.batch_size, vocab_size=task.vocab_size,
-            seq_len=task.seq_len, num_pairs=task.num_pairs,
-        )  # fmt: skip
-        test = data.make_mqar(
-            np.random.default_rng([seed, 1]), task.test_examples, vocab_size=task.vocab_size,
-            seq_len=task.seq_len, num_pairs=task.num_pairs,
-        )  # fmt: skip
-        shape = (train.steps, train.batch_size, task.seq_len)
-        eval_shape = (-1, min(task.test_examples, 256), task.seq_len)
-        streams.append(
-            (
-                np.int32(seed),
-                batch.inputs.reshape(shape),
-                batch.targets.reshape(shape),
-                test.inputs.reshape(eval_shape),
-                test.targets.reshape(eval_shape),
-            )
+        per_pairs = mqar_examples(task, seed, 0, train.steps * share)
+        # Step s's batch: examples s*share .. (s+1)*share of every number of pairs.
+        inputs, positions, targets = (
+            np.concatenate([g[i].reshape(train.steps, share, -1) for g in per_pairs], axis=1)
+            for i in range(3)
         )
-    population = jax.tree.map(lambda *xs: np.stack(xs), *streams)
-    results = evaluate_population(_trainer(cfg, train), population, devices)
-    return _finish(
-        results, train, seeds, lambda loss, acc: {"mqar_accuracy": acc, "mqar_loss": loss}
-    )
+        test = mqar_examples(task, seed, 1, task.test_examples)
+        streams.append(
+            (inputs, positions, targets, *(np.stack([g[i] for g in test]) for i in range(3)))
+        )
+    results = evaluate_population(_trainer(cfg, train), _runs(seeds, train, streams), devices)
+
+    def metrics(loss_G, acc_G):
+        out = {f"mqar_accuracy_p{p}": float(a) for p, a in zip(task.num_pairs, acc_G, strict=True)}
+        return {"mqar_accuracy": float(acc_G.mean()), "mqar_loss": float(loss_G.mean()), **out}
+
+    return _finish(results, train, seeds, metrics)
 
 
 def byte_lm_validation(
@@ -221,20 +286,16 @@ def train_byte_lm(
             corpus, seq_len=task.seq_len, batch_size=train.batch_size, seed=seed, split="train"
         )
         take = [batches[i] for i in range(train.steps)]
-        streams.append(
-            (
-                np.int32(seed),
-                np.stack([b["inputs"] for b in take]),
-                np.stack([b["targets"] for b in take]),
-                val_inputs,
-                val_targets,
-            )
-        )
-    population = jax.tree.map(lambda *xs: np.stack(xs), *streams)
-    results = evaluate_population(_trainer(cfg, train), population, devices)
+        inputs = np.stack([b["inputs"] for b in take])
+        targets = np.stack([b["targets"] for b in take])
+        streams.append((inputs, None, targets, val_inputs, None, val_targets))
+    results = evaluate_population(_trainer(cfg, train), _runs(seeds, train, streams), devices)
     return _finish(
         results,
         train,
         seeds,
-        lambda loss, acc: {"val_bpb": loss / math.log(2), "val_byte_accuracy": acc},
+        lambda loss, acc: {
+            "val_bpb": float(loss.mean()) / math.log(2),
+            "val_byte_accuracy": float(acc.mean()),
+        },
     )

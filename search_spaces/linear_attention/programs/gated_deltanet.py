@@ -56,14 +56,14 @@ class TokenMixer(nnx.Module):
     The delta rule's targeted overwrite plus Mamba2's gate for wholesale forgetting:
     log alpha_t = -exp(A_log) softplus(W_a x_t + dt_bias) per head. As in the paper: short
     causal convolutions and SiLU on q, k, v, L2-normalised q and k, beta_t = sigmoid(W_b x_t),
-    per-head RMSNorm times a SiLU output gate. The decay starts near 1 (dt from DT_INIT) and the
-    gate as the identity (OUTPUT_GATE_BIAS); with the usual dt ~ logU(1e-3, 0.1) and a random
-    gate it does not learn MQAR within 800 steps (model.py).
+    value dim 2x the key dim, per-head RMSNorm times a SiLU output gate. The decay starts near
+    1 (dt from DT_INIT) and the gate as the identity (OUTPUT_GATE_BIAS); with the usual
+    dt ~ logU(1e-3, 0.1) and a random gate it does not learn MQAR within 800 steps (model.py).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs):
         H, K = num_heads, head_dim
-        V = K
+        V = 2 * K
         self.H, self.K, self.V = H, K, V
         linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
         self.q_proj, self.k_proj = linear(d_model, H * K), linear(d_model, H * K)

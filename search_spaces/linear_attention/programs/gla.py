@@ -55,8 +55,8 @@ class TokenMixer(nnx.Module):
         log alpha_t = logsigmoid(W_up W_down x_t + b) / 16
 
     As in the paper: a rank-16 gate with temperature 16 (it keeps alpha near 1), no feature map
-    on q and k, per-head RMSNorm then a SiLU output gate (here starting as the identity). The
-    short causal convolutions on q, k, v (SiLU on v) are this space's, not the paper's.
+    on q and k, per-head RMSNorm then a SiLU output gate (here starting as the identity), no
+    short convolution. The key dim is the frame's head_dim, not the paper's d/2.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs):
@@ -66,9 +66,6 @@ class TokenMixer(nnx.Module):
         linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
         self.q_proj, self.k_proj = linear(d_model, H * K), linear(d_model, H * K)
         self.v_proj, self.o_proj = linear(d_model, H * V), linear(H * V, d_model)
-        self.q_conv = ShortConv(H * K, 4, rngs=rngs)
-        self.k_conv = ShortConv(H * K, 4, rngs=rngs)
-        self.v_conv = ShortConv(H * V, 4, rngs=rngs)
         self.gate_down = linear(d_model, 16)
         self.gate_up = nnx.Linear(16, H * K, rngs=rngs)
         self.o_norm = nnx.RMSNorm(V, rngs=rngs)
@@ -83,9 +80,9 @@ class TokenMixer(nnx.Module):
         def heads(x_BTF, dim):
             return x_BTF.reshape(B, T, self.H, dim).transpose(0, 2, 1, 3)
 
-        q_BHTK = heads(self.q_conv(self.q_proj(x_BTD)), self.K)
-        k_BHTK = heads(self.k_conv(self.k_proj(x_BTD)), self.K)
-        v_BHTV = heads(jax.nn.silu(self.v_conv(self.v_proj(x_BTD))), self.V)
+        q_BHTK = heads(self.q_proj(x_BTD), self.K)
+        k_BHTK = heads(self.k_proj(x_BTD), self.K)
+        v_BHTV = heads(self.v_proj(x_BTD), self.V)
         g_BHTK = heads(jax.nn.log_sigmoid(self.gate_up(self.gate_down(x_BTD))) / 16.0, self.K)
         o_BHTV, state = mix("channel_decay", q_BHTK, k_BHTK, v_BHTV, g=g_BHTK, initial_state=state)
         o_BTE = self.o_norm(o_BHTV).transpose(0, 2, 1, 3).reshape(B, T, self.H * self.V)

@@ -54,8 +54,7 @@ class TokenMixer(nnx.Module):
         S_t = S_{t-1} + phi(k_t) v_t^T,  o_t = S_t^T phi(q_t) / sqrt(K),  phi = elu + 1
 
     The paper divides o_t by phi(q_t)^T sum_s phi(k_s); a per-head RMSNorm of the output stands
-    in for that normaliser here. The short causal convolutions on q, k, v (SiLU on v) are this
-    space's, not the paper's. No output gate.
+    in for that normaliser here. As in the paper: no short convolution, no output gate.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs):
@@ -65,9 +64,6 @@ class TokenMixer(nnx.Module):
         linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
         self.q_proj, self.k_proj = linear(d_model, H * K), linear(d_model, H * K)
         self.v_proj, self.o_proj = linear(d_model, H * V), linear(H * V, d_model)
-        self.q_conv = ShortConv(H * K, 4, rngs=rngs)
-        self.k_conv = ShortConv(H * K, 4, rngs=rngs)
-        self.v_conv = ShortConv(H * V, 4, rngs=rngs)
         self.o_norm = nnx.RMSNorm(V, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, state: jax.Array | None = None):
@@ -76,9 +72,9 @@ class TokenMixer(nnx.Module):
         def heads(x_BTF, dim):
             return x_BTF.reshape(B, T, self.H, dim).transpose(0, 2, 1, 3)
 
-        q_BHTK = feature_map("elu_plus_one", heads(self.q_conv(self.q_proj(x_BTD)), self.K))
-        k_BHTK = feature_map("elu_plus_one", heads(self.k_conv(self.k_proj(x_BTD)), self.K))
-        v_BHTV = heads(jax.nn.silu(self.v_conv(self.v_proj(x_BTD))), self.V)
+        q_BHTK = feature_map("elu_plus_one", heads(self.q_proj(x_BTD), self.K))
+        k_BHTK = feature_map("elu_plus_one", heads(self.k_proj(x_BTD), self.K))
+        v_BHTV = heads(self.v_proj(x_BTD), self.V)
         o_BHTV, state = mix("linear", q_BHTK, k_BHTK, v_BHTV, initial_state=state)
         o_BTE = self.o_norm(o_BHTV).transpose(0, 2, 1, 3).reshape(B, T, self.H * self.V)
         return self.o_proj(o_BTE), state

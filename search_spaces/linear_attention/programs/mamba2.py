@@ -57,12 +57,13 @@ class TokenMixer(nnx.Module):
     In SSM terms k is B, q is C and v is x. Mamba2's decay and its initialisation (A in [1, 16],
     dt from DT_INIT so the state barely forgets at first) in this space's mixer layout: separate
     q, k, v projections, each with a short causal convolution and SiLU, no dt scaling of the
-    input, no D skip, per-head RMSNorm then a SiLU output gate that starts as the identity.
+    input, no D skip, inner (value) width 2x, per-head RMSNorm then a SiLU output gate that
+    starts as the identity.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs):
         H, K = num_heads, head_dim
-        V = K
+        V = 2 * K
         self.H, self.K, self.V = H, K, V
         linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
         self.q_proj, self.k_proj = linear(d_model, H * K), linear(d_model, H * K)

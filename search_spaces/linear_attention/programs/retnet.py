@@ -54,21 +54,17 @@ class TokenMixer(nnx.Module):
         S_t = gamma_h S_{t-1} + k_t v_t^T,  o_t = S_t^T q_t / sqrt(K)
 
     As in the paper: no feature map on q and k, a per-head norm of the output (RMSNorm here,
-    GroupNorm there) and a swish (SiLU) output gate, here starting as the identity. The xPos
-    rotation of q and k is left out; the short causal convolutions on q, k, v (SiLU on v) are
-    this space's, not the paper's.
+    GroupNorm there), a swish (SiLU) output gate, here starting as the identity, value dim
+    2x the key dim and no short convolution. The xPos rotation of q and k is left out.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs):
         H, K = num_heads, head_dim
-        V = K
+        V = 2 * K
         self.H, self.K, self.V = H, K, V
         linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
         self.q_proj, self.k_proj = linear(d_model, H * K), linear(d_model, H * K)
         self.v_proj, self.o_proj = linear(d_model, H * V), linear(H * V, d_model)
-        self.q_conv = ShortConv(H * K, 4, rngs=rngs)
-        self.k_conv = ShortConv(H * K, 4, rngs=rngs)
-        self.v_conv = ShortConv(H * V, 4, rngs=rngs)
         self.o_norm = nnx.RMSNorm(V, rngs=rngs)
         self.g_proj = nnx.Linear(
             d_model, H * V, kernel_init=nnx.initializers.zeros_init(),
@@ -81,9 +77,9 @@ class TokenMixer(nnx.Module):
         def heads(x_BTF, dim):
             return x_BTF.reshape(B, T, self.H, dim).transpose(0, 2, 1, 3)
 
-        q_BHTK = heads(self.q_conv(self.q_proj(x_BTD)), self.K)
-        k_BHTK = heads(self.k_conv(self.k_proj(x_BTD)), self.K)
-        v_BHTV = heads(jax.nn.silu(self.v_conv(self.v_proj(x_BTD))), self.V)
+        q_BHTK = heads(self.q_proj(x_BTD), self.K)
+        k_BHTK = heads(self.k_proj(x_BTD), self.K)
+        v_BHTV = heads(self.v_proj(x_BTD), self.V)
         g_BHT = jnp.broadcast_to(retnet_log_decay(self.H)[None, :, None], (B, self.H, T))
         o_BHTV, state = mix("scalar_decay", q_BHTK, k_BHTK, v_BHTV, g=g_BHT, initial_state=state)
         o_BTE = self.o_norm(o_BHTV).transpose(0, 2, 1, 3).reshape(B, T, self.H * self.V)

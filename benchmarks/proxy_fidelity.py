@@ -1,0 +1,180 @@
+"""Does the cheap stage rank architectures the way a costly stage does?
+
+    python -m benchmarks.proxy_fidelity                       # both stages, resumable
+    python -m benchmarks.proxy_fidelity --analyze_only        # the table from saved results
+
+The architectures below were fixed before any result was seen: the six named seeds and eight
+mutants, some deliberately weak. Each goes through
+
+* the cheap stage: the search space's stage 0 with its default options (MQAR at several numbers
+  of pairs, every learning rate trained and the best kept), seeds ``CHEAP_SEEDS``;
+* the costly stage: byte-level LM on held-out bits per byte, wider, longer and on longer
+  windows than the quickstart's stage 1 (``COSTLY_OPTIONS``), two disjoint seed sets.
+
+Every (stage, architecture) result is appended to ``--out`` as soon as it is known, so an
+interrupted run resumes where it stopped. The report: each architecture's mean and seed
+spread per stage; Spearman and Kendall between the stages' means with bootstrap 95% CIs over
+architectures; the costly stage's noise ceiling (Spearman between its two seed sets' means);
+the costly rank of the cheap stage's top 3; and the published ordering at the costly stage
+(DeltaNet and Gated DeltaNet against vanilla linear attention and RetNet, paired by seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from evolve_jax.fitness import paired_difference
+from evolve_jax.rank_stats import agreement
+from search_spaces.linear_attention import genome
+from search_spaces.linear_attention.space import LinearAttentionSpace
+
+_OUT = flags.DEFINE_string(
+    "out", "benchmarks/results/proxy_fidelity.json", "Results file (read and appended)."
+)
+_STAGES = flags.DEFINE_list("stages", ["cheap", "costly"], "Stages to run.")
+_ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False, "Only print the saved results.")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", 0, "Stop starting new work after this (0: none).")
+
+_S = genome.SEEDS
+# Fixed before any result was seen; names say what changed from the seed they start from.
+ARCHITECTURES: dict[str, dict] = {
+    **{name: dict(g) for name, g in _S.items()},
+    # Deliberately weak: raw linear attention, no normalisation anywhere, no conv.
+    "linear_unnormalised": {
+        **_S["linear_attention"], "feature_map": "identity", "output_norm": "none",
+    },
+    "linear_attention_1_layer": {**_S["linear_attention"], "num_layers": 1},
+    "deltanet_1_layer": {**_S["deltanet"], "num_layers": 1},
+    "deltanet_no_conv": {**_S["deltanet"], "short_conv": False},
+    "deltanet_negative_eigenvalues": {**_S["deltanet"], "beta": "sigmoid_x2"},
+    "gated_deltanet_gla_gate": {**_S["gated_deltanet"], "decay": "logsigmoid"},
+    "mamba2_no_conv": {**_S["mamba2"], "short_conv": False},
+    "linear_conv_silu_l2": {
+        **_S["linear_attention"], "short_conv": True, "feature_map": "silu", "qk_norm": "l2",
+    },
+}  # fmt: skip
+ARCHITECTURES = {name: genome.validate(g) for name, g in ARCHITECTURES.items()}
+
+CHEAP_SEEDS = (0, 1, 2)
+COSTLY_SEED_SETS = ((0, 1), (2, 3))
+COSTLY_OPTIONS = dict(
+    lm_width=2, lm_seq_len=256, lm_batch=16, lm_steps=600, lm_learning_rates="1e-3,3e-3"
+)
+STRONG, WEAK = ("deltanet", "gated_deltanet"), ("linear_attention", "retnet")
+
+
+def _load(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _run(stage: str, results: list[dict], deadline: float | None) -> None:
+    done = {(r["stage"], r["arch"], tuple(r["seeds"])) for r in results}
+    if stage == "cheap":
+        space, index, seed_sets, metric = LinearAttentionSpace(), 0, (CHEAP_SEEDS,), "mqar_accuracy"
+    else:
+        space = LinearAttentionSpace(**COSTLY_OPTIONS)
+        index, seed_sets, metric = 1, COSTLY_SEED_SETS, "val_bpb"
+    for seeds in seed_sets:
+        for name, g in ARCHITECTURES.items():
+            if (stage, name, seeds) in done:
+                continue
+            if deadline is not None and time.time() > deadline:
+                print("time budget spent; run again to continue")
+                return
+            start = time.perf_counter()
+            [result] = space.evaluate([g], index, list(seeds), jax.devices())
+            record = {
+                "stage": stage, "arch": name, "seeds": list(seeds), "metric": metric,
+                "seconds": round(time.perf_counter() - start, 1), "error": result.error,
+                "values": [result.metrics[s][metric] for s in seeds] if not result.error else [],
+                "learning_rates": [result.metrics[s]["learning_rate"] for s in seeds]
+                if not result.error else [],
+                "options": {k: str(v) for k, v in vars(space.options).items()},
+            }  # fmt: skip
+            results.append(record)
+            with open(_OUT.value, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"{stage} {name:>30} seeds {seeds}: {record['values'] or record['error']} "
+                  f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+
+
+def _values(results, stage, seeds=None) -> dict[str, list[float]]:
+    """Per architecture, the stage's values over its seeds (seed sets joined, seed-ordered)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in results:
+        if r["stage"] == stage and not r["error"] and (seeds is None or tuple(r["seeds"]) == seeds):
+            out.setdefault(r["arch"], {}).update(zip(r["seeds"], r["values"], strict=True))
+    return {a: [v[s] for s in sorted(v)] for a, v in out.items()}
+
+
+def report(results: list[dict]) -> str:
+    cheap, costly = _values(results, "cheap"), _values(results, "costly")
+    lines = [f"{'architecture':>30}  {'cheap mqar_accuracy':>22}  {'costly val_bpb':>18}"]
+    for name in ARCHITECTURES:
+        cells = []
+        for values in (cheap.get(name), costly.get(name)):
+            if values:
+                sd = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+                cells.append(f"{np.mean(values):.4f} ± {sd:.4f} (n={len(values)})")
+            else:
+                cells.append("-")
+        lines.append(f"{name:>30}  {cells[0]:>22}  {cells[1]:>18}")
+    both = [a for a in ARCHITECTURES if a in cheap and a in costly]
+    x = [np.mean(cheap[a]) for a in both]
+    y = [-np.mean(costly[a]) for a in both]  # lower bpb is better: rank by -bpb
+    for kind in ("spearman", "kendall"):
+        lines.append(f"{kind} cheap vs costly: {agreement(x, y, kind).text()}")
+    halves = [_values(results, "costly", s) for s in COSTLY_SEED_SETS]
+    shared = [a for a in both if all(a in h for h in halves)]
+    ceiling = agreement([-np.mean(halves[0][a]) for a in shared],
+                        [-np.mean(halves[1][a]) for a in shared])  # fmt: skip
+    lines.append(f"costly-stage noise ceiling (seed set vs seed set): {ceiling.text()}")
+    for stage, values in (("cheap", cheap), ("costly", costly)):
+        sds = [np.std(v, ddof=1) for a, v in values.items() if len(v) > 1]
+        if sds:
+            lines.append(f"{stage} seed-to-seed sd: mean {np.mean(sds):.4f}, max {np.max(sds):.4f}")
+    if both:
+        by_costly = sorted(both, key=lambda a: np.mean(costly[a]))
+        top = sorted(both, key=lambda a: -np.mean(cheap[a]))[:3]
+        ranks = ", ".join(f"{a} -> {by_costly.index(a) + 1}" for a in top)
+        lines.append(f"costly rank (of {len(both)}) of the cheap stage's top 3: {ranks}")
+    for strong in STRONG:
+        for weak in WEAK:
+            if strong in costly and weak in costly:
+                d = paired_difference(costly[strong], costly[weak], "min")
+                lo, hi = d["ci95"]
+                lines.append(
+                    f"costly {strong} better than {weak} by {d['mean_diff']:+.4f} bpb, "
+                    f"paired 95% CI [{lo:+.4f}, {hi:+.4f}], n={d['n']}"
+                )
+    if "deltanet" in cheap and "linear_attention" in cheap:
+        gap = np.mean(cheap["deltanet"]) - np.mean(cheap["linear_attention"])
+        sd = np.mean([np.std(v, ddof=1) for v in cheap.values() if len(v) > 1])
+        lines.append(
+            f"cheap DeltaNet - linear attention: {gap:+.4f} = {gap / sd:.1f}x the mean seed sd"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    results = _load(_OUT.value)
+    if not _ANALYZE_ONLY.value:
+        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+        deadline = time.time() + 60 * _MAX_MINUTES.value if _MAX_MINUTES.value else None
+        for stage in _STAGES.value:
+            _run(stage, results, deadline)
+    print(report(results))
+
+
+if __name__ == "__main__":
+    app.run(main)
