@@ -16,6 +16,8 @@ import scipy.stats
 # Below this many items a rank correlation says little whatever its value: with 5 items, two
 # unrelated scorings still give Spearman values from about -0.2 to 0.9 (REFERENCE section 10).
 MIN_MEANINGFUL = 10
+# Below this many items resamples are mostly ties or repeats, and a bootstrap CI means nothing.
+MIN_FOR_CI = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +32,10 @@ class Agreement:
     def text(self) -> str:
         if self.n < 3 or not math.isfinite(self.value):
             return f"undefined over {self.n} nodes"
-        ci = f"95% CI [{self.low:+.2f}, {self.high:+.2f}]" if math.isfinite(self.low) else "no CI"
+        if math.isfinite(self.low):
+            ci = f"95% CI [{self.low:+.2f}, {self.high:+.2f}]"
+        else:
+            ci = f"no CI below {MIN_FOR_CI} nodes" if self.n < MIN_FOR_CI else "no CI"
         line = f"{self.value:+.3f} ({ci}) over {self.n} nodes"
         if self.n < MIN_MEANINGFUL:
             line += f": too few nodes for it to mean anything (fewer than {MIN_MEANINGFUL})"
@@ -58,7 +63,7 @@ def agreement(
     """Rank correlation of paired scores ``x``, ``y`` with a percentile bootstrap over items.
 
     Items are resampled with replacement; resamples whose ranks are undefined (all ties) are
-    dropped. Fewer than 3 items give NaN throughout.
+    dropped. Fewer than 3 items give NaN throughout; fewer than ``MIN_FOR_CI``, no CI.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1:
@@ -69,6 +74,8 @@ def agreement(
     if n < 3:
         return Agreement(math.nan, math.nan, math.nan, n)
     value = _statistic(kind, x, y)
+    if n < MIN_FOR_CI:
+        return Agreement(value, math.nan, math.nan, n)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(resamples, n))
     boot = np.array([_statistic(kind, x[d], y[d]) for d in draws])

@@ -23,32 +23,47 @@ def ranked(nodes: Sequence[Node], direction: str) -> list[Node]:
     return sorted((n for n in nodes if n.ok), key=lambda n: (-sign * n.score, n.id))
 
 
-def stage_correlation(nodes: Sequence[Node], stage: int = 1) -> rank_stats.Agreement:
-    """Spearman rank correlation (bootstrap CI) of stage-0 and ``stage`` scores over the nodes
-    that have both."""
-    pairs = [
-        (n.score, n.stages[stage]["score"])
-        for n in nodes
-        if n.ok and stage in n.stages and n.stages[stage].get("status") == "ok"
-    ]
+def stage_correlation(
+    nodes: Sequence[Node], task: TaskDescription, stage: int = 1
+) -> rank_stats.Agreement:
+    """Spearman rank correlation (bootstrap CI) between stage 0's and ``stage``'s primary
+    metrics (means over seeds, signed so higher is better) over the nodes that have both.
+
+    Raw metrics, not scores: normalised scores saturate far from the baseline, and the ties
+    that makes would hide how the stages order the nodes there.
+    """
+    pairs = []
+    for node in nodes:
+        cheap, costly = _mean_metric(node, 0, task), _mean_metric(node, stage, task)
+        if cheap is not None and costly is not None:
+            pairs.append((cheap, costly))
     return rank_stats.agreement([a for a, _ in pairs], [b for _, b in pairs])
+
+
+def _mean_metric(node: Node, stage: int, task: TaskDescription) -> float | None:
+    """The stage's primary metric, mean over seeds, signed so higher is better; None if the
+    node has no successful result there."""
+    metric = task.stage_metrics(stage)[0]
+    if stage == 0:
+        by_seed = node.metrics.get(task.stages[0].name, {}) if node.ok else {}
+    else:
+        record = node.stages.get(stage) or {}
+        by_seed = (record.get("metrics") or {}) if record.get("status") == "ok" else {}
+    values = [m.get(metric.name) for m in by_seed.values()]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return mean if metric.direction == "max" else -mean
 
 
 def stage_metric(node: Node, stage: int, task: TaskDescription) -> str:
     """The stage's primary metric, mean over seeds, or the stage's status when it has none."""
-    name = task.stage_metrics(stage)[0].name
-    if stage == 0:
-        by_seed = node.metrics.get(task.stages[0].name, {}) if node.ok else {}
-    else:
-        record = node.stages.get(stage)
-        if record is None:
-            return "-"
-        by_seed = record.get("metrics") or {} if record.get("status") == "ok" else {}
-        if not by_seed:
-            return record.get("status", "?")
-    values = [m.get(name) for m in by_seed.values()]
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return f"{sum(values) / len(values):.4g}" if values else "-"
+    value = _mean_metric(node, stage, task)
+    if value is not None:
+        return f"{value if task.stage_metrics(stage)[0].direction == 'max' else -value:.4g}"
+    record = node.stages.get(stage)
+    return record.get("status", "?") if stage and record else "-"
 
 
 def render(
@@ -82,7 +97,7 @@ def render(
             f"{rank:>4}  {node.id:>5}  {node.score:>9.4g}  {per_stage}  {vs:>22}  {node.name}"
         )
     for stage in range(1, len(task.stages)):
-        agreement = stage_correlation(nodes, stage)
+        agreement = stage_correlation(nodes, task, stage)
         if agreement.n:
             lines.append(
                 f"Spearman rank correlation, stage 0 ({task.stages[0].name}) vs stage {stage} "

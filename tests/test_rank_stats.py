@@ -35,6 +35,9 @@ def test_unrelated_scores_give_a_ci_that_spans_zero():
 def test_few_nodes_are_flagged_and_fewer_than_three_are_undefined():
     five = rank_stats.agreement([1, 2, 3, 4, 5], [2, 1, 3, 5, 4])
     assert "too few nodes" in five.text() and "over 5 nodes" in five.text()
+    four = rank_stats.agreement([1, 2, 3, 4], [2, 1, 3, 4])
+    assert math.isfinite(four.value) and math.isnan(four.low)
+    assert "no CI below 5 nodes" in four.text()
     ten = rank_stats.agreement(np.arange(10), np.arange(10))
     assert "too few" not in ten.text()
     two = rank_stats.agreement([1, 2], [2, 1])
