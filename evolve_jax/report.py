@@ -32,17 +32,18 @@ def stage_correlation(
     Raw metrics, not scores: normalised scores saturate far from the baseline, and the ties
     that makes would hide how the stages order the nodes there.
     """
+    signs = [1.0 if task.stage_metrics(s)[0].direction == "max" else -1.0 for s in (0, stage)]
     pairs = []
     for node in nodes:
         cheap, costly = _mean_metric(node, 0, task), _mean_metric(node, stage, task)
         if cheap is not None and costly is not None:
-            pairs.append((cheap, costly))
+            pairs.append((signs[0] * cheap, signs[1] * costly))
     return rank_stats.agreement([a for a, _ in pairs], [b for _, b in pairs])
 
 
 def _mean_metric(node: Node, stage: int, task: TaskDescription) -> float | None:
-    """The stage's primary metric, mean over seeds, signed so higher is better; None if the
-    node has no successful result there."""
+    """The stage's primary metric, mean over seeds; None if the node has no successful result
+    there."""
     metric = task.stage_metrics(stage)[0]
     if stage == 0:
         by_seed = node.metrics.get(task.stages[0].name, {}) if node.ok else {}
@@ -51,17 +52,14 @@ def _mean_metric(node: Node, stage: int, task: TaskDescription) -> float | None:
         by_seed = (record.get("metrics") or {}) if record.get("status") == "ok" else {}
     values = [m.get(metric.name) for m in by_seed.values()]
     values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    mean = sum(values) / len(values)
-    return mean if metric.direction == "max" else -mean
+    return sum(values) / len(values) if values else None
 
 
 def stage_metric(node: Node, stage: int, task: TaskDescription) -> str:
     """The stage's primary metric, mean over seeds, or the stage's status when it has none."""
     value = _mean_metric(node, stage, task)
     if value is not None:
-        return f"{value if task.stage_metrics(stage)[0].direction == 'max' else -value:.4g}"
+        return f"{value:.4g}"
     record = node.stages.get(stage)
     return record.get("status", "?") if stage and record else "-"
 
