@@ -26,7 +26,8 @@ from evolve_jax.config import RunConfig
 from evolve_jax.evaluation import workers
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
-from evolve_jax.memory.history import History, Node, worst_score
+from evolve_jax.memory.history import History, Node, SlotTaken, worst_score
+from evolve_jax.memory.lease import Lease
 from evolve_jax.sampling import make_sampler
 from evolve_jax.search_space import SearchSpace, fingerprint, load
 
@@ -184,26 +185,34 @@ class ResearchLoop:
         if self.agents.cost is not None:
             stats["llm"] = self.agents.cost.take_slot(step, slot)
             self._spent += stats["llm"]["usd"]
-        node = self.history.append(
-            parents=list(proposal.parents),
-            search_space=self.space.name,
-            name=proposal.name,
-            motivation=proposal.motivation,
-            candidate=outcome.candidate,
-            status=outcome.status,
-            reason=outcome.reason,
-            metrics={self.task.stages[0].name: outcome.metrics} if outcome.metrics else {},
-            score=score,
-            stats=stats,
-            analysis=analysis,
-            timings={"design": design_seconds, "evaluate": outcome.seconds},
-            island=proposal.island,
-            created=time.time(),
-            operator=proposal.operator,
-            origin={"run": self.config.run_name, "step": step, "slot": slot},
-            descriptor=self._descriptor(outcome.candidate),
-            cognition_ids=list(proposal.cognition_ids),
-        )
+        try:
+            node = self.history.append(
+                parents=list(proposal.parents),
+                search_space=self.space.name,
+                name=proposal.name,
+                motivation=proposal.motivation,
+                candidate=outcome.candidate,
+                status=outcome.status,
+                reason=outcome.reason,
+                metrics={self.task.stages[0].name: outcome.metrics} if outcome.metrics else {},
+                score=score,
+                stats=stats,
+                analysis=analysis,
+                timings={"design": design_seconds, "evaluate": outcome.seconds},
+                island=proposal.island,
+                created=time.time(),
+                operator=proposal.operator,
+                origin={"run": self.config.run_name, "step": step, "slot": slot},
+                descriptor=self._descriptor(outcome.candidate),
+                cognition_ids=list(proposal.cognition_ids),
+            )
+        except SlotTaken as e:
+            # Another writer (a process that had the lease before it went stale) committed
+            # this slot first: its node stands, this one is dropped.
+            logging.warning("step %d slot %d: %s; keeping it and moving on", step, slot, e)
+            node = self.history.get(e.node_id)
+            siblings.append((proposal, node.score))
+            return node
         siblings.append((proposal, score))
         self._log(step, slot, node)
         return node
@@ -421,6 +430,11 @@ class ResearchLoop:
                 )  # fmt: skip
 
     def run(self) -> RunSummary:
+        """Runs (or resumes) the search, holding the run's lease throughout (lease.py)."""
+        with Lease(self.history, self.config.run_name):
+            return self._run()
+
+    def _run(self) -> RunSummary:
         cfg = self.config
         self.history.refresh()
         mine = self._mine()

@@ -8,7 +8,13 @@ import textwrap
 import pytest
 import tensorstore as ts
 
-from evolve_jax.memory.history import CorruptRecordError, History, HistoryError, kvstore_url
+from evolve_jax.memory.history import (
+    CorruptRecordError,
+    History,
+    HistoryError,
+    SlotTaken,
+    kvstore_url,
+)
 from tests.conftest import REPO, run_cli
 
 
@@ -149,3 +155,18 @@ def test_two_processes_appending_at_once_lose_nothing(workdir):
     assert [n.id for n in nodes] == list(range(80))
     names = sorted(n.name for n in nodes)
     assert names == sorted([f"A{i}" for i in range(40)] + [f"B{i}" for i in range(40)])
+
+
+def test_a_slot_is_committed_once_whoever_writes_it(workdir):
+    history = _history(workdir)
+    origin = {"run": "main", "step": 2, "slot": 1}
+    first = history.append(**_fields("first", origin=origin))
+    other = History(workdir)  # a second writer with its own view of the store
+    with pytest.raises(SlotTaken, match="slots/main/000002/000001 is already node 0") as taken:
+        other.append(**_fields("second", origin=origin))
+    assert taken.value.node_id == first.id
+    # Nothing of the refused node was written: no node, the counter where it was.
+    assert [n.name for n in History(workdir).nodes()] == ["first"]
+    assert other.append(**_fields("next", origin={**origin, "slot": 2})).id == 1
+    # Nodes without a loop slot (tools, tests) are never refused.
+    assert other.append(**_fields("free")).id == 2

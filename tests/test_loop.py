@@ -311,3 +311,25 @@ def test_crash_between_any_two_appends_then_resume_matches(tmp_path, crash_after
     resumed = run(config, ToySpace())
     expected = run(_config(str(tmp_path / "ref"), steps=3, samples_per_step=3), ToySpace())
     assert same_history(resumed.nodes, expected.nodes)
+
+
+def test_a_slot_another_writer_committed_first_is_kept_and_the_run_goes_on(tmp_path):
+    """A writer that lost its lease (presumed dead) races its successor for a slot: the node
+    already there stands, this process's candidate for the slot is dropped, nothing doubles."""
+    config = _config(str(tmp_path / "race"), steps=2, samples_per_step=3)
+    loop = ResearchLoop(config, ToySpace())
+    append = loop.history.append
+    rival = History(config.workdir)  # the other process's view of the store
+    stolen = []
+
+    def append_after_a_rival(**fields):
+        if fields["origin"] == {"run": "main", "step": 1, "slot": 1} and not stolen:
+            stolen.append(rival.append(**{**fields, "name": "rival's node"}))
+        return append(**fields)
+
+    loop.history.append = append_after_a_rival
+    summary = loop.run()
+    slots = [(n.origin["step"], n.origin["slot"]) for n in summary.nodes]
+    assert len(slots) == len(set(slots)) == 3 + 2 * 3
+    [node] = [n for n in summary.nodes if n.origin["step"] == 1 and n.origin["slot"] == 1]
+    assert node.name == "rival's node" and node.id == stolen[0].id

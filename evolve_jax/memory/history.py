@@ -4,13 +4,17 @@ Layout (all values JSON):
   meta                          written once: format, search space, score direction
   counters/next_node            next node id, advanced by compare-and-swap
   nodes/<id:010d>               one node, written once, in the same atomic transaction as
-                                the counter that allocated its id
+                                the counter that allocated its id and its slot key
+  slots/<run>/<step>/<slot>     the id of the node that filled a loop's (run, step, slot): a
+                                second writer of the same slot is refused, whoever it is
+  leases/<run>                  which process drives a run, renewed while it lives (lease.py)
   stages/<id:010d>/<stage:02d>  a promoted node's result at a costlier stage, written once
   records/<kind>/<key>          other write-once records (island migrations, lessons, ...)
 
-Nothing is ever rewritten, so an append costs the same at node 100 and node 100,000, a killed
-writer leaves either a whole node or none, and writers in several processes (or hosts sharing a
-gs:// workdir) only ever race on the counter, which they retry.
+Nothing but a lease is ever rewritten, so an append costs the same at node 100 and node 100,000,
+a killed writer leaves either a whole node or none, and writers in several processes (or hosts
+sharing a gs:// workdir) only ever race on the counter, which they retry, and on a slot, which
+the loser gives up.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ STATUSES = ("ok", "invalid", "failed", "timeout")
 _NODE_PREFIX = b"nodes/"
 _STAGE_PREFIX = b"stages/"
 _COUNTER = b"counters/next_node"
+_SLOT_PREFIX = b"slots/"
 _MAX_CAS_ATTEMPTS = 10_000
 
 
@@ -41,6 +46,14 @@ class HistoryError(RuntimeError):
 
 class CorruptRecordError(HistoryError):
     """A stored value cannot be decoded; the message names its key."""
+
+
+class SlotTaken(HistoryError):
+    """Another writer committed this (run, step, slot) first; ``node_id`` is its node."""
+
+    def __init__(self, slot: bytes, node_id: int):
+        super().__init__(f"{slot.decode()} is already node {node_id}")
+        self.node_id = node_id
 
 
 @dataclasses.dataclass
@@ -112,6 +125,18 @@ def _stage_key(node_id: int, stage: int) -> bytes:
     return b"%s%010d/%02d" % (_STAGE_PREFIX, node_id, stage)
 
 
+def _slot_key(origin: Mapping[str, Any]) -> bytes | None:
+    """The key of a loop's (run, step, slot); None for nodes without one."""
+    if not {"run", "step", "slot"} <= set(origin):
+        return None
+    return b"%s%s/%06d/%06d" % (
+        _SLOT_PREFIX,
+        str(origin["run"]).encode(),
+        origin["step"],
+        origin["slot"],
+    )
+
+
 def kvstore_url(workdir: str) -> str:
     """The OCDBT base URL of a workdir's history (see evolve_jax.storage)."""
     try:
@@ -172,6 +197,11 @@ class History:
         return self.meta["direction"]
 
     # ----------------------------------------------------------------- reading
+
+    @property
+    def kvstore(self) -> ts.KvStore:
+        """The store itself, for records with their own protocol (lease.py)."""
+        return self._kv
 
     def _decode(self, key: bytes, value: bytes) -> Any:
         try:
@@ -256,7 +286,13 @@ class History:
     # ----------------------------------------------------------------- writing
 
     def append(self, **fields: Any) -> Node:
-        """Allocates the next id and commits the node in one atomic transaction; returns it."""
+        """Allocates the next id and commits the node in one atomic transaction; returns it.
+
+        A node whose ``origin`` names a (run, step, slot) also claims that slot in the same
+        transaction: if another writer filled it first, nothing is written and ``SlotTaken``
+        names the node that did.
+        """
+        slot = _slot_key(fields.get("origin") or {})
         for _ in range(_MAX_CAS_ATTEMPTS):
             counter = self._kv.read(_COUNTER).result()
             node_id = int(counter.value) if counter.state == "value" else 0
@@ -269,10 +305,15 @@ class History:
                     kv = self._kv.with_transaction(txn)
                     kv.write(_COUNTER, b"%d" % (node_id + 1), if_equal=counter.stamp.generation)
                     kv.write(_node_key(node_id), value, if_equal=storage.ABSENT)
+                    if slot is not None:
+                        kv.write(slot, b"%d" % node_id, if_equal=storage.ABSENT)
             except ValueError as e:
-                if "mismatch" in str(e).lower() or "ABORTED" in str(e):
-                    continue  # another writer took this id first: read the counter again
-                raise
+                if "mismatch" not in str(e).lower() and "ABORTED" not in str(e):
+                    raise
+                taken = self._kv.read(slot).result() if slot is not None else None
+                if taken is not None and taken.state == "value":
+                    raise SlotTaken(slot, int(taken.value)) from None
+                continue  # another writer took this id first: read the counter again
             self._nodes[node_id] = node
             return node
         raise HistoryError("could not allocate a node id: too many concurrent writers")

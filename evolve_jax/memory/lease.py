@@ -1,0 +1,128 @@
+"""Which process drives a run: a lease in the history store, renewed while the process lives.
+
+Two processes started with the same command on one workdir would both run the loop, design the
+same slots and race to commit them. The first takes ``leases/<run>``; a second finds it held
+and stops with one line naming the run and the holder. The holder renews the lease every
+``renew_every`` seconds from a background thread and deletes it when the run ends. A lease is
+free again when its holder is a process of this host that no longer exists, or when it has not
+been renewed for ``stale_after`` seconds (a holder on another host that died: the renewal times
+are the holders' wall clocks, so hosts sharing a gs:// workdir need synchronised clocks). A
+killed run is therefore restarted with the same command at once on the same host, and after
+``stale_after`` seconds from another.
+
+Every write is a compare-and-swap on the key's generation, so of two processes taking a free
+lease exactly one succeeds, and a holder that was presumed dead and replaced learns it at its
+next renewal (``lost``) instead of overwriting its successor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from absl import logging
+
+from evolve_jax import storage
+from evolve_jax.memory.history import History, HistoryError
+
+
+class RunIsLive(HistoryError):
+    """Another live process holds the run's lease; the message names it."""
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+class Lease:
+    def __init__(
+        self,
+        history: History,
+        run: str,
+        *,
+        renew_every: float = 10.0,
+        stale_after: float = 60.0,
+    ):
+        if not 0 < renew_every < stale_after:
+            raise ValueError("a lease must be renewed more often than it goes stale")
+        self._kv = history.kvstore
+        self._key = f"leases/{run}".encode()
+        self.run = run
+        self.renew_every = renew_every
+        self.stale_after = stale_after
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self._generation: bytes | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _record(self) -> bytes:
+        return json.dumps({**self.holder, "renewed": time.time()}, sort_keys=True).encode()
+
+    def _free(self, record: dict) -> bool:
+        """Whether a lease held by ``record`` may be taken."""
+        if record.get("host") == self.holder["host"] and not _process_exists(record.get("pid", 0)):
+            return True
+        return time.time() - record.get("renewed", 0.0) > self.stale_after
+
+    def acquire(self) -> None:
+        """Takes the lease and starts renewing it; RunIsLive if a live process holds it."""
+        while True:
+            current = self._kv.read(self._key).result()
+            if current.state == "value":
+                record = json.loads(current.value)
+                if not self._free(record):
+                    age = time.time() - record.get("renewed", 0.0)
+                    raise RunIsLive(
+                        f"run {self.run!r} is live: process {record.get('pid')} on "
+                        f"{record.get('host')} renewed its lease {age:.0f} s ago. Wait for it to "
+                        "end (or stop it), or give this search another --run_name"
+                    )
+                expected = current.stamp.generation
+            else:
+                expected = storage.ABSENT
+            stamp = self._kv.write(self._key, self._record(), if_equal=expected).result()
+            if stamp.generation:  # empty: another process wrote first; look again
+                self._generation = stamp.generation
+                break
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            stamp = self._kv.write(self._key, self._record(), if_equal=self._generation).result()
+            if not stamp.generation:
+                self.lost = True
+                logging.error(
+                    "lost the lease of run %r to another process: its slots are refused to us",
+                    self.run,
+                )
+                return
+            self._generation = stamp.generation
+
+    def release(self) -> None:
+        """Stops renewing and deletes the lease if this process still holds it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._generation is not None and not self.lost:
+            self._kv.write(self._key, None, if_equal=self._generation).result()
+        self._generation = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

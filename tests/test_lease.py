@@ -1,0 +1,94 @@
+"""The run lease (evolve_jax/memory/lease.py): one process drives a run at a time."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from evolve_jax.memory.history import History
+from evolve_jax.memory.lease import Lease, RunIsLive
+from tests.conftest import REPO, TOY
+
+
+def _stored(history, run="main"):
+    value = history.kvstore.read(f"leases/{run}".encode()).result()
+    return json.loads(value.value) if value.state == "value" else None
+
+
+def _plant(history, **record):
+    """A lease written by someone else, as its holder would have written it."""
+    history.kvstore.write(b"leases/main", json.dumps(record).encode()).result()
+
+
+def test_a_held_lease_refuses_a_second_holder_naming_the_run(workdir):
+    history = History(workdir)
+    with Lease(history, "main") as lease:
+        assert _stored(history)["token"] == lease.holder["token"]
+        with pytest.raises(RunIsLive, match=r"run 'main' is live: process \d+ on .* ago"):
+            Lease(History(workdir), "main").acquire()
+        Lease(history, "other").acquire()  # another run name is another lease
+    assert _stored(history) is None  # released
+    Lease(history, "main").acquire()
+
+
+def test_a_dead_local_holder_or_a_stale_remote_one_is_taken_over(workdir):
+    history = History(workdir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = socket.gethostname()
+    _plant(history, host=host, pid=int(dead.stdout), token="t", renewed=time.time())
+    with Lease(history, "main"):
+        pass
+    _plant(history, host="elsewhere", pid=1, token="t", renewed=time.time() - 61)
+    with Lease(history, "main", stale_after=60):
+        pass
+    # A remote holder renewed within stale_after is live.
+    _plant(history, host="elsewhere", pid=1, token="t", renewed=time.time() - 5)
+    with pytest.raises(RunIsLive, match="on elsewhere renewed its lease 5 s ago"):
+        Lease(history, "main", stale_after=60).acquire()
+
+
+def test_renewal_keeps_a_lease_fresh_and_a_replaced_holder_learns_it(workdir):
+    history = History(workdir)
+    lease = Lease(history, "main", renew_every=0.05, stale_after=1.0)
+    lease.acquire()
+    first = _stored(history)["renewed"]
+    time.sleep(0.3)
+    assert _stored(history)["renewed"] > first and not lease.lost
+    # Presumed dead and taken over: the next renewal fails, and release leaves the successor's.
+    _plant(history, host="elsewhere", pid=1, token="successor", renewed=time.time())
+    deadline = time.time() + 5
+    while not lease.lost and time.time() < deadline:
+        time.sleep(0.05)
+    lease.release()
+    assert lease.lost and _stored(history)["token"] == "successor"
+
+
+def test_same_command_twice_on_one_workdir_runs_once_and_refuses_once(tmp_path):
+    """Two processes started at once with the same command: one runs, one stops with a line
+    naming the run, and every (run, step, slot) is committed exactly once."""
+    workdir = str(tmp_path / "run")
+    command = [
+        sys.executable, "-m", "evolve_jax.main", f"--search_space={TOY}",
+        f"--workdir={workdir}", "--steps=6", "--samples_per_step=4",
+        "--space_opt=delay=0.3",  # the run lasts ~10 s: the second start finds it live
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    refused = next(err for code, err in results if code == 1)
+    [line] = [ln for ln in refused.splitlines() if ln.startswith("error: ")]
+    assert "run 'main' is live" in line and "--run_name" in line
+    nodes = History(workdir).nodes()
+    slots = [(n.origin["run"], n.origin["step"], n.origin["slot"]) for n in nodes]
+    assert len(slots) == len(set(slots)) == 3 + 6 * 4
+    assert History(workdir).kvstore.read(b"leases/main").result().state == "missing"
