@@ -22,7 +22,7 @@ TINY = {
     "mode": "code", "seeds": "deltanet", "mqar_steps": "12", "mqar_batch": "8",
     "vocab_size": "64", "seq_len": "32", "num_pairs": "4", "chunk_size": "16",
     "lm_steps": "4", "lm_batch": "4", "lm_seq_len": "32", "sandbox_timeout_s": "600",
-    "sandbox_memory_gb": "8",
+    "sandbox_memory_gb": "8", "learning_rates": "1e-2",
 }  # fmt: skip
 BETA = "beta_BHT = jax.nn.sigmoid(self.b_proj(x_BTD)).transpose(0, 2, 1)"
 

@@ -46,14 +46,18 @@ def evaluate_population(
     padded = _pad(jax.tree.map(np.asarray, population), len(devices))
     sharded = jax.device_put(padded, NamedSharding(mesh, PartitionSpec(POP)))
     replicated = jax.device_put(args, NamedSharding(mesh, PartitionSpec()))
-    mapped = _compiled(fn, mesh, len(args))
+    per_device = jax.tree.leaves(padded)[0].shape[0] // len(devices)
+    mapped = _compiled(fn, mesh, len(args), per_device == 1)
     out = mapped(sharded, *replicated)
     return jax.tree.map(lambda x: np.asarray(x)[:size], out)
 
 
 @functools.lru_cache(maxsize=64)  # one entry per (function, mesh): bounded, not per run
-def _compiled(fn, mesh: Mesh, num_args: int):
+def _compiled(fn, mesh: Mesh, num_args: int, one_per_device: bool):
     def per_device(pop, *args):
+        if one_per_device:  # no vmap of size 1: it costs compile time and runs slower on CPU
+            out = fn(jax.tree.map(lambda x: x[0], pop), *args)
+            return jax.tree.map(lambda x: x[None], out)
         return jax.vmap(lambda c: fn(c, *args))(pop)
 
     return jax.jit(
