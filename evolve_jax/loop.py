@@ -263,6 +263,7 @@ class ResearchLoop:
         outcomes = self.agents.engineer.run(
             [proposals[s].candidate for s in todo], {}, 0, self.config.eval_seed_list
         )
+        self._record_usage(0, 0)
         by_slot = dict(zip(todo, outcomes, strict=True))
         fitness = Fitness(self.task.stage_metrics(0))
         if baseline is not None:
@@ -338,6 +339,7 @@ class ResearchLoop:
                     strict=True,
                 )
             )
+            self._record_usage(step, 0)
             for s in todo:
                 if proposals[s].failure is not None:
                     status, reason = proposals[s].failure
@@ -355,6 +357,24 @@ class ResearchLoop:
                 )  # fmt: skip
         self.agents.analyzer.write_lessons(self._view(step + 1), step)
         self._record_step_cost(step)
+
+    def _record_usage(self, step: int, stage: int) -> None:
+        """Logs and records (once) how busy the devices were while ``step`` evaluated at
+        ``stage``: busy device-seconds over the device-seconds the evaluation took."""
+        usage = self.agents.engineer.take_usage()
+        if not usage.get("available_device_seconds"):
+            return
+        layout = usage["layouts"][0]
+        logging.info(
+            "step %d stage %d: %d device(s) in %d group(s) of %d, %d run(s) per candidate; "
+            "device utilisation %.0f%% (%.1f of %.1f device-s)",
+            step, stage, layout["devices"], layout["groups"], layout["group_size"],
+            layout["runs_per_candidate"], 100 * usage["utilisation"],
+            usage["busy_device_seconds"], usage["available_device_seconds"],
+        )  # fmt: skip
+        self.history.write_record(
+            "utilisation", f"{self.config.run_name}/{step:06d}/{stage:02d}", usage
+        )
 
     def _record_step_cost(self, step: int) -> None:
         """Writes the cost of ``step`` not charged to a node (lessons, embeddings) once."""
@@ -401,6 +421,7 @@ class ResearchLoop:
             outcomes = self.agents.engineer.run(
                 [n.candidate for n in todo], {}, stage, self.config.eval_seed_list
             )
+            self._record_usage(step, stage)
             for node, outcome in zip(todo, outcomes, strict=True):
                 if base is not None and node.id == base.id and outcome.status != "ok":
                     raise LoopError(f"baseline failed at stage {stage}: {outcome.reason}")

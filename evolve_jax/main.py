@@ -130,7 +130,7 @@ _SAMPLES_PER_STEP = flags.DEFINE_integer(
     "samples_per_step", 4, "Children proposed per step.", lower_bound=1
 )
 _CONCURRENCY = flags.DEFINE_integer(
-    "concurrency", 1, "Evaluation groups run at once.", lower_bound=1
+    "concurrency", 1, "Evaluation threads per device group.", lower_bound=1
 )
 _EVAL_SEEDS = flags.DEFINE_integer(
     "eval_seeds", 1, "Seeds per candidate (paired with the baseline).", lower_bound=1

@@ -173,6 +173,12 @@ class SearchSpace(abc.ABC):
     ) -> list[EvalResult]:
         """Evaluates a population at ``stage`` for every seed; one result per genome, in order."""
 
+    def runs_per_candidate(self, stage: int, seeds: Sequence[int]) -> int:
+        """Independent training runs one candidate's evaluation holds (its population size);
+        the Engineer sizes device groups by it. One per seed unless the space stacks more."""
+        del stage
+        return len(seeds)
+
     def descriptors(self) -> tuple[DescriptorAxis, ...]:
         return ()
 

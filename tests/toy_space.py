@@ -55,8 +55,9 @@ def _blend(rng, parents):
     return {"x": [float(v) for v in w * a + (1 - w) * b], "shape": parents[0]["shape"]}
 
 
-def _reward(candidate, target, noise_key, noise_scale):
-    x, shape = candidate
+def _reward(candidate, target, noise_scale):
+    x, shape, key_data = candidate
+    noise_key = jax.random.wrap_key_data(key_data)
     gap = x - target
     value = jnp.where(shape == 0, -jnp.sum(gap**2), -jnp.sum(jnp.abs(gap)))
     value = jnp.where(shape == 2, jnp.nan, value)
@@ -144,20 +145,21 @@ class ToySpace(SearchSpace):
     def evaluate(self, genomes, stage, seeds, devices):
         if self.delay:
             time.sleep(self.delay * len(genomes))
-        xs = np.asarray([g["x"] for g in genomes], np.float32)
-        shapes = np.asarray([SHAPES.index(g["shape"]) for g in genomes], np.int32)
-        per_seed = {}
-        for seed in seeds:
-            key = jax.random.key(seed)
-            target = TARGET + np.float32(0.25 * stage)
-            rewards = evaluate_population(
-                _reward, (xs, shapes), devices, target, key, 0.05 if stage == 0 else 0.0
-            )
-            per_seed[seed] = rewards
+        # One run per (genome, seed), genome-major: a candidate's seeds sit side by side.
+        xs = np.asarray([g["x"] for g in genomes for _ in seeds], np.float32)
+        shapes = np.asarray([SHAPES.index(g["shape"]) for g in genomes for _ in seeds], np.int32)
+        keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+        keys = np.tile(keys, (len(genomes), 1))
+        target = TARGET + np.float32(0.25 * stage)
+        rewards = evaluate_population(
+            _reward, (xs, shapes, keys), devices, target, 0.05 if stage == 0 else 0.0
+        ).reshape(len(genomes), len(seeds))
         sign = 1.0 if self.direction == "max" else -1.0
         return [
-            EvalResult(metrics={s: {self.metric: sign * float(r[i])} for s, r in per_seed.items()})
-            for i in range(len(genomes))
+            EvalResult(
+                metrics={s: {self.metric: sign * float(r)} for s, r in zip(seeds, row, strict=True)}
+            )
+            for row in rewards
         ]
 
     def descriptors(self):

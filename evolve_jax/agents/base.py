@@ -98,6 +98,10 @@ class Engineer(abc.ABC):
         ``labels`` name each candidate's slot, so that a model's cost can be charged to it.
         """
 
+    def take_usage(self) -> dict[str, Any]:
+        """Device usage of the ``run`` calls since the last take (empty if not measured)."""
+        return {}
+
 
 class Analyzer(abc.ABC):
     @abc.abstractmethod

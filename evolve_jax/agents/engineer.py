@@ -3,8 +3,10 @@
 Cheap checks run first (schema, the search space's checks, novelty) so that an invalid
 candidate costs seconds, not a training run. Every repair attempt is recorded with its reason;
 a backend with a model overrides ``fix`` to repair what the rules cannot, failed runs included.
-Evaluation groups run on ``concurrency`` threads (JAX releases the GIL while a compiled program
-runs); results keep their input order.
+Candidates are laid out over disjoint device groups (``evaluation/layout.py``), each group
+evaluating its share on ``concurrency`` threads (JAX releases the GIL while a compiled program
+runs); results keep their input order. ``usage`` keeps, per ``run`` call, the layout and the
+busy device-seconds against the device-seconds the call had.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evolve_jax.agents.base import Engineer, Outcome
+from evolve_jax.evaluation.layout import plan
 from evolve_jax.search_space import (
     CheckFailure,
     EvalResult,
@@ -49,6 +52,7 @@ class RuleEngineer(Engineer):
         self.devices = list(devices)
         self.concurrency = max(1, concurrency)
         self.max_repairs = max_repairs
+        self.usage: dict[str, Any] = {}
 
     def fix(
         self,
@@ -95,30 +99,59 @@ class RuleEngineer(Engineer):
             return genome, f"novelty: duplicate of node {duplicate}", attempts
         return genome, None, attempts
 
-    def _evaluate(self, genomes, stage, seeds) -> tuple[list[EvalResult], float]:
+    def _evaluate(self, genomes, stage, seeds, devices) -> tuple[list[EvalResult], float, tuple]:
         start = time.perf_counter()
         try:
-            results = self.space.evaluate(genomes, stage, seeds, self.devices)
+            results = self.space.evaluate(genomes, stage, seeds, devices)
             if len(results) != len(genomes):
                 raise RuntimeError(f"evaluate returned {len(results)} results for {len(genomes)}")
         except Exception as e:
             results = [EvalResult(error=f"{type(e).__name__}: {e}") for _ in genomes]
-        return results, time.perf_counter() - start
+        end = time.perf_counter()
+        return results, end - start, (start, end)
 
     def _evaluate_groups(self, genomes, stage, seeds) -> list[tuple[EvalResult, float]]:
-        groups = [list(range(len(genomes)))[k :: self.concurrency] for k in range(self.concurrency)]
-        groups = [g for g in groups if g]
+        layout = plan(self.devices, self.space.runs_per_candidate(stage, seeds), len(genomes))
+        jobs = []  # (group index, candidate indices): each group's share over its threads
+        for k, share in enumerate(layout.assignment()):
+            parts = [share[t :: self.concurrency] for t in range(self.concurrency)]
+            jobs += [(k, part) for part in parts if part]
         results: dict[int, tuple[EvalResult, float]] = {}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups) or 1) as pool:
+        busy: dict[int, list[tuple[float, float]]] = {}
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) or 1) as pool:
             futures = {
-                pool.submit(self._evaluate, [genomes[i] for i in g], stage, seeds): g
-                for g in groups
+                pool.submit(
+                    self._evaluate, [genomes[i] for i in part], stage, seeds, layout.groups[k]
+                ): (k, part)
+                for k, part in jobs
             }
-            for future, group in futures.items():
-                group_results, seconds = future.result()
-                for i, r in zip(group, group_results, strict=True):
-                    results[i] = (r, seconds / len(group))
+            for future, (k, part) in futures.items():
+                part_results, seconds, interval = future.result()
+                busy.setdefault(k, []).append(interval)
+                for i, r in zip(part, part_results, strict=True):
+                    results[i] = (r, seconds / len(part))
+        self._account(layout, busy, time.perf_counter() - start)
         return [results[i] for i in range(len(genomes))]
+
+    def _account(self, layout, busy: dict[int, list[tuple[float, float]]], wall: float) -> None:
+        """Adds one evaluation round to ``usage``: a group is busy while any of its threads
+        evaluates, at the fraction of its run slots that hold real runs (not padding)."""
+        size = layout.group_size
+        slot_fill = layout.runs / (math.ceil(layout.runs / size) * size)
+        busy_seconds = sum(_union(intervals) for intervals in busy.values()) * size * slot_fill
+        usage = self.usage
+        usage["busy_device_seconds"] = usage.get("busy_device_seconds", 0.0) + busy_seconds
+        available = wall * size * len(layout.groups)
+        usage["available_device_seconds"] = usage.get("available_device_seconds", 0.0) + available
+        usage.setdefault("layouts", []).append(layout.describe())
+
+    def take_usage(self) -> dict[str, Any]:
+        """The usage since the last call, with its utilisation (busy over available)."""
+        usage, self.usage = self.usage, {}
+        if usage.get("available_device_seconds"):
+            usage["utilisation"] = usage["busy_device_seconds"] / usage["available_device_seconds"]
+        return usage
 
     def run(self, candidates, known, stage, seeds, labels=None):
         labels = list(labels) if labels is not None else [""] * len(candidates)
@@ -154,6 +187,16 @@ class RuleEngineer(Engineer):
                 )  # fmt: skip
             pending = retry
         return outcomes
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping intervals."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _classify(result: EvalResult) -> tuple[str, str | None, dict]:

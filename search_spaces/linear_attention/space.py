@@ -315,6 +315,10 @@ class LinearAttentionSpace(SearchSpace):
             )  # fmt: skip
         return results
 
+    def runs_per_candidate(self, stage: int, seeds: Sequence[int]) -> int:
+        o = self.options
+        return len(seeds) * len(o.learning_rates if stage == 0 else o.lm_learning_rates)
+
     def descriptors(self) -> tuple[DescriptorAxis, ...]:
         if self._code is not None:
             return ()  # a program's behaviour is not read off genes
