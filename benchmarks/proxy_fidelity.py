@@ -22,6 +22,7 @@ the costly rank of the cheap stage's top 3; and the published ordering at the co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -38,7 +39,7 @@ from search_spaces.linear_attention.space import LinearAttentionSpace
 _OUT = flags.DEFINE_string(
     "out", "benchmarks/results/proxy_fidelity.json", "Results file (read and appended)."
 )
-_STAGES = flags.DEFINE_list("stages", ["cheap", "costly"], "Stages to run.")
+_STAGES = flags.DEFINE_list("stages", ["costly", "cheap", "cheap_lm"], "Stages to run, in order.")
 _ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False, "Only print the saved results.")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", 0, "Stop starting new work after this (0: none).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
@@ -75,6 +76,28 @@ COSTLY_SEED_SETS = ((0, 1), (2, 3))
 COSTLY_OPTIONS = dict(
     lm_width=2, lm_seq_len=256, lm_batch=8, lm_steps=400, lm_learning_rates="3e-3"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    space_options: dict
+    index: int  # the search space's stage index
+    seeds: tuple[int, ...]
+    metric: str
+    direction: str  # "max" or "min"
+
+
+STAGES = {
+    # The search space's stage 0 as it ships (MQAR).
+    "cheap": StageSpec({}, 0, CHEAP_SEEDS, "mqar_accuracy", "max"),
+    # A candidate cheap stage, declared before any of its results: byte-level LM at stage 0's
+    # width, 200 steps of 8 windows of 128 bytes, both learning rates stacked.
+    "cheap_lm": StageSpec(
+        dict(lm_width=1, lm_seq_len=128, lm_batch=8, lm_steps=200, lm_learning_rates="3e-3,1e-2"),
+        1, CHEAP_SEEDS, "val_bpb", "min",
+    ),
+    "costly": StageSpec(COSTLY_OPTIONS, 1, COSTLY_SEEDS, "val_bpb", "min"),
+}  # fmt: skip
 STRONG, WEAK = ("deltanet", "gated_deltanet"), ("linear_attention", "retnet")
 
 
@@ -86,34 +109,31 @@ def _load(path: str) -> list[dict]:
 
 
 def _run(stage: str, results: list[dict], deadline: float | None) -> None:
-    done = {(r["stage"], r["arch"], tuple(r["seeds"])) for r in results}
-    if stage == "cheap":
-        space, index, seed_sets, metric = LinearAttentionSpace(), 0, (CHEAP_SEEDS,), "mqar_accuracy"
-    else:
-        space = LinearAttentionSpace(**COSTLY_OPTIONS)
-        index, seed_sets, metric = 1, (COSTLY_SEEDS,), "val_bpb"
-    for seeds in seed_sets:
-        for name, g in ARCHITECTURES.items():
-            if (stage, name, seeds) in done:
-                continue
-            if deadline is not None and time.time() > deadline:
-                print("time budget spent; run again to continue")
-                return
-            start = time.perf_counter()
-            [result] = space.evaluate([g], index, list(seeds), jax.devices())
-            record = {
-                "stage": stage, "arch": name, "seeds": list(seeds), "metric": metric,
-                "seconds": round(time.perf_counter() - start, 1), "error": result.error,
-                "values": [result.metrics[s][metric] for s in seeds] if not result.error else [],
-                "learning_rates": [result.metrics[s]["learning_rate"] for s in seeds]
-                if not result.error else [],
-                "options": {k: str(v) for k, v in vars(space.options).items()},
-            }  # fmt: skip
-            results.append(record)
-            with open(_OUT.value, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"{stage} {name:>30} seeds {seeds}: {record['values'] or record['error']} "
-                  f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
+    done = {(r["stage"], r["arch"]) for r in results}
+    spec = STAGES[stage]
+    space = LinearAttentionSpace(**spec.space_options)
+    seeds, metric = spec.seeds, spec.metric
+    for name, g in ARCHITECTURES.items():
+        if (stage, name) in done:
+            continue
+        if deadline is not None and time.time() > deadline:
+            print("time budget spent; run again to continue")
+            return
+        start = time.perf_counter()
+        [result] = space.evaluate([g], spec.index, list(seeds), jax.devices())
+        record = {
+            "stage": stage, "arch": name, "seeds": list(seeds), "metric": metric,
+            "seconds": round(time.perf_counter() - start, 1), "error": result.error,
+            "values": [result.metrics[s][metric] for s in seeds] if not result.error else [],
+            "learning_rates": [result.metrics[s]["learning_rate"] for s in seeds]
+            if not result.error else [],
+            "options": {k: str(v) for k, v in vars(space.options).items()},
+        }  # fmt: skip
+        results.append(record)
+        with open(_OUT.value, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{stage} {name:>30} seeds {seeds}: {record['values'] or record['error']} "
+              f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
 
 
 def _values(results, stage, seeds=None) -> dict[str, list[float]]:
@@ -127,37 +147,58 @@ def _values(results, stage, seeds=None) -> dict[str, list[float]]:
     return {a: [v[s] for s in sorted(v)] for a, v in out.items()}
 
 
+def _signed_means(values: dict[str, list[float]], stage: str) -> dict[str, float]:
+    """Per architecture, the stage's mean with higher always better (bits per byte negated)."""
+    sign = 1.0 if STAGES[stage].direction == "max" else -1.0
+    return {a: sign * float(np.mean(v)) for a, v in values.items()}
+
+
+def _cell(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    sd = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+    return f"{np.mean(values):.4f} ± {sd:.4f} (n={len(values)})"
+
+
 def report(results: list[dict]) -> str:
-    cheap, costly = _values(results, "cheap"), _values(results, "costly")
-    lines = [f"{'architecture':>30}  {'cheap mqar_accuracy':>22}  {'costly val_bpb':>18}"]
+    values = {stage: _values(results, stage) for stage in STAGES}
+    header = "".join(f"  {f'{stage} {spec.metric}':>26}" for stage, spec in STAGES.items())
+    lines = [f"{'architecture':>30}{header}"]
     for name in ARCHITECTURES:
-        cells = []
-        for values in (cheap.get(name), costly.get(name)):
-            if values:
-                sd = np.std(values, ddof=1) if len(values) > 1 else float("nan")
-                cells.append(f"{np.mean(values):.4f} ± {sd:.4f} (n={len(values)})")
-            else:
-                cells.append("-")
-        lines.append(f"{name:>30}  {cells[0]:>22}  {cells[1]:>18}")
-    both = [a for a in ARCHITECTURES if a in cheap and a in costly]
-    x = [np.mean(cheap[a]) for a in both]
-    y = [-np.mean(costly[a]) for a in both]  # lower bpb is better: rank by -bpb
-    for kind in ("spearman", "kendall"):
-        lines.append(f"{kind} cheap vs costly: {agreement(x, y, kind).text()}")
-    halves = [_values(results, "costly", s) for s in COSTLY_SEED_SETS]
-    shared = [a for a in both if all(a in h for h in halves)]
-    ceiling = agreement([-np.mean(halves[0][a]) for a in shared],
-                        [-np.mean(halves[1][a]) for a in shared])  # fmt: skip
-    lines.append(f"costly-stage noise ceiling (seed set vs seed set): {ceiling.text()}")
-    for stage, values in (("cheap", cheap), ("costly", costly)):
-        sds = [np.std(v, ddof=1) for a, v in values.items() if len(v) > 1]
+        lines.append(
+            f"{name:>30}" + "".join(f"  {_cell(values[stage].get(name)):>26}" for stage in STAGES)
+        )
+    costly = values["costly"]
+    for stage in STAGES:
+        sds = [np.std(v, ddof=1) for v in values[stage].values() if len(v) > 1]
         if sds:
             lines.append(f"{stage} seed-to-seed sd: mean {np.mean(sds):.4f}, max {np.max(sds):.4f}")
-    if both:
-        by_costly = sorted(both, key=lambda a: np.mean(costly[a]))
-        top = sorted(both, key=lambda a: -np.mean(cheap[a]))[:3]
+    halves = [_signed_means(_values(results, "costly", s), "costly") for s in COSTLY_SEED_SETS]
+    shared = [a for a in ARCHITECTURES if all(a in h for h in halves)]
+    if shared:
+        ceiling = agreement([halves[0][a] for a in shared], [halves[1][a] for a in shared])
+        lines.append(f"costly-stage noise ceiling (seeds 0,1 vs 2,3): {ceiling.text()}")
+    y = _signed_means(costly, "costly")
+    for stage in STAGES:
+        if stage == "costly" or not values[stage]:
+            continue
+        x = _signed_means(values[stage], stage)
+        both = [a for a in ARCHITECTURES if a in x and a in y]
+        for kind in ("spearman", "kendall"):
+            got = agreement([x[a] for a in both], [y[a] for a in both], kind)
+            lines.append(f"{kind} {stage} vs costly: {got.text()}")
+        by_costly = sorted(both, key=lambda a: -y[a])
+        top = sorted(both, key=lambda a: -x[a])[:3]
         ranks = ", ".join(f"{a} -> {by_costly.index(a) + 1}" for a in top)
-        lines.append(f"costly rank (of {len(both)}) of the cheap stage's top 3: {ranks}")
+        lines.append(f"costly rank (of {len(both)}) of the {stage} stage's top 3: {ranks}")
+        cheap = values[stage]
+        if "deltanet" in cheap and "linear_attention" in cheap:
+            gap = abs(np.mean(cheap["deltanet"]) - np.mean(cheap["linear_attention"]))
+            sd = np.mean([np.std(v, ddof=1) for v in cheap.values() if len(v) > 1])
+            lines.append(
+                f"{stage}: |DeltaNet - linear attention| {gap:.4f} = {gap / sd:.1f}x the mean "
+                "seed sd"
+            )
     for strong in STRONG:
         for weak in WEAK:
             if strong in costly and weak in costly:
@@ -167,12 +208,6 @@ def report(results: list[dict]) -> str:
                     f"costly {strong} better than {weak} by {d['mean_diff']:+.4f} bpb, "
                     f"paired 95% CI [{lo:+.4f}, {hi:+.4f}], n={d['n']}"
                 )
-    if "deltanet" in cheap and "linear_attention" in cheap:
-        gap = np.mean(cheap["deltanet"]) - np.mean(cheap["linear_attention"])
-        sd = np.mean([np.std(v, ddof=1) for v in cheap.values() if len(v) > 1])
-        lines.append(
-            f"cheap DeltaNet - linear attention: {gap:+.4f} = {gap / sd:.1f}x the mean seed sd"
-        )
     return "\n".join(lines)
 
 
