@@ -1,9 +1,10 @@
 """Device groups against one candidate at a time: wall time and device utilisation of a step.
 
-    python -m benchmarks.layout_bench [--devices=8] [--repeats=3]
+    python -m benchmarks.layout_bench [--repeats=3]
 
 Eight linear-attention candidates (the six seeds and two mutants, at a small width so a CPU
-run takes minutes) of two seeds each are evaluated at stage 0, on ``--devices`` CPU devices:
+run takes minutes) of two seeds each are evaluated at stage 0, on 8 CPU devices (unless
+XLA_FLAGS names a count):
 
 * one at a time: the whole step handed to ``evaluate`` with every device, as the Engineer did
   before device groups: each candidate's 2 runs padded to the device count;
@@ -17,7 +18,14 @@ and overlapped compilations are worth there; on accelerators each device is its 
 
 from __future__ import annotations
 
+import os
 import time
+
+# Eight CPU devices, set before JAX starts (importing the search space starts it).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import jax
 import numpy as np
@@ -27,7 +35,6 @@ from evolve_jax.agents.engineer import RuleEngineer
 from search_spaces.linear_attention import genome
 from search_spaces.linear_attention.space import LinearAttentionSpace
 
-_DEVICES = flags.DEFINE_integer("devices", 8, "CPU devices to split the host into.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Repetitions of each layout (alternating).")
 
 SEEDS = (0, 1)
@@ -67,7 +74,6 @@ def _grouped(space, candidates, devices) -> tuple[float, float]:
 
 def main(argv):
     del argv
-    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     devices = jax.devices()
     candidates = _candidates()
     print(f"{len(candidates)} candidates x {len(SEEDS)} seeds on {len(devices)} CPU devices")
