@@ -138,7 +138,7 @@ class RuleEngineer(Engineer):
         """Adds one evaluation round to ``usage``: a group is busy while any of its threads
         evaluates, at the fraction of its run slots that hold real runs (not padding)."""
         size = layout.group_size
-        slot_fill = layout.runs / (math.ceil(layout.runs / size) * size)
+        slot_fill = layout.runs / (layout.runs + layout.padding)
         busy_seconds = sum(_union(intervals) for intervals in busy.values()) * size * slot_fill
         usage = self.usage
         usage["busy_device_seconds"] = usage.get("busy_device_seconds", 0.0) + busy_seconds
