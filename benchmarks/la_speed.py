@@ -1,15 +1,19 @@
 """Speed of the linear-attention search space on this machine.
 
-    python benchmarks/la_speed.py [--candidate_seconds] [--mixer_seconds]
+    python -m benchmarks.la_speed [--candidate_seconds] [--mixer_seconds] [--space_opt=k=v ...]
 
-1. Seconds per quickstart candidate (checks + MQAR training, compilation included) for each
-   named seed, with the options of configs/quickstart.flags. Target: at most 60 s on 2 cores.
+1. Seconds per candidate at stage 0 (checks + training, compilation included), one seed, as
+   the driver runs it on a CPU (one device; the learning rates stacked on it), for the 14
+   architectures of benchmarks/proxy_fidelity.py: the six seeds and eight mutants. The stage's
+   options are the space's defaults unless --space_opt says otherwise. Target: at most 60 s on
+   2 cores.
 2. Recurrent against chunkwise mixer time, forward and forward+backward, at T = 2,048
    (B=1, H=4, Dk=Dv=64, chunk 64), for every update rule.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -17,19 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks.architectures import ARCHITECTURES
 from search_spaces.linear_attention import mixers
 from search_spaces.linear_attention.space import LinearAttentionSpace
 
-_CANDIDATES = flags.DEFINE_bool("candidate_seconds", True, "Time quickstart candidates.")
+_CANDIDATES = flags.DEFINE_bool("candidate_seconds", True, "Time stage-0 candidates.")
 _MIXERS = flags.DEFINE_bool("mixer_seconds", True, "Time mixers at T=2048.")
-_MODELS = flags.DEFINE_list(
-    "models",
-    ["linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet"],
-    "Seeds.",
-)
-_SPACE_OPT = flags.DEFINE_multi_string(
-    "space_opt", ["mqar_steps=800"], "Search-space options (quickstart's by default)."
-)
+_MODELS = flags.DEFINE_list("models", list(ARCHITECTURES), "Architectures to time.")
+_SPACE_OPT = flags.DEFINE_multi_string("space_opt", [], "Search-space options (default: none).")
+_OUT = flags.DEFINE_string("out", "", "Also write the candidate timings here as JSON.")
 
 
 def _time(fn, *args, repeats=3) -> tuple[float, float]:
@@ -47,19 +47,38 @@ def _time(fn, *args, repeats=3) -> tuple[float, float]:
 
 def candidate_seconds() -> None:
     space = LinearAttentionSpace(**dict(o.split("=", 1) for o in _SPACE_OPT.value))
-    print(f"seconds per quickstart candidate (1 seed, {space.options.mqar_steps} MQAR steps)")
+    stage = space.describe().stages[0]
+    metric = stage.metrics[0].name
+    task, budget = space.stage_task(0)
+    print(
+        f"seconds per stage-0 candidate ({stage.name}: {budget.steps} steps of {budget.batch_size}"
+        f" x {task.seq_len}, learning rates {budget.learning_rates}, 1 seed, "
+        f"{len(jax.devices())} device(s))"
+    )
+    rows = []
     for name in _MODELS.value:
-        genome = space.seeds()[name]
+        genome = ARCHITECTURES[name]
         start = time.perf_counter()
         failures = space.check(genome)
         checked = time.perf_counter() - start
         [result] = space.evaluate([genome], 0, [0], jax.devices())
         total = time.perf_counter() - start
-        acc = result.metrics[0]["mqar_accuracy"] if not result.error else float("nan")
+        value = result.metrics[0][metric] if not result.error else float("nan")
+        rows.append({
+            "arch": name, "seconds": round(total, 1), "check_seconds": round(checked, 1),
+            "check_failures": len(failures), metric: value, "error": result.error,
+        })  # fmt: skip
         print(
-            f"  {name:>18}: {total:6.1f} s (checks {checked:.1f} s, failures {len(failures)}), "
-            f"mqar_accuracy {acc:.3f}"
+            f"  {name:>30}: {total:6.1f} s (checks {checked:.1f} s, failures {len(failures)}), "
+            f"{metric} {value:.3f}",
+            flush=True,
         )
+    seconds = [r["seconds"] for r in rows]
+    print(f"  max {max(seconds):.1f} s, median {np.median(seconds):.1f} s over {len(rows)}")
+    if _OUT.value:
+        record = {"options": _SPACE_OPT.value, "stage": stage.name, "candidates": rows}
+        with open(_OUT.value, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
 
 
 def mixer_seconds(B=1, H=4, T=2048, K=64) -> None:

@@ -40,8 +40,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Repetitions of each layout (alter
 SEEDS = (0, 1)
 SMALL = dict(d_model=32, head_dim=16, num_layers=1)
 OPTIONS = dict(
-    mqar_steps="100", mqar_batch="8", vocab_size="64", seq_len="32", num_pairs="4",
-    learning_rates="1e-2", chunk_size="16",
+    cheap_task="mqar", mqar_steps="100", mqar_batch="8", vocab_size="64", seq_len="32",
+    num_pairs="4", learning_rates="1e-2", chunk_size="16",
 )  # fmt: skip
 
 

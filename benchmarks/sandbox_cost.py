@@ -50,7 +50,9 @@ def main() -> None:
         "startup_jax_s": _startup("evolve_jax.evaluation.workers:report_devices", args.repeats),
     }
     for mode in ("genome", "code"):
-        space = LinearAttentionSpace(mode=mode, mqar_steps=str(args.mqar_steps), seeds="deltanet")
+        space = LinearAttentionSpace(
+            mode=mode, cheap_task="mqar", mqar_steps=str(args.mqar_steps), seeds="deltanet"
+        )
         candidate = space.validate(space.seeds()["deltanet"])
         failures, check_s = _timed(lambda s=space, c=candidate: s.check(c))
         [result], train_s = _timed(lambda s=space, c=candidate: s.evaluate([c], 0, [0], []))

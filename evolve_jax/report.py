@@ -71,13 +71,16 @@ def render(
     seeds), and how well stage 0 ranks the nodes the way each later stage does."""
     counts = {s: sum(n.status == s for n in nodes) for s in ("ok", "invalid", "failed", "timeout")}
     metrics = [task.stage_metrics(s)[0].name for s in range(len(task.stages))]
-    widths = [max(9, len(m)) for m in metrics]
+    # Headed by stage, since stages may share a metric (a short and a long run of one task).
+    headers = [f"s{s}:{m}" for s, m in enumerate(metrics)]
+    widths = [max(9, len(h)) for h in headers]
     lines = [
         f"{task.title}: {len(nodes)} nodes ("
         + ", ".join(f"{v} {s}" for s, v in counts.items() if v)
-        + f"); score is {'higher' if direction == 'max' else 'lower'}-is-better",
+        + f"); score is {'higher' if direction == 'max' else 'lower'}-is-better; stages "
+        + ", ".join(f"s{i} {stage.name}" for i, stage in enumerate(task.stages)),
         f"{'rank':>4}  {'id':>5}  {'score':>9}  "
-        + "  ".join(f"{m:>{w}}" for m, w in zip(metrics, widths, strict=True))
+        + "  ".join(f"{h:>{w}}" for h, w in zip(headers, widths, strict=True))
         + f"  {'vs baseline':>22}  name",
     ]
     primary = metrics[0]

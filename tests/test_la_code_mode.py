@@ -9,20 +9,22 @@ import json
 import math
 
 import numpy as np
+from flax import nnx
 
 from evolve_jax import loop
 from evolve_jax.memory.history import History
 from evolve_jax.search_space import fingerprint
-from search_spaces.linear_attention import checkpoints, code_mode, train
+from search_spaces.linear_attention import checkpoints, code_mode, data, model, train
 from search_spaces.linear_attention.space import LinearAttentionSpace
 from tests.test_code_mode import keys, prices, server  # noqa: F401 (fixtures)
 from tests.test_gemini import RESEARCHER, _config
 
 TINY = {
-    "mode": "code", "seeds": "deltanet", "mqar_steps": "12", "mqar_batch": "8",
-    "vocab_size": "64", "seq_len": "32", "num_pairs": "4", "chunk_size": "16",
-    "lm_steps": "4", "lm_batch": "4", "lm_seq_len": "32", "sandbox_timeout_s": "600",
-    "sandbox_memory_gb": "8", "learning_rates": "1e-2",
+    "mode": "code", "seeds": "deltanet", "short_lm_steps": "12", "short_lm_batch": "4",
+    "short_lm_seq_len": "32", "mqar_steps": "12", "mqar_batch": "8", "vocab_size": "64",
+    "seq_len": "32", "num_pairs": "2,4", "chunk_size": "16", "lm_steps": "4", "lm_batch": "4",
+    "lm_seq_len": "48", "sandbox_timeout_s": "600", "sandbox_memory_gb": "8",
+    "learning_rates": "1e-2",
 }  # fmt: skip
 BETA = "beta_BHT = jax.nn.sigmoid(self.b_proj(x_BTD)).transpose(0, 2, 1)"
 
@@ -33,7 +35,7 @@ def test_code_mode_run_edits_trains_promotes_and_checkpoints(tmp_path, server, p
     server.enqueue(text=json.dumps(answer), model=RESEARCHER)
     config = _config(
         tmp_path, server, prices, search_space="linear_attention", steps=1, samples_per_step=1,
-        promote_top_k=1, llm={"concurrency": 1, "edit_mix": "diff=1", "novelty_retries": 0},
+        promote_top_k=2, llm={"concurrency": 1, "edit_mix": "diff=1", "novelty_retries": 0},
     )  # fmt: skip
     space = LinearAttentionSpace(**TINY)
     summary = loop.run(config, space)
@@ -41,7 +43,7 @@ def test_code_mode_run_edits_trains_promotes_and_checkpoints(tmp_path, server, p
     assert seed.name == "deltanet" and seed.ok, seed.reason
     assert child.ok and child.operator == "gemini_diff", child.reason
     assert "2.0 * jax.nn.sigmoid" in child.candidate["source"]
-    assert 0.0 <= child.metrics["mqar"]["0"]["mqar_accuracy"] <= 1.0
+    assert 0 < child.metrics["byte_lm_short"]["0"]["val_bpb"] < 10
     assert "vs_baseline" in child.stats
     # Promotion: the byte-LM stage ran in a worker; its parameters came back and were saved.
     history = History(summary.workdir)
@@ -57,6 +59,36 @@ def test_code_mode_run_edits_trains_promotes_and_checkpoints(tmp_path, server, p
     assert meta["genome"] == node.candidate
     loss, _ = train.evaluate(lm, *space.validation_windows())
     assert math.isclose(loss / math.log(2), recorded, rel_tol=1e-4)
+
+
+def test_worker_trains_mqar_and_the_controller_scores_it_as_genome_mode_would(
+    tmp_path, monkeypatch
+):
+    """cheap_task=mqar in code mode: the worker trains from the request alone, and the
+    controller's score of its logits equals genome mode's sparse evaluation of the same weights."""
+    space = LinearAttentionSpace(**{**TINY, "cheap_task": "mqar"})
+    (tmp_path / "candidate.py").write_text(space.seeds()["deltanet"]["source"])
+    monkeypatch.chdir(tmp_path)  # where a worker finds its program
+    cfg, [trained] = code_mode._train(space._request("train", 0, [5]))
+    assert trained.error is None and trained.metrics["learning_rate"] == 1e-2
+    task, _ = space.stage_task(0)
+    held = code_mode.held_out_mqar(task, [5])
+    logits = code_mode._logits_at(cfg, trained.params, held.inputs[0], held.positions[0])
+    [(_, accuracy, per_group)] = code_mode.score_logits(logits[None], held, 64)[0].values()
+
+    graphdef, _ = model.abstract(cfg)
+    lm = nnx.merge(graphdef, trained.params)
+    expected = {}
+    for pairs, (inputs, positions, targets) in zip(
+        task.num_pairs, train.mqar_examples(task, 5, 1, task.test_examples), strict=True
+    ):
+        supervised = targets != data.IGNORE_INDEX
+        hits = np.asarray(lm.logits_at(inputs, positions)).argmax(-1) == targets
+        expected[f"mqar_accuracy_p{pairs}"] = hits[supervised].mean()
+    assert per_group.keys() == expected.keys()
+    for name, value in expected.items():
+        assert math.isclose(per_group[name], value, abs_tol=1e-6), name
+    assert math.isclose(accuracy, np.mean(list(expected.values())), abs_tol=1e-6)
 
 
 def test_the_controller_scores_logits_and_refuses_bad_ones():

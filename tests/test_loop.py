@@ -113,7 +113,8 @@ def test_promotion_records_costlier_stage_and_correlation(tmp_path):
     assert ("too few nodes" in line) == (n < 10)
     # Every stage's metric of a listed node is in the table (mean over its seeds).
     header = summary.report.splitlines()[1].split()
-    assert header[3:5] == ["reward", "reward"]  # one column per stage (two here)
+    assert header[3:5] == ["s0:reward", "s1:reward"]  # one column per stage (two here)
+    assert summary.report.splitlines()[0].endswith("stages s0 cheap, s1 full")
     lines = summary.report.splitlines()[2:]
     rows = {int(x.split()[1]): x.split() for x in lines if x[:4].strip().isdigit()}
     shown = [n for n in promoted if n.id in rows]

@@ -13,6 +13,10 @@ from search_spaces.linear_attention.space import Options
 # One bad value per linear-attention option; the test below fails when an option is added
 # without one.
 BAD_OPTIONS = {
+    "cheap_task": "recall",
+    "short_lm_steps": "0",
+    "short_lm_batch": "-2",
+    "short_lm_seq_len": "100000000",
     "mqar_steps": "0",
     "mqar_batch": "many",
     "vocab_size": "4",
@@ -88,6 +92,7 @@ IMPOSSIBLE_STAGES = [
     ({"learning_rates": "1e-3,-1"}, "learning_rates"),
     ({"learning_rates": "inf"}, "learning_rates"),
     ({"lm_learning_rates": ","}, "lm_learning_rates"),
+    ({"short_lm_batch": "100000000"}, "short_lm_batch"),  # more windows than the corpus holds
     ({"num_pairs": ""}, "num_pairs"),
     ({"vocab_size": "64", "num_pairs": "4,40"}, "num_pairs=40"),  # 31 distinct keys
     ({"seq_len": "64", "num_pairs": "8,17"}, "num_pairs=17"),  # 64 tokens hold 16 pairs
@@ -144,4 +149,4 @@ def test_flagfile_space_options_are_valid(name):
     with open(path) as f:
         pairs = [line.strip().split("=", 2)[1:] for line in f if line.startswith("--space_opt=")]
     options = Options.parse(**dict(pairs))
-    assert options.learning_rates and options.num_pairs
+    assert options.learning_rates and options.cheap_task == "byte_lm"

@@ -186,16 +186,11 @@ def _load(path: str = "candidate.py"):
 
 
 def _model_config(request: dict, mixer):
-    from search_spaces.linear_attention import data, model, program_api
+    from search_spaces.linear_attention import model, program_api
 
-    o = request["options"]
-    program_api.configure(o["chunk_size"], o["impl"])
-    frame = tuple(request["frame"].items())
-    if request["stage"] == 0:
-        return model.ModelConfig(frame, o["vocab_size"], o["chunk_size"], o["impl"], mixer=mixer)
-    return model.ModelConfig(
-        frame, data.BYTE_VOCAB_SIZE, o["chunk_size"], o["impl"], o["lm_width"], mixer=mixer
-    )
+    m = request["model"]
+    program_api.configure(m["chunk_size"], m["impl"])
+    return model.ModelConfig(tuple(request["frame"].items()), **m, mixer=mixer)
 
 
 def _interface(request: dict) -> tuple[Any, list[list[str]]]:
@@ -243,17 +238,14 @@ def _check(request: dict) -> list[list[str]]:
     if failures:
         return failures
     cfg = _model_config(request, mixer)
-    o = request["options"]
+    budget, seq_len = request["checks"]["param_budget"], request["checks"]["seq_len"]
     try:
         if (bad := _mixer_shapes(cfg)) is not None:
             return [["interface", bad]]
-        found = [
-            checks.check_param_budget(cfg, o["param_budget"]),
-            checks.check_shapes(cfg, o["seq_len"]),
-        ]
+        found = [checks.check_param_budget(cfg, budget), checks.check_shapes(cfg, seq_len)]
         if not any(found):
-            found.append(checks.check_causality(cfg, o["seq_len"]))
-            found.append(checks.check_subquadratic(cfg, 4 * o["chunk_size"]))
+            found.append(checks.check_causality(cfg, seq_len))
+            found.append(checks.check_subquadratic(cfg, 4 * cfg.chunk_size))
     except Exception as e:
         return [["interface", sandbox.candidate_traceback(e)]]
     return [[f.check, f.reason] for f in found if f is not None]
@@ -269,18 +261,18 @@ def _train(request: dict):
     if failures:
         raise RuntimeError(f"{failures[0][0]}: {failures[0][1]}")
     cfg = _model_config(request, mixer)
-    o, seeds = request["options"], request["seeds"]
-    if request["stage"] == 0:
-        # The worker's own test set is tiny: its numbers are not the ones recorded.
-        pairs = tuple(o["num_pairs"])
-        task = train.MQARConfig(o["vocab_size"], o["seq_len"], pairs, test_examples=8)
-        rates = tuple(o["learning_rates"])
-        budget = train.TrainConfig(o["mqar_steps"], o["mqar_batch"], rates)
-        return cfg, train.train_mqar(cfg, task, budget, seeds, jax.devices())
-    corpus = data.load_corpus(o["corpus"] or None)
-    task = train.ByteLMConfig(o["lm_seq_len"], val_batches=1)
-    budget = train.TrainConfig(o["lm_steps"], o["lm_batch"], tuple(o["lm_learning_rates"]))
-    return cfg, train.train_byte_lm(cfg, task, budget, seeds, jax.devices(), corpus)
+    seeds, task = request["seeds"], request["task"]
+    budget = request["budget"]
+    budget = train.TrainConfig(**{**budget, "learning_rates": tuple(budget["learning_rates"])})
+    # The worker's own held-out set is tiny: its numbers are not the ones recorded (the
+    # controller scores the worker's logits on its own held-out set).
+    if request["task_kind"] == "mqar":
+        task = {**task, "num_pairs": tuple(task["num_pairs"]), "test_examples": 8}
+        mqar = train.MQARConfig(**task)
+        return cfg, train.train_mqar(cfg, mqar, budget, seeds, jax.devices())
+    corpus = data.load_corpus(request["corpus"] or None)
+    lm = train.ByteLMConfig(task["seq_len"], val_batches=1)
+    return cfg, train.train_byte_lm(cfg, lm, budget, seeds, jax.devices(), corpus)
 
 
 def _logits_at(cfg, params, inputs_NT: np.ndarray, positions_NT: np.ndarray) -> np.ndarray:
@@ -341,11 +333,11 @@ def worker(channel: sandbox.Channel) -> None:
     channel.send({"outputs": True}, out)
 
 
-def held_out_mqar(options, seeds: Sequence[int]) -> HeldOut:
-    """Genome mode's MQAR test examples for each seed, split into what is sent and what is kept."""
+def held_out_mqar(task, seeds: Sequence[int]) -> HeldOut:
+    """Genome mode's MQAR test examples (``task`` a ``train.MQARConfig``) for each seed, split
+    into what is sent and what is kept."""
     from search_spaces.linear_attention import data, train
 
-    task = train.MQARConfig(options.vocab_size, options.seq_len, tuple(options.num_pairs))
     inputs, masks, targets = [], [], []
     for seed in seeds:
         per_pairs = train.mqar_examples(task, seed, 1, task.test_examples)

@@ -1,8 +1,11 @@
 """The linear-attention architecture search space (ASI-Arch's task, at laptop scale).
 
-Stage 0 ("mqar") trains every candidate on multi-query associative recall; stage 1
-("byte_lm") trains promoted candidates, twice as wide, on byte-level language modelling of a
-real corpus. Fitness is normalised against DeltaNet trained with the same budget and seeds.
+Stage 0 trains every candidate briefly: by default ("byte_lm_short") on byte-level language
+modelling of a real corpus, scored on held-out bits per byte, which benchmarks/proxy_fidelity.py
+measured to rank 14 architectures as a costlier run does; with ``cheap_task=mqar`` ("mqar") on
+multi-query associative recall. Stage 1 ("byte_lm") trains promoted candidates, wider and
+longer, on byte-level LM. Fitness is normalised against DeltaNet trained with the same budget
+and seeds.
 """
 
 from __future__ import annotations
@@ -40,23 +43,34 @@ recurrent state S updated per token and read by the query. Choose the state upda
 fixed decay, data-dependent decay, per-channel gating, delta rule, gated delta rule), the q/k
 feature map and normalisation, a short causal convolution, the form of beta, the decay
 parametrisation, output norm and gate, head shapes, the MLP, depth and width. Candidates are
-trained on multi-query associative recall (MQAR, Zoology) and the best on byte-level language
+trained briefly on {cheap}, and the best, wider and longer, on byte-level language
 modelling; fitness is normalised against DeltaNet trained with the same budget and seeds."""
+_CHEAP_TEXT = {
+    "byte_lm": "byte-level language modelling (held-out bits per byte)",
+    "mqar": "multi-query associative recall (MQAR, Zoology)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Search-space options (``--space_opt=key=value``), validated at construction."""
 
-    # Stage 0: MQAR at several numbers of pairs (equal shares of each batch, accuracy averaged),
-    # every learning rate trained at once and the best kept (by late training loss).
+    # Stage 0, every candidate: cheap_task "byte_lm" (a short byte-LM run at the base width) or
+    # "mqar". Every learning rate is trained at once and the best kept (by late training loss).
+    # The byte-LM defaults are the recipe benchmarks/proxy_fidelity.py measured as "cheap_lm".
+    cheap_task: str = "byte_lm"
+    learning_rates: tuple[float, ...] = (3e-3, 1e-2)
+    short_lm_steps: int = 200
+    short_lm_batch: int = 8
+    short_lm_seq_len: int = 128
+    # MQAR (cheap_task=mqar) at several numbers of pairs (equal shares of each batch, accuracy
+    # averaged).
     mqar_steps: int = 800
     mqar_batch: int = 24
     vocab_size: int = 512
     seq_len: int = 64
     num_pairs: tuple[int, ...] = (4, 8, 16)
-    learning_rates: tuple[float, ...] = (3e-3, 1e-2)
-    # Stage 1: byte-level LM.
+    # Stage 1, promoted candidates: byte-level LM, lm_width times wider.
     lm_steps: int = 300
     lm_batch: int = 16
     lm_learning_rates: tuple[float, ...] = (3e-3,)
@@ -83,8 +97,8 @@ class Options:
     def validate(self) -> None:
         """Raises ValueError naming the first option with a bad value."""
         for name in (
-            "mqar_steps", "mqar_batch", "lm_steps", "lm_batch", "lm_seq_len", "lm_width",
-            "chunk_size", "param_budget",
+            "short_lm_steps", "short_lm_batch", "short_lm_seq_len", "mqar_steps", "mqar_batch",
+            "lm_steps", "lm_batch", "lm_seq_len", "lm_width", "chunk_size", "param_budget",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"linear_attention option {name} must be >= 1")
@@ -95,6 +109,10 @@ class Options:
                     f"linear_attention option {name}={','.join(map(str, rates))!r}: "
                     "give one or more finite learning rates > 0"
                 )
+        if self.cheap_task not in _CHEAP_TEXT:
+            raise ValueError(
+                f"linear_attention option cheap_task={self.cheap_task!r} ({', '.join(_CHEAP_TEXT)})"
+            )
         if self.impl not in model.IMPLS:
             raise ValueError(
                 f"linear_attention option impl={self.impl!r} ({', '.join(model.IMPLS)})"
@@ -136,15 +154,25 @@ class Options:
             )
 
     def load_corpus(self) -> np.ndarray:
-        """The byte-LM corpus, checked to hold the stage's training and validation windows."""
+        """The byte-LM corpus, checked to hold each byte-LM stage's training and validation
+        windows."""
+        windows = [("lm", self.lm_seq_len, self.lm_batch)]
+        if self.cheap_task == "byte_lm":
+            windows.append(("short_lm", self.short_lm_seq_len, self.short_lm_batch))
         try:
             corpus = data.load_corpus(self.corpus or None)
-            for split in data.SPLITS:
-                data.byte_lm_dataset(
-                    corpus, seq_len=self.lm_seq_len, batch_size=self.lm_batch, seed=0, split=split
-                )
         except (OSError, ValueError) as e:
-            raise ValueError(f"linear_attention option corpus / lm_seq_len / lm_batch: {e}") from e
+            raise ValueError(f"linear_attention option corpus: {e}") from e
+        for prefix, seq_len, batch in windows:
+            try:
+                for split in data.SPLITS:
+                    data.byte_lm_dataset(
+                        corpus, seq_len=seq_len, batch_size=batch, seed=0, split=split
+                    )
+            except ValueError as e:
+                raise ValueError(
+                    f"linear_attention options corpus / {prefix}_seq_len / {prefix}_batch: {e}"
+                ) from e
         return corpus
 
 
@@ -176,26 +204,24 @@ class LinearAttentionSpace(SearchSpace):
             f"Define class {code_mode.ENTRY}(nnx.Module) as the template's docstring says. The "
             f"rest of the model is fixed: d_model={g['d_model']}, num_heads={g['num_heads']}, "
             f"head_dim={g['head_dim']}, {g['num_layers']} layers, MLP {g['mlp']} x"
-            f"{g['mlp_ratio']}; stage 1 doubles d_model and head_dim. Parameter budget "
+            f"{g['mlp_ratio']}; stage 1 multiplies d_model and head_dim by "
+            f"{self.options.lm_width}. Parameter budget "
             f"{self.options.param_budget:,} (whole model, stage 0)."
         )
 
     # -------------------------------------------------------------------- contract
 
     def describe(self) -> TaskDescription:
-        mqar = Metric("mqar_accuracy", "max")
+        bpb = Metric("val_bpb", "min")
+        if self.options.cheap_task == "mqar":
+            cheap = Stage("mqar", "MQAR recall, every candidate", (Metric("mqar_accuracy", "max"),))
+        else:
+            cheap = Stage("byte_lm_short", "short byte-level LM, every candidate", (bpb,))
         return TaskDescription(
             title="Linear-attention architecture search",
-            text=_TEXT,
-            metrics=(mqar,),
-            stages=(
-                Stage("mqar", "MQAR recall, every candidate", (mqar,)),
-                Stage(
-                    "byte_lm",
-                    "byte-level LM, wider model, promoted only",
-                    (Metric("val_bpb", "min"),),
-                ),
-            ),
+            text=_TEXT.format(cheap=_CHEAP_TEXT[self.options.cheap_task]),
+            metrics=cheap.metrics,
+            stages=(cheap, Stage("byte_lm", "byte-level LM, wider model, promoted only", (bpb,))),
         )
 
     def seeds(self) -> dict[str, genome.Genome]:
@@ -235,11 +261,9 @@ class LinearAttentionSpace(SearchSpace):
             program_api.configure(o.chunk_size, o.impl)
             mixer = code_mode.load_mixer(candidate["source"])
             candidate = genome.SEEDS[o.baseline]  # the frame: everything but the mixer
-        genes = tuple(candidate.items())
-        if stage == 0:
-            return model.ModelConfig(genes, o.vocab_size, o.chunk_size, o.impl, mixer=mixer)
+        vocab, width = self._vocab_and_width(stage)
         return model.ModelConfig(
-            genes, data.BYTE_VOCAB_SIZE, o.chunk_size, o.impl, o.lm_width, mixer=mixer
+            tuple(candidate.items()), vocab, o.chunk_size, o.impl, width, mixer=mixer
         )
 
     def check(self, candidate: genome.Genome) -> list[CheckFailure]:
@@ -251,7 +275,7 @@ class LinearAttentionSpace(SearchSpace):
                 )
         if key not in self._checked:
             cfg = self.model_config(candidate)
-            seq = self.options.seq_len
+            seq = self._check_seq_len()
             failures = [checks.check_param_budget(cfg, self.options.param_budget)]
             failures.append(checks.check_shapes(cfg, seq))
             if not any(failures):
@@ -283,16 +307,11 @@ class LinearAttentionSpace(SearchSpace):
         for candidate in candidates:
             cfg = self.model_config(candidate, stage)
             start = time.perf_counter()
+            task, budget = self.stage_task(stage)
             try:
-                if stage == 0:
-                    per_seed = train.train_mqar(
-                        cfg,
-                        *self.mqar_config(),
-                        seeds,
-                        devices,
-                    )
+                if isinstance(task, train.MQARConfig):
+                    per_seed = train.train_mqar(cfg, task, budget, seeds, devices)
                 else:
-                    task, budget = self.byte_lm_config()
                     per_seed = train.train_byte_lm(cfg, task, budget, seeds, devices, self.corpus())
             except Exception as e:
                 results.append(EvalResult(error=f"{type(e).__name__}: {e}"))
@@ -341,59 +360,89 @@ class LinearAttentionSpace(SearchSpace):
 
     # -------------------------------------------------------------------- helpers
 
-    def byte_lm_config(self) -> tuple[train.ByteLMConfig, train.TrainConfig]:
-        """The byte-LM stage's task and training budget."""
+    def stage_task(
+        self, stage: int
+    ) -> tuple[train.MQARConfig | train.ByteLMConfig, train.TrainConfig]:
+        """A stage's task and training budget."""
         o = self.options
+        if stage > 0:
+            return (
+                train.ByteLMConfig(o.lm_seq_len),
+                train.TrainConfig(o.lm_steps, o.lm_batch, o.lm_learning_rates),
+            )
+        if o.cheap_task == "mqar":
+            return (
+                train.MQARConfig(o.vocab_size, o.seq_len, o.num_pairs),
+                train.TrainConfig(o.mqar_steps, o.mqar_batch, o.learning_rates),
+            )
         return (
-            train.ByteLMConfig(o.lm_seq_len),
-            train.TrainConfig(o.lm_steps, o.lm_batch, o.lm_learning_rates),
+            train.ByteLMConfig(o.short_lm_seq_len),
+            train.TrainConfig(o.short_lm_steps, o.short_lm_batch, o.learning_rates),
         )
 
-    def mqar_config(self) -> tuple[train.MQARConfig, train.TrainConfig]:
-        """The MQAR stage's task and training budget."""
-        o = self.options
-        return (
-            train.MQARConfig(o.vocab_size, o.seq_len, o.num_pairs),
-            train.TrainConfig(o.mqar_steps, o.mqar_batch, o.learning_rates),
-        )
-
-    def validation_windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The held-out byte windows the byte-LM stage's val_bpb is measured on."""
-        task, budget = self.byte_lm_config()
+    def validation_windows(self, stage: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out byte windows a byte-LM stage's val_bpb is measured on."""
+        task, budget = self.stage_task(stage)
+        if not isinstance(task, train.ByteLMConfig):
+            raise ValueError(f"stage {stage} is not byte-level LM")
         return train.byte_lm_validation(self.corpus(), task, budget.batch_size)
+
+    def _vocab_and_width(self, stage: int) -> tuple[int, int]:
+        if stage > 0:
+            return data.BYTE_VOCAB_SIZE, self.options.lm_width
+        if self.options.cheap_task == "mqar":
+            return self.options.vocab_size, 1
+        return data.BYTE_VOCAB_SIZE, 1
+
+    def _check_seq_len(self) -> int:
+        """The length the stage-0 model is checked at (shapes, causality)."""
+        task, _ = self.stage_task(0)
+        return task.seq_len
 
     def corpus(self) -> np.ndarray:
         return self._corpus
 
     def _request(self, job: str, stage: int, seeds: Sequence[int]) -> dict:
-        return {
+        """What a sandboxed worker needs: the stage's model, task and budget, resolved here."""
+        o = self.options
+        task, budget = self.stage_task(stage)
+        vocab, width = self._vocab_and_width(stage)
+        return json.loads(json.dumps({
             "job": job,
             "stage": stage,
             "seeds": [int(s) for s in seeds],
-            "options": json.loads(json.dumps(dataclasses.asdict(self.options))),
-            "frame": dict(genome.SEEDS[self.options.baseline]),
-            "return_params": bool(stage > 0 and self.options.checkpoint and self._checkpoint_dir),
-        }
+            "frame": dict(genome.SEEDS[o.baseline]),
+            "model": {"vocab_size": vocab, "chunk_size": o.chunk_size, "impl": o.impl,
+                      "width_multiplier": width},
+            "task_kind": "mqar" if isinstance(task, train.MQARConfig) else "byte_lm",
+            "task": dataclasses.asdict(task),
+            "budget": dataclasses.asdict(budget),
+            "corpus": list(o.corpus),
+            "checks": {"param_budget": o.param_budget, "seq_len": self._check_seq_len()},
+            "return_params": bool(stage > 0 and o.checkpoint and self._checkpoint_dir),
+        }))  # fmt: skip
 
     def _evaluate_program(self, candidate, stage: int, seeds: Sequence[int]) -> EvalResult:
         """Trains a program in a sandboxed worker; the metrics are computed here."""
         start = time.perf_counter()
-        if stage == 0:
-            held = code_mode.held_out_mqar(self.options, seeds)
-            vocab, names = self.options.vocab_size, ("mqar_loss", "mqar_accuracy")
+        task, _ = self.stage_task(stage)
+        vocab, _ = self._vocab_and_width(stage)
+        if isinstance(task, train.MQARConfig):
+            held = code_mode.held_out_mqar(task, seeds)
+            names = ("mqar_loss", "mqar_accuracy")
         else:
-            held = code_mode.held_out_bytes(self.validation_windows(), seeds)
-            vocab, names = data.BYTE_VOCAB_SIZE, ("val_nats", "val_byte_accuracy")
+            held = code_mode.held_out_bytes(self.validation_windows(stage), seeds)
+            names = ("val_nats", "val_byte_accuracy")
         with self._slots.get().acquire() as env:
             result, params = code_mode.run_training(
                 self._request("train", stage, seeds), self._limits, env, candidate["source"],
                 held, vocab, names,
             )  # fmt: skip
-        if result.error is None and stage > 0:
+        if result.error is None and names[0] == "val_nats":
             for values in result.metrics.values():
                 values["val_bpb"] = values.pop("val_nats") / math.log(2)
-            if params:
-                self._save(candidate, stage, seeds, [params[int(s)] for s in seeds])
+        if result.error is None and stage > 0 and params:
+            self._save(candidate, stage, seeds, [params[int(s)] for s in seeds])
         logging.info(
             "stage %d: trained program %s in %.0f s: %s", stage, fingerprint(candidate)[:8],
             time.perf_counter() - start, result.error or dict(result.metrics),

@@ -17,7 +17,7 @@ a final RMSNorm and the output head.
   head) is the program's choice.
 * ``state``: the initial recurrent state [B, H, K, V]; None means zeros.
 * Causal: y[t] depends on x[:t+1] only (checked by a gradient probe of the whole model).
-* Cost linear in T (checked: compiled FLOPs may grow at most ~2.6x when T doubles).
+* Cost linear in T (checked: FLOPs may grow at most ~2.6x when T doubles).
 * Parameters come from ``rngs`` (``nnx.Linear(..., rngs=rngs)``, ``rngs.params()``), so the
   initialisation is a function of the seed alone.
 
