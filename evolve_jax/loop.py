@@ -22,8 +22,9 @@ from absl import logging
 
 from evolve_jax import report
 from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
+from evolve_jax.agents.engineer import RuleEngineer
 from evolve_jax.config import RunConfig
-from evolve_jax.evaluation import workers
+from evolve_jax.evaluation import cluster, workers
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, SlotTaken, worst_score
@@ -64,7 +65,7 @@ class ResearchLoop:
         if self.space.code_spec() is not None:
             # Programs run in sandboxed workers, which own the accelerators (workers.py).
             workers.keep_controller_off_accelerators()
-        self.devices = jax.devices()
+        self.devices = jax.local_devices()  # the other processes evaluate on theirs
         self.agents = make_agents(
             config.agents,
             AgentEnv(
@@ -489,8 +490,30 @@ class ResearchLoop:
 
 
 def run(config: RunConfig, space: SearchSpace | None = None) -> RunSummary:
-    """Runs (or resumes) the search described by ``config``; returns its summary."""
-    return ResearchLoop(config, space).run()
+    """Runs (or resumes) the search described by ``config``; returns its summary.
+
+    In a job of several processes (``evaluation/cluster.py``) process 0 runs the search and the
+    others evaluate the shares it deals them until it is done.
+    """
+    job = cluster.current()
+    if not job.leader:
+        return _serve(config, space, job)
+    try:
+        return ResearchLoop(config, space).run()
+    finally:
+        job.stop_workers()
+
+
+def _serve(config: RunConfig, space: SearchSpace | None, job: cluster.Cluster) -> RunSummary:
+    space = space or load(config.search_space, **dict(config.space_options))
+    space.bind(config.workdir)  # checkpoints of promoted candidates land in the same workdir
+    engineer = RuleEngineer(space, jax.local_devices(), config.concurrency, config.max_repairs)
+    evaluated = engineer.serve()
+    text = (
+        f"process {job.process_id} of {job.num_processes}: evaluated {evaluated} candidate(s) "
+        f"for process 0, which records them (report: {config.workdir})"
+    )
+    return RunSummary(config.workdir, [], None, "max", text)
 
 
 def same_history(a: Sequence[Node], b: Sequence[Node]) -> bool:

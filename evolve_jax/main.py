@@ -156,6 +156,33 @@ _SPACE_OPT = flags.DEFINE_multi_string(
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 0, "Split the CPU into N devices (testing sharding).", lower_bound=0
 )
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Join several processes into one search with jax.distributed (process 0 runs the agents, "
+    "every process evaluates a share): 'auto' when --coordinator_address/--num_processes are "
+    "given or Slurm or a TPU slice announces more than one process; 'on' always; 'off' never.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (default: detected)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (default: detected).", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (default: detected).", lower_bound=0
+)
+_JOIN_TIMEOUT = flags.DEFINE_integer(
+    "join_timeout_s", 300, "Seconds to wait for every process to join.", lower_bound=1
+)
+_ANSWER_TIMEOUT = flags.DEFINE_float(
+    "answer_timeout_s",
+    6 * 3600.0,
+    "Seconds process 0 waits for a worker's results (its candidates then fail with that reason, "
+    "and it is dealt nothing more), and a worker waits for its next job.",
+    lower_bound=1.0,
+)
 _PLATFORM = flags.DEFINE_enum(
     "platform",
     "any",
@@ -242,13 +269,30 @@ def request_determinism() -> None:
         os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_gpu_deterministic_ops=true".strip()
 
 
+def join_cluster() -> None:
+    """Splits the CPU if asked and joins the job's other processes, if any; exits 2 when it
+    cannot. Runs first: JAX must not have started a backend (importing bm25s starts one)."""
+    import jax
+
+    from evolve_jax.evaluation import cluster
+
+    if _NUM_CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    try:
+        cluster.initialize(
+            _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+            _JOIN_TIMEOUT.value, _ANSWER_TIMEOUT.value,
+        )  # fmt: skip
+    except cluster.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def setup_devices() -> list:
     """Configures JAX's devices from the flags; returns them, or exits 2 on the wrong platform."""
     import jax
 
-    if _NUM_CPU_DEVICES.value:
-        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
-    backend, devices = jax.default_backend(), jax.devices()
+    backend, devices = jax.default_backend(), jax.local_devices()
     kinds = ", ".join(sorted({d.device_kind for d in devices}))
     if _PLATFORM.value not in ("any", backend):
         print(
@@ -270,6 +314,7 @@ def main(argv: list[str]) -> None:
             print(f"error: --{name} is required", file=sys.stderr)
             sys.exit(2)
     request_determinism()
+    join_cluster()
     # Everything that can be wrong with the input is checked before any work is done.
     try:
         config = config_from_flags()
@@ -289,9 +334,12 @@ def main(argv: list[str]) -> None:
         setup_devices()
     else:
         # Code mode: sandboxed workers own the accelerators; this process keeps JAX on the CPU.
-        from evolve_jax.evaluation import workers
+        from evolve_jax.evaluation import cluster, workers
 
         workers.keep_controller_off_accelerators()
+        if cluster.current().num_processes > 1:
+            print("error: code mode runs in one process (--distributed=off)", file=sys.stderr)
+            sys.exit(2)
         if _PLATFORM.value != "any":
             message = "--platform applies to genome mode; in code mode workers use what they find"
             print(f"error: {message}", file=sys.stderr)

@@ -6,7 +6,9 @@ a backend with a model overrides ``fix`` to repair what the rules cannot, failed
 Candidates are laid out over disjoint device groups (``evaluation/layout.py``), each group
 evaluating its share on ``concurrency`` threads (JAX releases the GIL while a compiled program
 runs); results keep their input order. ``usage`` keeps, per ``run`` call, the layout and the
-busy device-seconds against the device-seconds the call had.
+busy device-seconds against the device-seconds the call had. In a job of several processes the
+leader's Engineer deals the candidates over the processes first (``evaluation/cluster.py``);
+each process lays its share out over its own devices.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evolve_jax.agents.base import Engineer, Outcome
+from evolve_jax.evaluation import cluster
 from evolve_jax.evaluation.layout import plan
 from evolve_jax.search_space import (
     CheckFailure,
@@ -53,6 +56,7 @@ class RuleEngineer(Engineer):
         self.concurrency = max(1, concurrency)
         self.max_repairs = max_repairs
         self.usage: dict[str, Any] = {}
+        self.cluster = cluster.current()
 
     def fix(
         self,
@@ -111,6 +115,36 @@ class RuleEngineer(Engineer):
         return results, end - start, (start, end)
 
     def _evaluate_groups(self, genomes, stage, seeds) -> list[tuple[EvalResult, float]]:
+        """(result, seconds) per genome, in order: on this process's devices, or dealt over
+        the job's processes when there are several."""
+        workers = self.cluster.live_workers() if self.cluster.leader else []
+        if not workers:
+            return self.evaluate_here(genomes, stage, seeds)
+        shares = cluster.deal(len(genomes), [0, *workers])
+        round_ = self.cluster.send({
+            p: {"stage": stage, "seeds": list(seeds), "candidates": [genomes[i] for i in share]}
+            for p, share in shares.items() if p
+        })  # fmt: skip
+        here = self.evaluate_here([genomes[i] for i in shares[0]], stage, seeds)
+        results = dict(zip(shares[0], here, strict=True))
+        for p in workers:
+            answer = self.cluster.receive(round_, p)
+            if answer is None:
+                reason = f"process {p} gave no answer within {self.cluster.answer_timeout_s:g} s"
+                results.update({i: (EvalResult(error=reason), 0.0) for i in shares[p]})
+                continue
+            for i, record in zip(shares[p], answer["results"], strict=True):
+                results[i] = cluster.result_from_json(record)
+            for key in ("busy_device_seconds", "available_device_seconds"):
+                self.usage[key] = self.usage.get(key, 0.0) + answer["usage"].get(key, 0.0)
+            layouts = [{**layout, "process": p} for layout in answer["usage"].get("layouts", [])]
+            self.usage.setdefault("layouts", []).extend(layouts)
+        return [results[i] for i in range(len(genomes))]
+
+    def evaluate_here(self, genomes, stage, seeds) -> list[tuple[EvalResult, float]]:
+        """(result, seconds) per genome, in order, on this process's devices."""
+        if not genomes:
+            return []
         layout = plan(self.devices, self.space.runs_per_candidate(stage, seeds), len(genomes))
         jobs = []  # (group index, candidate indices): each group's share over its threads
         for k, share in enumerate(layout.assignment()):
@@ -133,6 +167,21 @@ class RuleEngineer(Engineer):
                     results[i] = (r, seconds / len(part))
         self._account(layout, busy, time.perf_counter() - start)
         return [results[i] for i in range(len(genomes))]
+
+    def serve(self) -> int:
+        """A worker's loop: evaluates the leader's jobs until told to stop; returns how many
+        candidates it evaluated."""
+        evaluated = 0
+        while True:
+            round_, job = self.cluster.next_job()
+            if job.get("stop"):
+                return evaluated
+            pairs = self.evaluate_here(job["candidates"], job["stage"], job["seeds"])
+            evaluated += len(pairs)
+            self.cluster.answer(round_, {
+                "results": [cluster.result_to_json(r, seconds) for r, seconds in pairs],
+                "usage": self.take_usage(),
+            })  # fmt: skip
 
     def _account(self, layout, busy: dict[int, list[tuple[float, float]]], wall: float) -> None:
         """Adds one evaluation round to ``usage``: a group is busy while any of its threads

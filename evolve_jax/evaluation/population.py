@@ -40,7 +40,7 @@ def evaluate_population(
 
     ``args`` are broadcast (replicated) to every device. Returns outputs with leading axis P.
     """
-    devices = tuple(devices or jax.devices())
+    devices = tuple(devices or jax.local_devices())
     size = jax.tree.leaves(population)[0].shape[0]
     mesh = population_mesh(devices)
     padded = _pad(jax.tree.map(np.asarray, population), len(devices))

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import bm25s
 import numpy as np
 
 from evolve_jax.memory.embeddings import Embedder, cosine_top_k
@@ -90,8 +89,16 @@ def load_seed_file(path: str) -> list[Item]:
     return items
 
 
+def _bm25s():
+    """bm25s, imported on first use: its import runs a JAX op, which starts JAX's default
+    backend, and the driver must set XLA flags and join other processes before that."""
+    import bm25s
+
+    return bm25s
+
+
 def _tokens(texts: Sequence[str]):
-    return bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
+    return _bm25s().tokenize(list(texts), stopwords="en", show_progress=False)
 
 
 def _text(item: Item) -> str:
@@ -105,7 +112,7 @@ class Cognition:
     def __init__(self, items: Iterable[Item] = (), history: History | None = None):
         self._items: dict[str, Item] = {}
         self._history = history
-        self._index: bm25s.BM25 | None = None
+        self._index: Any = None  # a bm25s.BM25 once built
         self._indexed: list[Item] = []
         self._embedder: Embedder | None = None
         self._vectors: np.ndarray | None = None  # embeddings of _indexed, made on first use
@@ -212,7 +219,7 @@ class Cognition:
             self._indexed = self._live()
             self._vectors = None
             if self._indexed:
-                self._index = bm25s.BM25()
+                self._index = _bm25s().BM25()
                 self._index.index(_tokens([_text(i) for i in self._indexed]), show_progress=False)
 
     def _cosines(self, embedder: Embedder, text: str) -> list[tuple[int, float]]:
