@@ -7,7 +7,9 @@ against a target moved a little further per stage, so the stages rank candidates
 not identically. Options (strings, as given by --space_opt) choose the metric's direction, the
 baseline, the number of stages, and delays for kill-and-resume tests: ``delay`` seconds per
 evaluated candidate, ``record_delay`` seconds before each node is committed (the loop asks for
-its descriptor then), so a kill can land between two commits.
+its descriptor then), so a kill can land between two commits. ``exit_in_process=P`` ends
+process P of a multi-process job abruptly (as the kernel's OOM killer would) at its first
+evaluation.
 """
 
 from __future__ import annotations
@@ -74,8 +76,10 @@ class ToySpace(SearchSpace):
         delay: str = "0",
         record_delay: str = "0",
         stages: str = "2",
+        exit_in_process: str = "-1",
     ):
         self.direction = direction
+        self.exit_in_process = int(exit_in_process)
         self._baseline = None if baseline == "none" else baseline
         self.delay = float(delay)
         self.record_delay = float(record_delay)
@@ -143,6 +147,8 @@ class ToySpace(SearchSpace):
         }
 
     def evaluate(self, genomes, stage, seeds, devices):
+        if jax.process_index() == self.exit_in_process:
+            os._exit(137)
         if self.delay:
             time.sleep(self.delay * len(genomes))
         # One run per (genome, seed), genome-major: a candidate's seeds sit side by side.

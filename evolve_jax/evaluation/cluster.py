@@ -179,6 +179,8 @@ def initialize(
     import jax
     from jax._src import distributed
 
+    # A worker that dies must not take the others down with it (JAX's default for a lost task).
+    jax.config.update("jax_enable_recoverability", True)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
