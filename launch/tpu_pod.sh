@@ -1,29 +1,84 @@
 #!/usr/bin/env bash
-# Runs the linear-attention search on a Cloud TPU VM slice, history on GCS.
+# Runs a search on every worker of a Cloud TPU VM slice, history on GCS.
 #
-#   bash launch/tpu_pod.sh TPU_NAME ZONE gs://BUCKET/runs/la [extra flags...]
+#   bash launch/tpu_pod.sh --name=NAME --zone=ZONE --workdir=gs://BUCKET/runs/la
+#       [--project=PROJECT] [--accelerator=v5litepod-16] [--version=v2-alpha-tpuv5-lite]
+#       [--flagfile=configs/tpu_pod.flags] [--dry-run] [-- extra flags for evolve_jax.main]
 #
-# Copies this checkout to the TPU VM, installs evolve_jax with the tpu extra, and starts
-# configs/tpu_pod.flags with --workdir on GCS under nohup, logging to ~/evolve_jax.log.
-# It runs on worker 0 and uses that host's chips; the history on GCS can be read (and appended
-# to) from anywhere: python -m evolve_jax.history --workdir=gs://BUCKET/runs/la
-# Re-running the same command resumes the search where it stopped.
+# 1. Reuses the TPU VM NAME, or creates it with --accelerator and --version when it is missing.
+# 2. Copies this checkout (without .git, .venv, runs) to every worker and installs evolve_jax
+#    with the tpu extra there.
+# 3. Starts `python -m evolve_jax.main --flagfile=... --workdir=... --distributed=on` on all
+#    workers under nohup (log: ~/evolve_jax.log on each). JAX joins the workers into one job;
+#    worker 0 runs the agents and records the history, every worker evaluates its share of
+#    each step's candidates on its own chips (evolve_jax/evaluation/cluster.py).
+# 4. Streams worker 0's log until the search ends, then prints the report from the workdir.
+# --dry-run prints each command instead of running it. Re-running the same command resumes
+# the search where it stopped; Ctrl-C stops only the streaming, not the search.
 set -euo pipefail
-if [[ $# -lt 3 ]]; then
-  echo "usage: $0 TPU_NAME ZONE gs://BUCKET/PATH [flags...]" >&2
+cd "$(dirname "$0")/.."
+
+name="" zone="" workdir="" project="" accelerator=v5litepod-16 version=v2-alpha-tpuv5-lite
+flagfile=configs/tpu_pod.flags dry_run=0
+extra=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --name=*) name=${1#*=} ;;
+    --zone=*) zone=${1#*=} ;;
+    --workdir=*) workdir=${1#*=} ;;
+    --project=*) project=${1#*=} ;;
+    --accelerator=*) accelerator=${1#*=} ;;
+    --version=*) version=${1#*=} ;;
+    --flagfile=*) flagfile=${1#*=} ;;
+    --dry-run) dry_run=1 ;;
+    --) shift; extra+=("$@"); break ;;
+    *) echo "error: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for required in name zone workdir; do
+  if [[ -z "${!required}" ]]; then
+    echo "error: --$required is required (see the header of $0)" >&2
+    exit 2
+  fi
+done
+if [[ "$workdir" != gs://* ]]; then
+  echo "error: --workdir=$workdir must be a gs:// path every worker can reach" >&2
   exit 2
 fi
-name=$1 zone=$2 workdir=$3
-shift 3
-repo=$(cd "$(dirname "$0")/.." && pwd)
-tar -C "$repo" --exclude=.git --exclude=.venv --exclude=runs -czf /tmp/evolve_jax.tgz .
-gcloud compute tpus tpu-vm scp /tmp/evolve_jax.tgz "$name":~/evolve_jax.tgz --zone="$zone" --worker=0
-gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=0 --command="
-  set -e
-  mkdir -p ~/evolve_jax && tar -C ~/evolve_jax -xzf ~/evolve_jax.tgz && cd ~/evolve_jax
-  python3 -m venv .venv && . .venv/bin/activate
-  pip install -q -c constraints.txt -e '.[tpu]'
-  nohup python -m evolve_jax.main --flagfile=configs/tpu_pod.flags --workdir=$workdir $* \
-    > ~/evolve_jax.log 2>&1 &
-  echo started: tail -f ~/evolve_jax.log on worker 0
-"
+[[ -f "$flagfile" ]] || { echo "error: --flagfile=$flagfile does not exist" >&2; exit 2; }
+
+run() {
+  if ((dry_run)); then
+    printf 'would run:'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+
+tpu=(gcloud compute tpus tpu-vm)
+where=(--zone="$zone")
+[[ -n "$project" ]] && where+=(--project="$project")
+
+if ((dry_run)) || ! "${tpu[@]}" describe "$name" "${where[@]}" >/dev/null 2>&1; then
+  ((dry_run)) && echo "if ${tpu[*]} describe $name fails (no such TPU VM):"
+  run "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator" \
+    --version="$version"
+fi
+
+archive="${TMPDIR:-/tmp}/evolve_jax-$name.tgz"
+run tar -C . --exclude=.git --exclude=.venv --exclude=runs -czf "$archive" .
+run "${tpu[@]}" scp "$archive" "$name":evolve_jax.tgz "${where[@]}" --worker=all
+
+main=(python -m evolve_jax.main --flagfile="$flagfile" --workdir="$workdir" --distributed=on
+  "${extra[@]}")
+start="set -e; mkdir -p ~/evolve_jax && tar -C ~/evolve_jax -xzf ~/evolve_jax.tgz
+cd ~/evolve_jax && python3 -m venv .venv && . .venv/bin/activate
+pip install -q -c constraints.txt -e '.[tpu]'
+nohup $(printf '%q ' "${main[@]}")> ~/evolve_jax.log 2>&1 &"
+run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$start"
+
+# Worker 0 holds the report; its log ends when the search does.
+follow='tail -n +1 -f ~/evolve_jax.log --pid="$(pgrep -f -o evolve_jax.main)"'
+run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$follow"
+run gcloud storage cat "$workdir/report.txt"

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -61,3 +63,68 @@ def test_unknown_argument_is_refused(tmp_path):
         ["bash", _launcher(tmp_path, None), "--gpu=0"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "unknown argument --gpu=0" in done.stderr
+
+
+def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    path = os.path.join(REPO, "launch", script)
+    return subprocess.run(["bash", path, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_tpu_pod_dry_run_runs_every_worker_as_one_job():
+    done = _launch(
+        "tpu_pod.sh", "--dry-run", "--name=pod", "--zone=us-central2-b", "--project=p",
+        "--workdir=gs://bucket/runs/la", "--", "--steps=3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    where = "--zone=us-central2-b --project=p"
+    assert lines[1] == (
+        f"would run: gcloud compute tpus tpu-vm create pod {where} "
+        "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite"
+    )
+    copy, start, follow = lines[3], lines[4], lines[5]
+    assert copy.startswith("would run: gcloud compute tpus tpu-vm scp ")
+    assert copy.endswith(f"pod:evolve_jax.tgz {where} --worker=all")
+    assert f"ssh pod {where} --worker=all" in start and "-e \\'.[tpu]\\'" in start
+    assert (
+        "nohup python -m evolve_jax.main --flagfile=configs/tpu_pod.flags "
+        "--workdir=gs://bucket/runs/la --distributed=on --steps=3 > ~/evolve_jax.log"
+    ) in start
+    assert "--worker=0" in follow and "tail" in follow
+    assert lines[6] == "would run: gcloud storage cat gs://bucket/runs/la/report.txt"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--name=pod", "--workdir=gs://b/r"), "--zone is required"),
+        (("--name=pod", "--zone=z", "--workdir=runs/la"), "must be a gs:// path"),
+        (("--name=pod", "--zone=z", "--workdir=gs://b/r", "--flagfile=nope.flags"), "nope.flags"),
+        (("--nam=pod",), "unknown argument --nam=pod"),
+    ],
+)
+def test_tpu_pod_bad_arguments_are_one_line(args, said):
+    done = _launch("tpu_pod.sh", "--dry-run", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and said in done.stderr
+
+
+def test_slurm_dry_run_prints_one_task_per_node():
+    done = _launch(
+        "slurm.sh", "--dry-run", "--nodes=2", "--gpus-per-node=4", "--partition=gpu",
+        "--workdir=/shared/runs/la", "--", "--steps=3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "would submit this batch script with sbatch:"
+    for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--partition=gpu"):
+        assert f"#SBATCH {directive}" in lines
+    assert lines[-1].rstrip() == (
+        "srun .venv/bin/python -m evolve_jax.main --flagfile=configs/gpu.flags "
+        "--workdir=/shared/runs/la --distributed=on --steps=3"
+    )
+
+
+def test_slurm_bad_node_count_is_one_line():
+    done = _launch("slurm.sh", "--dry-run", "--nodes=0", "--workdir=d")
+    assert done.returncode == 2 and "--nodes must be a positive integer" in done.stderr
