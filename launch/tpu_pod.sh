@@ -2,9 +2,14 @@
 # Runs a search on every worker of a Cloud TPU VM slice, history on GCS.
 #
 #   bash launch/tpu_pod.sh --name=NAME --zone=ZONE --workdir=gs://BUCKET/runs/la
-#       [--project=PROJECT] [--accelerator=v5litepod-16] [--version=v2-alpha-tpuv5-lite]
-#       [--flagfile=configs/tpu_pod.flags] [--dry-run] [-- extra flags for evolve_jax.main]
+#       [--project=PROJECT] [--accelerator=v5p-16] [--version=v2-alpha-tpuv5]
+#       [--topology=v5p:2x2x2] [--flagfile=configs/tpu_pod.flags] [--dry-run]
+#       [-- extra flags for evolve_jax.main]
 #
+# 0. With --topology (the slice's, e.g. v5p:2x2x2 for v5p-16), and a linear-attention
+#    flagfile, first compiles the largest seed's training at both stages for those chips here,
+#    ahead of time (search_spaces/linear_attention/aot.py; needs libtpu in .venv, e.g.
+#    pip install libtpu, no TPU), and stops if it does not fit in a chip's memory.
 # 1. Reuses the TPU VM NAME, or creates it with --accelerator and --version when it is missing.
 # 2. Copies this checkout (without .git, .venv, runs) to every worker and installs evolve_jax
 #    with the tpu extra there.
@@ -18,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-name="" zone="" workdir="" project="" accelerator=v5litepod-16 version=v2-alpha-tpuv5-lite
+name="" zone="" workdir="" project="" accelerator=v5p-16 version=v2-alpha-tpuv5 topology=""
 flagfile=configs/tpu_pod.flags dry_run=0
 extra=()
 while [[ $# -gt 0 ]]; do
@@ -29,6 +34,7 @@ while [[ $# -gt 0 ]]; do
     --project=*) project=${1#*=} ;;
     --accelerator=*) accelerator=${1#*=} ;;
     --version=*) version=${1#*=} ;;
+    --topology=*) topology=${1#*=} ;;
     --flagfile=*) flagfile=${1#*=} ;;
     --dry-run) dry_run=1 ;;
     --) shift; extra+=("$@"); break ;;
@@ -55,6 +61,13 @@ run() {
     "$@"
   fi
 }
+
+if [[ -n "$topology" ]] && grep -q '^--search_space=linear_attention$' "$flagfile"; then
+  for stage in 0 1; do
+    run .venv/bin/python -m search_spaces.linear_attention.aot --topology="$topology" \
+      --config="$flagfile" --architecture=gated_deltanet --stage="$stage"
+  done
+fi
 
 tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$zone")

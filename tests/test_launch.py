@@ -70,6 +70,22 @@ def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", path, *args], capture_output=True, text=True, timeout=60)
 
 
+def test_tpu_pod_preflight_compiles_both_stages_before_creating_anything():
+    done = _launch(
+        "tpu_pod.sh", "--dry-run", "--name=pod", "--zone=z", "--workdir=gs://b/r",
+        "--topology=v5p:2x2x2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for stage in (0, 1):
+        assert lines[stage] == (
+            "would run: .venv/bin/python -m search_spaces.linear_attention.aot "
+            "--topology=v5p:2x2x2 --config=configs/tpu_pod.flags --architecture=gated_deltanet "
+            f"--stage={stage}"
+        )
+    assert "tpu-vm create" in lines[3]
+
+
 def test_tpu_pod_dry_run_runs_every_worker_as_one_job():
     done = _launch(
         "tpu_pod.sh", "--dry-run", "--name=pod", "--zone=us-central2-b", "--project=p",
@@ -80,7 +96,7 @@ def test_tpu_pod_dry_run_runs_every_worker_as_one_job():
     where = "--zone=us-central2-b --project=p"
     assert lines[1] == (
         f"would run: gcloud compute tpus tpu-vm create pod {where} "
-        "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite"
+        "--accelerator-type=v5p-16 --version=v2-alpha-tpuv5"
     )
     copy, start, follow = lines[3], lines[4], lines[5]
     assert copy.startswith("would run: gcloud compute tpus tpu-vm scp ")

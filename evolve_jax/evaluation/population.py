@@ -52,6 +52,34 @@ def evaluate_population(
     return jax.tree.map(lambda x: np.asarray(x)[:size], out)
 
 
+def lower_population(
+    fn: Callable[..., Any], population: Any, devices: Sequence[Any], *args: Any
+) -> jax.stages.Lowered:
+    """The program ``evaluate_population`` would run, lowered for abstract inputs.
+
+    ``population`` and ``args`` are ``jax.ShapeDtypeStruct`` trees (leading axis P on the
+    population); ``devices`` may be those of a topology with no chips here (ahead-of-time
+    compilation), so nothing is placed on them.
+    """
+    devices = tuple(devices)
+    mesh = population_mesh(devices)
+    size = jax.tree.leaves(population)[0].shape[0]
+    padded = -(-size // len(devices)) * len(devices)
+    pop_sharding = NamedSharding(mesh, PartitionSpec(POP))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((padded, *x.shape[1:]), x.dtype, sharding=pop_sharding),
+        population,
+    )
+    replicated = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())
+        ),
+        args,
+    )
+    mapped = _compiled(fn, mesh, len(args), padded // len(devices) == 1)
+    return mapped.lower(abstract, *replicated)
+
+
 @functools.lru_cache(maxsize=64)  # one entry per (function, mesh): bounded, not per run
 def _compiled(fn, mesh: Mesh, num_args: int, one_per_device: bool):
     def per_device(pop, *args):

@@ -244,6 +244,23 @@ def train_mqar(
     return _finish(results, train, seeds, metrics)
 
 
+def abstract_byte_lm_population(
+    cfg: model.ModelConfig, task: ByteLMConfig, train: TrainConfig, num_seeds: int
+) -> tuple[Any, Any]:
+    """(per-run function, population as ShapeDtypeStructs) of ``train_byte_lm``: what one
+    candidate's training program takes, for ahead-of-time compilation (aot.py)."""
+
+    def spec(*shape, dtype=np.int32):
+        return jax.ShapeDtypeStruct((num_seeds * len(train.learning_rates), *shape), dtype)
+
+    B, T = train.batch_size, task.seq_len
+    population = (
+        spec(), spec(dtype=np.float32), spec(train.steps, B, T), None, spec(train.steps, B, T),
+        spec(task.val_batches, B, T), None, spec(task.val_batches, B, T),
+    )  # fmt: skip
+    return _trainer(cfg, train), population
+
+
 def byte_lm_validation(
     corpus: np.ndarray, task: ByteLMConfig, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
