@@ -319,6 +319,7 @@ def main(argv: list[str]) -> None:
     try:
         config = config_from_flags()
         storage.check_workdir(config.workdir)
+        storage.check_credentials(config.workdir)
         storage.check_epath(config.workdir)
         space = search_space.load(config.search_space, **dict(config.space_options))
         make_sampler(config.sampler, "max", space.descriptors())  # e.g. map_elites without axes

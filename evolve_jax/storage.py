@@ -59,6 +59,24 @@ def check_workdir(location: str) -> None:
         raise StorageError(f"workdir {location!r} is a file, not a directory")
 
 
+def check_credentials(location: str) -> None:
+    """Raises StorageError when ``location`` is on GCS and no Google credentials are found
+    (those TensorStore and gcsfs would use: GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    application-default login, or the VM's service account)."""
+    if not to_url(location).startswith("gs://"):
+        return
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        raise StorageError(
+            f"workdir {location!r} is on GCS but no Google credentials were found: run "
+            "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+        ) from e
+
+
 def check_epath(location: str) -> None:
     """Raises StorageError when Orbax cannot write under ``location`` on this install."""
     # Orbax reaches gs:// through etils.epath, whose GCS backend is gcsfs.

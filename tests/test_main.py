@@ -150,3 +150,16 @@ def test_flagfile_space_options_are_valid(name):
         pairs = [line.strip().split("=", 2)[1:] for line in f if line.startswith("--space_opt=")]
     options = Options.parse(**dict(pairs))
     assert options.learning_rates and options.cheap_task == "byte_lm"
+
+
+def test_gcs_workdir_without_credentials_is_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    # No key file, no gcloud login under this HOME, and no metadata server to ask.
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    code, err = _main(
+        capsys, "--search_space=tests.toy_space:make", "--workdir=gs://some-bucket/runs/x"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is on GCS but no Google credentials were found" in err
