@@ -183,6 +183,12 @@ _ANSWER_TIMEOUT = flags.DEFINE_float(
     "and it is dealt nothing more), and a worker waits for its next job.",
     lower_bound=1.0,
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    "",
+    "Keep compiled programs in this directory (JAX's persistent cache), so a program compiled "
+    "once (a resumed run, another process, a re-run) is loaded, not compiled again. Empty: off.",
+)
 _PLATFORM = flags.DEFINE_enum(
     "platform",
     "any",
@@ -278,6 +284,10 @@ def join_cluster() -> None:
 
     if _NUM_CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    if _COMPILATION_CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+        # Every training program is worth keeping; the default skips those under 1 s.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:
         cluster.initialize(
             _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

@@ -268,3 +268,17 @@ def test_checkpoint_restores_the_trained_parameters_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
     loss, _ = train.evaluate(lm, *space.validation_windows())
     assert loss / math.log(2) == pytest.approx(trained.metrics["val_bpb"], rel=1e-5)
+
+
+def test_a_model_structure_is_compiled_once_per_process():
+    from evolve_jax.evaluation import population
+
+    space = LinearAttentionSpace(**TINY_OPTIONS)
+    tiny = _tiny("retnet")
+    [first] = space.evaluate([tiny], 0, [0], jax.devices()[:1])
+    before = population._compiled.cache_info()
+    [again] = space.evaluate([dict(tiny)], 0, [0], jax.devices()[:1])
+    after = population._compiled.cache_info()
+    # The same program object, so JAX's cache holds its compilation; the same numbers too.
+    assert after.misses == before.misses and after.hits == before.hits + 1
+    assert again.metrics == first.metrics

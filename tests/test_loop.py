@@ -334,3 +334,13 @@ def test_a_slot_another_writer_committed_first_is_kept_and_the_run_goes_on(tmp_p
     assert len(slots) == len(set(slots)) == 3 + 2 * 3
     [node] = [n for n in summary.nodes if n.origin["step"] == 1 and n.origin["slot"] == 1]
     assert node.name == "rival's node" and node.id == stolen[0].id
+
+
+def test_compilation_cache_dir_keeps_the_compiled_programs(tmp_path):
+    cache = tmp_path / "cache"
+    done = run_cli(
+        "evolve_jax.main", f"--search_space={TOY}", f"--workdir={tmp_path / 'r'}", "--steps=1",
+        f"--compilation_cache_dir={cache}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert cache.is_dir() and any(cache.iterdir())

@@ -9,6 +9,7 @@ is one ``lax.scan`` inside one compiled program: no per-step dispatch, no host r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -98,6 +99,7 @@ def _masked_xent(logits_BTV, targets_BT) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(nll * mask) / count, correct.sum() / count
 
 
+@functools.lru_cache(maxsize=32)  # one function per (model, budget): its compilation is reused
 def _trainer(cfg: model.ModelConfig, train: TrainConfig):
     """Per-run training function of one (seed, learning rate).
 
