@@ -19,23 +19,27 @@ import sys
 
 from absl import app, flags
 
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", "cpu", "A TPU topology (v5e:2x2, v4:2x2x2, ...) or cpu."
-)
-_CONFIG = flags.DEFINE_string(
-    "config", None, "A driver flagfile: its --space_opt and --eval_seeds lines are used."
-)
-_SPACE_OPT = flags.DEFINE_multi_string("space_opt", [], "key=value space options (after --config).")
-_ARCHITECTURE = flags.DEFINE_string("architecture", "gated_deltanet", "A named seed.")
-_STAGE = flags.DEFINE_integer("stage", 1, "The stage to compile (byte-LM stages).", lower_bound=0)
-_EVAL_SEEDS = flags.DEFINE_integer("eval_seeds", None, "Seeds per candidate (default: --config's).")
-_GROUP_SIZE = flags.DEFINE_integer(
-    "group_size",
-    None,
-    "Devices the candidate is sharded over (default: one host's).",
-    lower_bound=1,
-)
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per device (default: by chip generation).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defines the command's flags (only when run as a program: the driver's flags share
+    absl's registry with them in one process, as in the tests)."""
+    flags.DEFINE_string("topology", "cpu", "A TPU topology (v5e:2x2, v4:2x2x2, ...) or cpu.")
+    flags.DEFINE_string(
+        "config", None, "A driver flagfile: its --space_opt and --eval_seeds lines are used."
+    )
+    flags.DEFINE_multi_string("space_opt", [], "key=value space options (after --config).")
+    flags.DEFINE_string("architecture", "gated_deltanet", "A named seed.")
+    flags.DEFINE_integer("stage", 1, "The stage to compile (byte-LM stages).", lower_bound=0)
+    flags.DEFINE_integer("eval_seeds", None, "Seeds per candidate (default: --config's).")
+    flags.DEFINE_integer(
+        "group_size",
+        None,
+        "Devices the candidate is sharded over (default: one host's).",
+        lower_bound=1,
+    )
+    flags.DEFINE_float("hbm_gib", None, "Memory per device (default: by chip generation).")
 
 
 class OutOfMemory(Exception):
@@ -110,31 +114,31 @@ def main(argv):
     del argv
     from search_spaces.linear_attention.space import LinearAttentionSpace
 
-    options, seeds = _config_lines(_CONFIG.value) if _CONFIG.value else ([], None)
-    options += _SPACE_OPT.value
-    if _TOPOLOGY.value != "cpu" and not any(o.startswith("impl=") for o in options):
+    options, seeds = _config_lines(FLAGS.config) if FLAGS.config else ([], None)
+    options += FLAGS.space_opt
+    if FLAGS.topology != "cpu" and not any(o.startswith("impl=") for o in options):
         options.append("impl=pallas")  # what impl=auto picks on a TPU
-    seeds = _EVAL_SEEDS.value or seeds or 1
+    seeds = FLAGS.eval_seeds or seeds or 1
     try:
         space = LinearAttentionSpace(**dict(o.split("=", 1) for o in options))
-        if _ARCHITECTURE.value not in space.seeds():
-            raise ValueError(f"--architecture={_ARCHITECTURE.value!r} is not a named seed")
-        devices = devices_of(_TOPOLOGY.value)
-        if _GROUP_SIZE.value:
-            if _GROUP_SIZE.value > len(devices):
-                raise ValueError(f"--group_size={_GROUP_SIZE.value}: a host has {len(devices)}")
-            devices = devices[: _GROUP_SIZE.value]
-        report = analyse(space, _ARCHITECTURE.value, _STAGE.value, seeds, devices)
+        if FLAGS.architecture not in space.seeds():
+            raise ValueError(f"--architecture={FLAGS.architecture!r} is not a named seed")
+        devices = devices_of(FLAGS.topology)
+        if FLAGS.group_size:
+            if FLAGS.group_size > len(devices):
+                raise ValueError(f"--group_size={FLAGS.group_size}: a host has {len(devices)}")
+            devices = devices[: FLAGS.group_size]
+        report = analyse(space, FLAGS.architecture, FLAGS.stage, seeds, devices)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OutOfMemory as e:
         print(
-            f"error: {_ARCHITECTURE.value} at stage {_STAGE.value} does not fit: {e}",
+            f"error: {FLAGS.architecture} at stage {FLAGS.stage} does not fit: {e}",
             file=sys.stderr,
         )
         sys.exit(1)
-    hbm = _HBM_GIB.value or HBM_GIB.get(report["device_kind"])
+    hbm = FLAGS.hbm_gib or HBM_GIB.get(report["device_kind"])
     report["hbm_bytes"] = int(hbm * 2**30) if hbm else None
     print(json.dumps(report))
     if hbm and report["bytes_per_device"] > report["hbm_bytes"]:
@@ -149,4 +153,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
