@@ -30,9 +30,11 @@ def test_a_held_lease_refuses_a_second_holder_naming_the_run(workdir):
         assert _stored(history)["token"] == lease.holder["token"]
         with pytest.raises(RunIsLive, match=r"run 'main' is live: process \d+ on .* ago"):
             Lease(History(workdir), "main").acquire()
-        Lease(history, "other").acquire()  # another run name is another lease
+        with Lease(history, "other"):  # another run name is another lease
+            pass
     assert _stored(history) is None  # released
-    Lease(history, "main").acquire()
+    with Lease(history, "main"):
+        pass
 
 
 def test_a_dead_local_holder_or_a_stale_remote_one_is_taken_over(workdir):
