@@ -24,11 +24,12 @@ from evolve_jax import report
 from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
 from evolve_jax.agents.engineer import RuleEngineer
 from evolve_jax.config import RunConfig
-from evolve_jax.evaluation import cluster, workers
+from evolve_jax.evaluation import cluster, compile_clock, workers
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, SlotTaken, worst_score
 from evolve_jax.memory.lease import Lease
+from evolve_jax.report import page
 from evolve_jax.sampling import make_sampler
 from evolve_jax.search_space import SearchSpace, fingerprint, load
 
@@ -82,6 +83,7 @@ class ResearchLoop:
             ),
         )
         self._started = time.perf_counter()
+        self._compiled = compile_clock.seconds()  # compile seconds already counted
         self._spent = 0.0  # USD of LLM calls recorded for this run
         self._evaluated = 0  # candidates evaluated by this process (for the ETA)
         self._remaining = 0
@@ -361,7 +363,16 @@ class ResearchLoop:
 
     def _record_usage(self, step: int, stage: int) -> None:
         """Logs and records (once) how busy the devices were while ``step`` evaluated at
-        ``stage``: busy device-seconds over the device-seconds the evaluation took."""
+        ``stage``: busy device-seconds over the device-seconds the evaluation took; and the
+        seconds this process spent compiling since the last record."""
+        compiled = compile_clock.seconds()
+        if compiled > self._compiled:
+            self.history.write_record(
+                "compile",
+                f"{self.config.run_name}/{step:06d}/{stage:02d}",
+                {"seconds": compiled - self._compiled, "scope": "process 0"},
+            )
+        self._compiled = compiled
         usage = self.agents.engineer.take_usage()
         if not usage.get("available_device_seconds"):
             return
@@ -454,10 +465,59 @@ class ResearchLoop:
     def run(self) -> RunSummary:
         """Runs (or resumes) the search, holding the run's lease throughout (lease.py)."""
         with Lease(self.history, self.config.run_name):
-            return self._run()
+            try:
+                return self._run()
+            finally:  # ended, well or not: the page stops reloading itself
+                self._write_page(live=False)
+
+    def _describe_run(self) -> None:
+        """Records once what the report needs beyond the nodes: how each stage is measured,
+        the run's settings and the prior knowledge the search started from."""
+        cfg = self.config
+        self.history.write_record(
+            "runs",
+            cfg.run_name,
+            {
+                "started": time.time(),
+                "task": {
+                    "title": self.task.title,
+                    "stages": [
+                        {
+                            "name": stage.name,
+                            "description": stage.description,
+                            "metrics": [dataclasses.asdict(m) for m in self.task.stage_metrics(i)],
+                        }
+                        for i, stage in enumerate(self.task.stages)
+                    ],
+                },
+                "settings": {
+                    "agents": cfg.agents,
+                    "sampler": cfg.sampler.name,
+                    "steps": cfg.steps,
+                    "samples_per_step": cfg.samples_per_step,
+                    "eval_seeds": cfg.eval_seeds,
+                    "promote_top_k": cfg.promote_top_k,
+                    "space_options": [list(o) for o in cfg.space_options],
+                },
+                "prior_knowledge": [
+                    {"id": i.id, "title": i.title, "source": i.source, "tags": list(i.tags)}
+                    for i in self.cognition.items()
+                    if i.source != "analyzer"
+                ],
+            },
+        )
+
+    def _write_page(self, live: bool) -> None:
+        """Rewrites the HTML report (whole, atomically); a failure to write it is logged, not
+        raised: the search matters more than its picture."""
+        try:
+            page.write(self.config.workdir, live=live)
+        except Exception as e:  # any error in the report leaves the run going
+            logging.warning("could not write the HTML report: %s", e)
 
     def _run(self) -> RunSummary:
         cfg = self.config
+        self._describe_run()
         self.history.refresh()
         mine = self._mine()
         total = len(self.space.seeds()) + cfg.steps * cfg.samples_per_step
@@ -470,6 +530,7 @@ class ResearchLoop:
         self.agents.analyzer.write_lessons(self._view(1), 0)
         self._record_step_cost(0)
         self.promote(0)
+        self._write_page(live=True)
         self._spent = self.spent_usd()
         for step in range(1, cfg.steps + 1):
             if cfg.budget_usd is not None and self._spent >= cfg.budget_usd:
@@ -480,6 +541,7 @@ class ResearchLoop:
                 break
             self.evolve_step(step)
             self.promote(step)
+            self._write_page(live=True)
         nodes = self.history.nodes()
         self.history.refresh_stages()
         text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)

@@ -356,10 +356,14 @@ def main(argv: list[str]) -> None:
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
+    from evolve_jax.evaluation import cluster
     from evolve_jax.loop import LoopError, run
     from evolve_jax.memory.cognition import CognitionError
     from evolve_jax.memory.history import HistoryError
+    from evolve_jax.report import page
 
+    if cluster.current().leader:
+        print(f"report (rewritten every step): {page.url(config.workdir)}", flush=True)
     try:
         summary = run(config, space)
     except (LoopError, HistoryError, CognitionError) as e:

@@ -148,8 +148,13 @@ def kvstore_url(workdir: str) -> str:
 class History:
     """The experiment history of one workdir. Reads are incremental; writes are append-only."""
 
-    def __init__(self, workdir: str, *, create: bool = True):
+    def __init__(self, workdir: str, *, create: bool = True, salvage: bool = False):
+        """``salvage``: read what can be read (for reports). A record that is not UTF-8 is
+        decoded with U+FFFD in place of its bad bytes, one that is not a node is skipped, and
+        ``problems`` says which and why; otherwise either raises CorruptRecordError."""
         self.workdir = workdir
+        self.salvage = salvage
+        self.problems: dict[str, str] = {}
         url = kvstore_url(workdir)
         local = storage.local_path(url)
         if not create and local is not None and not os.path.isdir(local):
@@ -206,10 +211,16 @@ class History:
     def _decode(self, key: bytes, value: bytes) -> Any:
         try:
             return json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptRecordError(
-                f"corrupted record {key.decode()!r} in {self._kv.base.url}: {e}"
-            ) from e
+        except UnicodeDecodeError as e:
+            if self.salvage:
+                self.problems[key.decode()] = f"not UTF-8 ({e.reason} at byte {e.start})"
+                return self._decode(key, value.decode("utf-8", "replace").encode())
+            error: Exception = e
+        except json.JSONDecodeError as e:
+            error = e
+        raise CorruptRecordError(
+            f"corrupted record {key.decode()!r} in {self._kv.base.url}: {error}"
+        )
 
     def _read_json(self, key: bytes) -> Any:
         result = self._kv.read(key).result()
@@ -219,7 +230,15 @@ class History:
 
     def _read_many(self, keys: list[bytes]) -> list[tuple[bytes, Any]]:
         futures = [self._kv.read(k) for k in keys]  # issued together, awaited together
-        return [(k, self._decode(k, f.result().value)) for k, f in zip(keys, futures, strict=True)]
+        pairs = []
+        for key, future in zip(keys, futures, strict=True):
+            try:
+                pairs.append((key, self._decode(key, future.result().value)))
+            except CorruptRecordError as e:
+                if not self.salvage:
+                    raise
+                self.problems[key.decode()] = str(e)
+        return pairs
 
     def _node_from_json(self, key: bytes, record: Mapping[str, Any]) -> Node:
         fields = {f.name for f in dataclasses.fields(Node)} - {"stages"}
@@ -244,7 +263,13 @@ class History:
         keys = sorted(self._kv.list(key_range).result())
         fresh = []
         for key, record in self._read_many(keys):
-            node = self._node_from_json(key, record)
+            try:
+                node = self._node_from_json(key, record)
+            except (CorruptRecordError, TypeError) as e:
+                if not self.salvage:
+                    raise
+                self.problems[key.decode()] = str(e)
+                continue
             self._nodes[node.id] = node
             fresh.append(node)
         if keys:

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 
+import tensorstore as ts
 from absl import logging
 
 from evolve_jax import storage
@@ -42,6 +43,34 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, under another user
     return True
+
+
+def is_free(record: dict, stale_after: float = 60.0) -> bool:
+    """Whether the holder of a lease ``record`` is gone: a dead process of this host, or one
+    that has not renewed it for ``stale_after`` seconds."""
+    if record.get("host") == socket.gethostname() and not _process_exists(record.get("pid", 0)):
+        return True
+    return time.time() - record.get("renewed", 0.0) > stale_after
+
+
+def live_runs(history: History, stale_after: float = 60.0) -> list[str]:
+    """The runs of ``history`` whose lease a live process holds (their search is going on)."""
+    prefix = b"leases/"
+    keys = history.kvstore.list(
+        ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=b"leases0")
+    ).result()
+    live = []
+    for key in sorted(keys):
+        read = history.kvstore.read(key).result()
+        if read.state != "value":
+            continue  # released between the listing and the read
+        try:
+            record = json.loads(read.value)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and not is_free(record, stale_after):
+            live.append(key[len(prefix) :].decode())
+    return live
 
 
 class Lease:
@@ -71,9 +100,7 @@ class Lease:
 
     def _free(self, record: dict) -> bool:
         """Whether a lease held by ``record`` may be taken."""
-        if record.get("host") == self.holder["host"] and not _process_exists(record.get("pid", 0)):
-            return True
-        return time.time() - record.get("renewed", 0.0) > self.stale_after
+        return is_free(record, self.stale_after)
 
     def acquire(self) -> None:
         """Takes the lease and starts renewing it; RunIsLive if a live process holds it."""

@@ -1,0 +1,92 @@
+"""The HTML report: one self-contained file (Plotly's JavaScript embedded), written whole.
+
+The page is a template, a stylesheet and a script in ``assets/``, with the payload of
+``data.collect`` inlined (gzipped JSON in base64). It needs no network: open it from disk.
+While the search is live the page reloads itself every ``RELOAD_SECONDS``; once the run has
+ended it does not.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import json
+import os
+from importlib import resources
+from typing import Any
+
+from evolve_jax import storage
+from evolve_jax.report import data
+
+FILENAME = "report.html"
+RELOAD_SECONDS = 10
+
+
+@functools.cache
+def _asset(name: str) -> str:
+    return resources.files("evolve_jax.report").joinpath("assets", name).read_text("utf-8")
+
+
+@functools.cache
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def _packed(payload: Any) -> str:
+    """The payload as gzipped JSON in base64: a tenth of the bytes for history text, and safe
+    inside <script> (base64 has no '<'). The page inflates it with DecompressionStream."""
+    text = json.dumps(payload, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return base64.b64encode(gzip.compress(text.encode("ascii"), compresslevel=6)).decode()
+
+
+def unpacked(html: str, element: str = "report-data") -> Any:
+    """The payload inlined in a rendered page (for tests and tools)."""
+    marker = f'id="{element}">'
+    start = html.index(marker) + len(marker)
+    return json.loads(gzip.decompress(base64.b64decode(html[start : html.index("<", start)])))
+
+
+def render(payload: dict[str, Any], reload_seconds: float = RELOAD_SECONDS) -> str:
+    """The whole page for a payload of ``data.collect``."""
+    payload = {**payload, "reload_seconds": reload_seconds}
+    details = payload.pop("details", None)
+    html = _asset("report.html")
+    for marker, value in (
+        ("/*STYLE*/", _asset("report.css")),
+        ("/*PLOTLY*/", _plotly_js()),
+        ("/*DATA*/", _packed(payload)),
+        ("/*DETAILS*/", _packed(details or [])),
+        ("/*APP*/", _asset("report.js")),
+    ):
+        before, found, after = html.partition(marker)
+        if not found:
+            raise RuntimeError(f"report template lacks {marker}")
+        html = before + value + after
+    return html
+
+
+def location(workdir: str, out: str | None = None) -> tuple[str, str]:
+    """The (directory, file name) the report goes to: ``out`` if given (a file path or URL),
+    else the workdir's ``report.html``."""
+    if not out:
+        return workdir, FILENAME
+    local = storage.local_path(out)
+    if out.endswith("/") or (local is not None and os.path.isdir(local)):
+        raise ValueError(f"--out {out!r} names a directory, not a file")
+    directory, _, name = storage.to_url(out).rpartition("/")
+    return directory, name
+
+
+def url(workdir: str, out: str | None = None) -> str:
+    """Where ``write`` puts the page, as a URL."""
+    return storage.join(*location(workdir, out))
+
+
+def write(workdir: str, out: str | None = None, *, live: bool | None = None) -> str:
+    """Collects, renders and writes the report whole (a reader sees the old page or the new
+    one, never half); returns its URL."""
+    directory, name = location(workdir, out)
+    return storage.write_text(directory, name, render(data.collect(workdir, live=live)))
