@@ -11,7 +11,7 @@ import pytest
 from evolve_jax import storage
 from evolve_jax.memory.history import History
 from evolve_jax.report import data, page
-from evolve_jax.report.browser import chromium
+from evolve_jax.report.browser import chromium, drawn
 from tests.test_report_page import _append, toy_search
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", "test-artifacts")
@@ -30,17 +30,6 @@ def searched(tmp_path_factory):
     return workdir, summary
 
 
-def _drawn(p, plot: str, trace: int) -> int:
-    """How many markers Plotly drew (SVG points) for trace ``trace`` of a plot (read from the
-    data d3 bound to each trace's group)."""
-    return p.evaluate(
-        """([id, k]) => [...document.querySelectorAll(`#${id} .scatterlayer .trace`)]
-            .filter((g) => g.__data__ && g.__data__[0].trace.index === k)
-            .reduce((n, g) => n + g.querySelectorAll(".point").length, 0)""",
-        [plot, trace],
-    )
-
-
 def test_the_report_renders_and_selects_nodes(searched, browser):
     workdir, summary = searched
     nodes = summary.nodes
@@ -51,11 +40,11 @@ def test_the_report_renders_and_selects_nodes(searched, browser):
     with browser.visit(path) as (p, visit):
         assert visit.errors == []
         # Every node is drawn: in the stage-0 fitness plot (ok or failed), and in the tree.
-        assert _drawn(p, "fitness-0", 0) + _drawn(p, "fitness-0", 2) == len(nodes)
-        assert _drawn(p, "fitness-0", 2) == len(failed)
-        assert _drawn(p, "tree-plot", 2) + _drawn(p, "tree-plot", 3) == len(nodes)
-        assert _drawn(p, "fitness-1", 0) + _drawn(p, "fitness-1", 2) == len(promoted)
-        assert _drawn(p, "corr-1", 0) == len(promoted)
+        assert drawn(p, "fitness-0", "nodes") + drawn(p, "fitness-0", "failed") == len(nodes)
+        assert drawn(p, "fitness-0", "failed") == len(failed)
+        assert drawn(p, "tree-plot", "nodes") + drawn(p, "tree-plot", "failed") == len(nodes)
+        assert drawn(p, "fitness-1", "nodes") + drawn(p, "fitness-1", "failed") == len(promoted)
+        assert drawn(p, "corr-1", "nodes") == len(promoted)
         assert p.locator("#board tr.row").count() == len(nodes)
         assert (
             p.locator("#stages p")
@@ -70,18 +59,18 @@ def test_the_report_renders_and_selects_nodes(searched, browser):
         assert best.motivation in panel.inner_text()
         assert best.analysis in panel.inner_text()
         assert '"shape": "' + best.candidate["shape"] in panel.locator("pre").inner_text()
-        # Clicking a point of the tree selects its node.
+        # Clicking a point of the tree selects its node: find its pixel through the plot's
+        # own coordinate mapping, then click there like a person would.
         target = next(n for n in nodes if n.ok and n.parents and n.id != best.id)
-        ok_ids = [n.id for n in nodes if n.ok]
-        box = p.evaluate(
-            """(k) => { document.getElementById('tree-plot').scrollIntoView();
-              const g = [...document.querySelectorAll('#tree-plot .scatterlayer .trace')]
-                .find((g) => g.__data__[0].trace.index === 2);
-              const r = g.querySelectorAll('.point')[k].getBoundingClientRect();
-              return {x: r.x, y: r.y, width: r.width, height: r.height}; }""",
-            ok_ids.index(target.id),
+        p.locator("#tree-plot").scroll_into_view_if_needed()
+        x, y = p.evaluate(
+            """([x, y]) => { const view = Object.values(Bokeh.index).find((v) =>
+                 v.renderer_views && v.el.parentNode.id === 'tree-plot');
+               const { x_scale, y_scale } = view.frame, box = view.el.getBoundingClientRect();
+               return [box.left + x_scale.compute(x), box.top + y_scale.compute(y)]; }""",
+            [target.id, data.collect(workdir, live=False)["tree"]["row"][target.id]],
         )
-        p.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        p.mouse.click(x, y)
         p.wait_for_function(f"location.hash === '#node={target.id}'", timeout=5000)
         assert panel.locator("h2").inner_text() == f"#{target.id} {target.name}"
         assert "changed" in panel.inner_text()
@@ -145,7 +134,7 @@ def test_bad_inputs_render_and_say_what_they_could_not_show(browser, tmp_path):
             assert expected[case] in p.locator("#notices").inner_text(), case
             if case == "only failed":
                 assert p.locator("#board tr.row").count() == 4
-                assert _drawn(p, "fitness-0", 2) == 4
+                assert drawn(p, "fitness-0", "failed") == 4
             if case == "huge and not UTF-8":
                 assert "first 20,000" in p.locator("#notices").inner_text()
                 p.click("#board tr.row >> nth=0")

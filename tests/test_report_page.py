@@ -183,7 +183,7 @@ def test_a_huge_candidate_is_clipped_with_a_notice(workdir, monkeypatch):
     assert any("3,000,000 characters" in n for n in view["notices"])
     assert any(n.startswith("Node 0:") and "first 20,000" in n for n in payload["notices"])
     html = page.render(payload)
-    assert len(html.encode()) < 6_000_000  # plotly.js (~4.8 MB) and the clipped text
+    assert len(html.encode()) < 3_000_000  # BokehJS (~1.4 MB) and the clipped text
 
 
 def test_a_record_that_is_not_utf8_is_salvaged_and_named(workdir):

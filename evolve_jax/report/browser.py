@@ -60,7 +60,12 @@ class Browser:
             page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
             start = time.perf_counter()
             page.goto("file://" + os.path.abspath(path))
-            page.wait_for_selector("body[data-ready='1']", state="attached", timeout=60_000)
+            deadline = time.perf_counter() + 60
+            # Poll, so that a page that broke says how at once instead of timing out.
+            while not page.query_selector("body[data-ready='1']"):
+                if errors or time.perf_counter() > deadline:
+                    raise RuntimeError(f"the report never became ready; page errors: {errors}")
+                page.wait_for_timeout(20)
             load_s = time.perf_counter() - start
             rendered = page.evaluate("window.reportRenderedMs")
             yield page, Visit(errors, rendered, load_s, page.evaluate("window.reportPhases"))
@@ -82,3 +87,17 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+def drawn(page: Any, plot: str, renderer: str) -> int:
+    """How many glyphs BokehJS laid out to draw for the renderers named ``renderer`` ("nodes",
+    "failed") of the plot in element ``plot``: read from its views, not from the page's data."""
+    return page.evaluate(
+        """([id, name]) => Object.values(Bokeh.index)
+            .filter((view) => view.renderer_views && view.el.parentNode
+                    && view.el.parentNode.id === id && view._render_count > 0)
+            .flatMap((view) => [...view.renderer_views.values()])
+            .filter((r) => r.model.name === name)
+            .reduce((n, r) => n + r.glyph.data_size, 0)""",
+        [plot, renderer],
+    )

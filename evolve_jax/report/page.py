@@ -1,4 +1,4 @@
-"""The HTML report: one self-contained file (Plotly's JavaScript embedded), written whole.
+"""The HTML report: one self-contained file (BokehJS embedded), written whole.
 
 The page is a template, a stylesheet and a script in ``assets/``, with the payload of
 ``data.collect`` inlined (gzipped JSON in base64). It needs no network: open it from disk.
@@ -21,6 +21,7 @@ from evolve_jax.report import data
 
 FILENAME = "report.html"
 RELOAD_SECONDS = 10
+_BOKEH_FILES = ("bokeh.min.js", "bokeh-api.min.js")
 
 
 @functools.cache
@@ -29,10 +30,10 @@ def _asset(name: str) -> str:
 
 
 @functools.cache
-def _plotly_js() -> str:
-    from plotly.offline import get_plotlyjs
-
-    return get_plotlyjs()
+def _bokeh_js() -> str:
+    """BokehJS and its plotting API, from the bokeh package's own static files."""
+    static = resources.files("bokeh").joinpath("server", "static", "js")
+    return "\n".join(static.joinpath(name).read_text("utf-8") for name in _BOKEH_FILES)
 
 
 def _packed(payload: Any) -> str:
@@ -56,7 +57,7 @@ def render(payload: dict[str, Any], reload_seconds: float = RELOAD_SECONDS) -> s
     html = _asset("report.html")
     for marker, value in (
         ("/*STYLE*/", _asset("report.css")),
-        ("/*PLOTLY*/", _plotly_js()),
+        ("/*BOKEH*/", _bokeh_js()),
         ("/*DATA*/", _packed(payload)),
         ("/*DETAILS*/", _packed(details or [])),
         ("/*APP*/", _asset("report.js")),

@@ -1,4 +1,4 @@
-// The report page: builds every plot and table from the inlined payload (evolve_jax/report/data.py).
+// The report page: builds every plot (BokehJS) and table from the inlined payload (report/data.py).
 // Text from the history is only ever set as textContent, never parsed as HTML.
 "use strict";
 (async function () {
@@ -16,8 +16,8 @@
   const N = C.id.length;
   const stages = D.stages || [];
   const rowOf = new Map(C.id.map((id, i) => [id, i]));
-  const GL_ABOVE = 1500; // WebGL markers above this many points; SVG below (crisper, lighter)
-  const plotted = []; // [div, highlight trace index, (i) -> [x, y] or null]
+  const MARKER = N > 2000 ? 4 : 8; // small markers where thousands share a plot
+  const plotted = []; // [ring source, (i) -> [x, y] or null]: where each plot marks the selection
   let selected = null;
 
   // ---------------------------------------------------------------- helpers
@@ -62,7 +62,40 @@
   function empty(container, text) {
     container.replaceChildren(el("p", { class: "muted" }, text));
   }
-  const PLOT_CONFIG = { displaylogo: false, responsive: true };
+
+  // ---------------------------------------------------------------- BokehJS plots
+
+  const B = Bokeh;
+  const TOOLS = "pan,wheel_zoom,box_zoom,reset,tap";
+
+  function figure(title, xLabel, yLabel, height, extra) {
+    return B.Plotting.figure({ title, height, sizing_mode: "stretch_width", tools: TOOLS,
+      x_axis_label: xLabel, y_axis_label: yLabel, toolbar_location: "right", ...(extra || {}) });
+  }
+
+  // Points of one plot: a data source whose rows are nodes (its ``id`` column), a hover label
+  // and a tap that selects the node.
+  function points(fig, data, style) {
+    const source = new B.ColumnDataSource({ data });
+    const renderer = fig.scatter({ field: "x" }, { field: "y" }, { source, ...style });
+    fig.add_tools(new B.HoverTool({ tooltips: "@label", renderers: [renderer] }));
+    source.selected.change.connect(() => {
+      const k = source.selected.indices[0];
+      if (k !== undefined) select(source.data.id[k]);
+    });
+    return renderer;
+  }
+
+  // A ring around the selected node, drawn by its own one-point source (cheap to move).
+  function selectionRing(fig, at) {
+    const source = new B.ColumnDataSource({ data: { x: [], y: [] } });
+    fig.scatter({ field: "x" }, { field: "y" }, { source, size: 18, fill_alpha: 0, line_color: "#111", line_width: 2 });
+    plotted.push([source, at]);
+  }
+
+  async function show(fig, div) {
+    await B.Plotting.show(fig, div);
+  }
 
   // ---------------------------------------------------------------- header and notices
 
@@ -105,42 +138,37 @@
         return;
       }
       const mean = C[`s${s}_mean`];
-      const okX = [], okY = [], okIds = [], okText = [], badX = [], badIds = [], badText = [];
-      const bestX = [], bestY = [];
-      let best = null;
+      const ok = { x: [], y: [], id: [], label: [] }, bad = { x: [], id: [], label: [] };
+      const best = { x: [], y: [] };
+      let top = null;
       const xOf = new Map();
       order.forEach((i, k) => {
         xOf.set(i, k + 1);
         if (mean[i] !== null) {
-          okX.push(k + 1); okY.push(mean[i]); okIds.push(C.id[i]); okText.push(label(i));
-          if (best === null || better(mean[i], best, stage.metric_direction)) best = mean[i];
+          ok.x.push(k + 1); ok.y.push(mean[i]); ok.id.push(C.id[i]); ok.label.push(`${label(i)}: ${fmt(mean[i])}`);
+          if (top === null || better(mean[i], top, stage.metric_direction)) top = mean[i];
         } else {
-          badX.push(k + 1); badIds.push(C.id[i]);
-          badText.push(`${label(i)}: ${C[`s${s}_status`][i]}${C.reason[i] && s === 0 ? ` (${C.reason[i]})` : ""}`);
+          bad.x.push(k + 1); bad.id.push(C.id[i]);
+          bad.label.push(`${label(i)}: ${C[`s${s}_status`][i]}${C.reason[i] && s === 0 ? ` (${C.reason[i]})` : ""}`);
         }
-        if (best !== null) { bestX.push(k + 1); bestY.push(best); }
+        if (top !== null) { best.x.push(k + 1); best.y.push(top); }
       });
-      const type = order.length > GL_ABOVE ? "scattergl" : "scatter";
-      const traces = [
-        { type, mode: "markers", name: "node", x: okX, y: okY, customdata: okIds, text: okText,
-          hovertemplate: "%{text}<br>%{y}<extra></extra>", marker: { size: 6, color: "#5b7fd6", opacity: 0.75 } },
-        { type: "scatter", mode: "lines", name: "best so far", x: bestX, y: bestY,
-          line: { shape: "hv", color: "#1a7f37", width: 2 }, hoverinfo: "skip" },
-        { type, mode: "markers", name: "failed", x: badX, y: badX.map(() => 0), yaxis: "y2",
-          customdata: badIds, text: badText, hovertemplate: "%{text}<extra></extra>",
-          marker: { symbol: "x", size: 7, color: "#c4321d" } },
-      ];
-      const layout = {
-        title: { text: title, font: { size: 13 } }, margin: { l: 60, r: 10, t: 36, b: 40 },
-        xaxis: { title: { text: s === 0 ? "evaluation (node order)" : `evaluation at stage ${s}` }, dtick: order.length <= 20 ? 1 : undefined },
-        yaxis: { domain: [0.14, 1], title: { text: stage.metric } },
-        yaxis2: { domain: [0, 0.08], showticklabels: false, title: { text: "failed", font: { size: 10 } }, range: [-1, 1] },
-        legend: { orientation: "h", y: 1.12, x: 1, xanchor: "right" }, hovermode: "closest",
-      };
-      plots.push(Plotly.newPlot(div, traces, layout, PLOT_CONFIG).then(() => {
-        div.on("plotly_click", (e) => e.points[0] && e.points[0].customdata !== undefined && select(e.points[0].customdata));
-        plotted.push([div, (i) => (xOf.has(i) && mean[i] !== null ? [xOf.get(i), mean[i]] : null)]);
-      }));
+      // Failures have no metric: they are drawn in a row just past the worst value.
+      const lo = ok.y.length ? Math.min(...ok.y) : 0, hi = ok.y.length ? Math.max(...ok.y) : 1;
+      const pad = 0.08 * (hi - lo || 1);
+      const worstY = stage.metric_direction === "max" ? lo - pad : hi + pad;
+      bad.y = bad.x.map(() => worstY);
+      const fig = figure(title, s === 0 ? "evaluation (node order)" : `evaluation at stage ${s}`, stage.metric, 320);
+      points(fig, ok, { size: MARKER - 2, fill_color: "#5b7fd6", line_color: null, fill_alpha: 0.75, legend_label: "node", name: "nodes" });
+      fig.step({ field: "x" }, { field: "y" }, "after", { source: new B.ColumnDataSource({ data: best }),
+        line_color: "#1a7f37", line_width: 2, legend_label: "best so far" });
+      if (bad.x.length) {
+        points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2,
+          legend_label: "failed (drawn past the worst)", name: "failed" });
+      }
+      fig.legend.location = stage.metric_direction === "max" ? "bottom_right" : "top_right";
+      selectionRing(fig, (i) => (xOf.has(i) && mean[i] !== null ? [xOf.get(i), mean[i]] : null));
+      plots.push(show(fig, div));
     });
     return Promise.all(plots);
   }
@@ -207,41 +235,47 @@
     const div = document.getElementById("tree-plot");
     if (!N) { div.classList.remove("plot", "tall"); return empty(div, "No nodes yet."); }
     const row = D.tree.row;
-    const ex = [], ey = [], cx = [], cy = [];
+    const edges = { x: [], y: [] }, second = { x0: [], y0: [], x1: [], y1: [] };
     C.parents.forEach((parents, i) => {
       parents.forEach((p, k) => {
         const j = rowOf.get(p);
         if (j === undefined) return;
-        if (k === 0) ex.push(C.id[j], C.id[j], C.id[i], null), ey.push(row[j], row[i], row[i], null);
-        else cx.push(C.id[j], C.id[i], null), cy.push(row[j], row[i], null);
+        if (k === 0) { edges.x.push(C.id[j], C.id[j], C.id[i], NaN); edges.y.push(row[j], row[i], row[i], NaN); }
+        else { second.x0.push(C.id[j]); second.y0.push(row[j]); second.x1.push(C.id[i]); second.y1.push(row[i]); }
       });
     });
-    const ok = [], bad = [];
-    C.id.forEach((_, i) => (C.status[i] === "ok" ? ok : bad).push(i));
-    const type = N > GL_ABOVE ? "scattergl" : "scatter";
-    const pick = (ids, f) => ids.map(f);
-    const traces = [
-      { type, mode: "lines", name: "parent → child", x: ex, y: ey, hoverinfo: "skip", line: { color: "#aab3c5", width: 1 } },
-      { type, mode: "lines", name: "second parent", x: cx, y: cy, hoverinfo: "skip", line: { color: "#d0a84f", width: 1, dash: "dot" } },
-      { type, mode: "markers", name: "ok", x: pick(ok, (i) => C.id[i]), y: pick(ok, (i) => row[i]),
-        customdata: pick(ok, (i) => C.id[i]), text: pick(ok, (i) => `${label(i)}<br>score ${fmt(C.score[i])}${C.operator[i] ? `<br>${C.operator[i]}` : ""}`),
-        hovertemplate: "%{text}<extra></extra>",
-        marker: { size: 8, color: pick(ok, (i) => C.score[i]), colorscale: "Viridis", reversescale: D.direction === "min",
-          showscale: ok.length > 0, colorbar: { title: { text: "score" }, thickness: 10 } } },
-      { type, mode: "markers", name: "failed", x: pick(bad, (i) => C.id[i]), y: pick(bad, (i) => row[i]),
-        customdata: pick(bad, (i) => C.id[i]), text: pick(bad, (i) => `${label(i)}<br>${C.status[i]}: ${C.reason[i] || ""}`),
-        hovertemplate: "%{text}<extra></extra>", marker: { symbol: "x", size: 8, color: "#c4321d" } },
-    ];
-    const layout = {
-      margin: { l: 20, r: 10, t: 10, b: 40 }, hovermode: "closest",
-      xaxis: { title: { text: "node id (evaluation order)" }, dtick: N <= 20 ? 1 : undefined },
-      yaxis: { autorange: "reversed", showticklabels: false, zeroline: false, title: { text: "lineage (depth-first)" } },
-      legend: { orientation: "h", y: 1.04, x: 1, xanchor: "right" },
-    };
-    return Plotly.newPlot(div, traces, layout, PLOT_CONFIG).then(() => {
-      div.on("plotly_click", (e) => e.points[0] && e.points[0].customdata !== undefined && select(e.points[0].customdata));
-      plotted.push([div, (i) => [C.id[i], row[i]]]);
+    const ok = { x: [], y: [], id: [], label: [], score: [] }, bad = { x: [], y: [], id: [], label: [] };
+    C.id.forEach((id, i) => {
+      if (C.status[i] === "ok") {
+        ok.x.push(id); ok.y.push(row[i]); ok.id.push(id); ok.score.push(C.score[i]);
+        ok.label.push(`${label(i)} · score ${fmt(C.score[i])}${C.operator[i] ? ` · ${C.operator[i]}` : ""}`);
+      } else {
+        bad.x.push(id); bad.y.push(row[i]); bad.id.push(id);
+        bad.label.push(`${label(i)} · ${C.status[i]}: ${C.reason[i] || ""}`);
+      }
     });
+    // Rows top to bottom, as a tree is read; the y axis carries no quantity.
+    const fig = figure(null, "node id (evaluation order)", "lineage (depth-first)", 520,
+      { y_range: new B.Range1d({ start: N, end: -1 }) });
+    fig.yaxis.major_label_text_font_size = "0px";
+    // All first-parent edges as one line broken by NaNs: one path to stroke, not 10,000.
+    fig.line({ field: "x" }, { field: "y" }, { source: new B.ColumnDataSource({ data: edges }),
+      line_color: "#aab3c5", line_width: 1, legend_label: "parent → child" });
+    if (second.x0.length) {
+      fig.segment({ field: "x0" }, { field: "y0" }, { field: "x1" }, { field: "y1" }, {
+        source: new B.ColumnDataSource({ data: second }), line_color: "#d0a84f", line_dash: "dotted",
+        legend_label: "second parent" });
+    }
+    const scores = ok.score.filter((x) => x !== null);
+    const mapper = new B.LinearColorMapper({ palette: B.Palettes.Viridis256,
+      low: scores.length ? Math.min(...scores) : 0, high: scores.length ? Math.max(...scores) : 1 });
+    if (D.direction === "min") mapper.palette = [...B.Palettes.Viridis256].reverse();
+    points(fig, ok, { size: MARKER, fill_color: { field: "score", transform: mapper }, line_color: null, legend_label: "ok", name: "nodes" });
+    if (bad.x.length) points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, legend_label: "failed", name: "failed" });
+    fig.add_layout(new B.ColorBar({ color_mapper: mapper, title: "score", width: 10 }), "right");
+    fig.legend.location = "bottom_right";
+    selectionRing(fig, (i) => [C.id[i], row[i]]);
+    return show(fig, div);
   }
 
   // ---------------------------------------------------------------- stage agreement
@@ -256,16 +290,15 @@
       if (!c.points.length) { box.append(el("p", { class: "muted" }, `No node has been evaluated at stage ${c.stage} yet.`)); return null; }
       const div = el("div", { class: "plot", id: `corr-${c.stage}` });
       box.append(div);
-      const trace = { type: "scatter", mode: "markers", x: c.points.map((p) => p[1]), y: c.points.map((p) => p[2]),
-        customdata: c.points.map((p) => p[0]), text: c.points.map((p) => label(rowOf.get(p[0]))),
-        hovertemplate: "%{text}<br>%{x} → %{y}<extra></extra>", marker: { size: 9, color: "#5b7fd6" } };
       const rho = c.spearman === null ? "undefined" : fmt(c.spearman, 3);
       const ci = c.ci95[0] === null ? "no CI" : `95% CI [${fmt(c.ci95[0], 2)}, ${fmt(c.ci95[1], 2)}]`;
-      const layout = { title: { text: `ρ = ${rho} (${ci}), n = ${c.n}`, font: { size: 13 } },
-        margin: { l: 60, r: 10, t: 36, b: 44 }, hovermode: "closest",
-        xaxis: { title: { text: `stage 0 ${cheap.metric}` } }, yaxis: { title: { text: `stage ${c.stage} ${costly.metric}` } } };
-      return Plotly.newPlot(div, [trace], layout, PLOT_CONFIG).then(() =>
-        div.on("plotly_click", (e) => e.points[0] && select(e.points[0].customdata)));
+      const fig = figure(`ρ = ${rho} (${ci}), n = ${c.n}`, `stage 0 ${cheap.metric}`, `stage ${c.stage} ${costly.metric}`, 320);
+      points(fig, { x: c.points.map((p) => p[1]), y: c.points.map((p) => p[2]), id: c.points.map((p) => p[0]),
+        label: c.points.map((p) => `${label(rowOf.get(p[0]))}: ${fmt(p[1])} → ${fmt(p[2])}`) },
+        { size: 9, fill_color: "#5b7fd6", line_color: null, name: "nodes" });
+      const xy = new Map(c.points.map((p) => [p[0], [p[1], p[2]]]));
+      selectionRing(fig, (i) => xy.get(C.id[i]) || null);
+      return show(fig, div);
     }));
   }
 
@@ -314,17 +347,11 @@
     selected = C.id[i];
     if (location.hash !== `#node=${selected}`) history.replaceState(null, "", `#node=${selected}`);
     showDetail(i, selected);
-    for (const [div, at] of plotted) {
-      // A layout shape, not a trace: Plotly redraws only its shapes, not 10,000 points.
+    for (const [ring, at] of plotted) {
       const xy = at(i);
-      Plotly.relayout(div, { shapes: xy ? [ring(xy[0], xy[1])] : [] });
+      ring.data = { x: xy ? [xy[0]] : [], y: xy ? [xy[1]] : [] };
     }
     document.querySelectorAll("#board tr.row").forEach((tr) => tr.classList.toggle("selected", Number(tr.dataset.id) === selected));
-  }
-
-  function ring(x, y) {
-    return { type: "circle", xref: "x", yref: "y", xsizemode: "pixel", ysizemode: "pixel", xanchor: x, yanchor: y,
-      x0: -8, x1: 8, y0: -8, y1: 8, line: { color: "#111", width: 2 } };
   }
 
   function codeBlock(text, kind) {
@@ -390,12 +417,15 @@
     phases[`${name}_ms`] = performance.now();
     return result;
   });
-  Promise.all(ready).then(() => {
+  // Ready once every plot's view exists and two frames have been painted after it.
+  const painted = () => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+  Promise.all(ready).then(() => { phases.views_ms = performance.now(); }).then(painted).then(() => {
     window.reportPhases = phases;
     const m = /^#node=(\d+)$/.exec(location.hash);
     if (m) select(Number(m[1]));
     window.reportRenderedMs = performance.now();
     document.body.dataset.ready = "1";
+    // Live: read the file again in a while (counted from when this one was shown).
+    if (D.live) setTimeout(() => location.reload(), (D.reload_seconds || 10) * 1000);
   });
-  if (D.live) setTimeout(() => location.reload(), (D.reload_seconds || 10) * 1000);
 })();
