@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from evolve_jax.report import page
 from tests.conftest import REPO
 from tests.fake_gcs import TOKEN, fake_gcs_server, gcs_env
 
@@ -170,4 +171,4 @@ def test_the_report_of_a_gcs_history_goes_where_asked(gcs, tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected
     for html in (gcs.read(BUCKET, "run/report.html").decode(), local.read_text()):
-        assert '"name":["n0","n1","n2"]' in html
+        assert page.unpacked(html)["nodes"]["name"] == ["n0", "n1", "n2"]

@@ -20,6 +20,7 @@ from evolve_jax.agents import llm as llm_lib
 from evolve_jax.agents import prompting
 from evolve_jax.config import LLMConfig, RunConfig
 from evolve_jax.memory.history import History
+from evolve_jax.report import data as report_data
 from evolve_jax.sampling import SamplerConfig
 from evolve_jax.search_space import fingerprint
 from tests.conftest import TOY, run_cli
@@ -143,6 +144,13 @@ def test_three_step_run_records_designs_costs_lessons_and_embeddings(tmp_path, s
     assert lessons and all(v["provenance"]["nodes"] for v in lessons)
     assert server.count("batchEmbedContents") >= 1
     assert os.path.isdir(os.path.join(summary.workdir, "llm_record", "embeddings"))
+    # The HTML report's cost row adds up the nodes' and the steps' usage, as the text one does.
+    (row,) = report_data.collect(summary.workdir, live=False)["time"]
+    records = [n.stats["llm"] for n in summary.nodes if "llm" in n.stats]
+    records += [v for _, v in history.records("llm_step_usage")]
+    assert row["llm_calls"] == sum(r["calls"] for r in records)
+    assert row["llm_usd"] == pytest.approx(sum(r["usd"] for r in records), rel=1e-3)
+    assert row["llm_prompt_tokens"] == sum(r["prompt_tokens"] for r in records)
 
 
 def test_unparseable_answer_is_asked_again_with_the_error(tmp_path, server, prices):

@@ -87,6 +87,8 @@ def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
         f.write(page.render(payload, reload_seconds=0.5))
     with browser.visit(path) as (p, visit):
         assert p.locator("#state").inner_text().startswith("live")
+        p.click("#board tr.row >> nth=1")  # a selection that must survive the reload
+        chosen = p.locator("#detail h2").inner_text()
         p.evaluate("window.beforeReload = true")
         with open(path, "w", encoding="utf-8") as f:
             f.write(page.render({**payload, "live": False}, reload_seconds=0.5))
@@ -96,6 +98,8 @@ def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
             timeout=10_000,
         )
         assert p.evaluate("window.beforeReload") is None  # it reloaded to get there
+        p.wait_for_function("document.querySelector('#detail h2') !== null", timeout=5000)
+        assert p.locator("#detail h2").inner_text() == chosen
         p.evaluate("window.afterEnd = true")
         p.wait_for_timeout(2000)  # four reload periods
         assert p.evaluate("window.afterEnd") is True  # and stopped reloading

@@ -7,6 +7,7 @@ import math
 import os
 import threading
 
+import jax
 import pytest
 
 from evolve_jax import storage
@@ -38,6 +39,7 @@ def toy_search(workdir: str, **overrides):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("report") / "run")
+    jax.clear_caches()  # so that this search compiles, whatever ran before it in this process
     return workdir, toy_search(workdir)
 
 
@@ -105,7 +107,7 @@ def test_payload_holds_every_node_stage_and_record(searched):
     assert payload["settings"]["eval_seeds"] == 2
     (row,) = payload["time"]
     assert row["nodes"] == len(nodes) and row["compile_recorded"] and row["compile_s"] > 0
-    assert row["evaluate_s"] == pytest.approx(sum(n.timings["evaluate"] for n in nodes), rel=1e-3)
+    assert row["evaluate_s"] == pytest.approx(sum(n.timings["evaluate"] for n in nodes), abs=0.01)
 
 
 def test_operator_gain_is_child_minus_first_parent(searched):

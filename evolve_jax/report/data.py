@@ -454,7 +454,14 @@ def _time_and_cost(nodes: Sequence[Node], history: History) -> list[dict]:
         runs[key.split("/")[0]]["compile_s"] += _finite(record.get("seconds")) or 0.0
     rows = []
     for name, values in sorted(runs.items()):
-        row = {"run": name, **_round(dict(values))}
+        # Counts stay exact; seconds to the hundredth, dollars to the micro-dollar.
+        row = {
+            "run": name,
+            **{
+                k: round(v, 6 if k == "llm_usd" else 2) if k.endswith(("_s", "usd")) else int(v)
+                for k, v in values.items()
+            },
+        }
         row["compile_recorded"] = any(k.split("/")[0] == name for k, _ in compiled)
         rows.append(row)
     return rows

@@ -93,6 +93,11 @@
     plotted.push([source, at]);
   }
 
+  // Whole-number ticks when the x axis counts a few evaluations (no "2.5th evaluation").
+  function countAxis(fig, count) {
+    if (count <= 20) fig.xaxis.ticker = new B.SingleIntervalTicker({ interval: 1 });
+  }
+
   async function show(fig, div) {
     await B.Plotting.show(fig, div);
   }
@@ -167,6 +172,7 @@
           legend_label: "failed (drawn past the worst)", name: "failed" });
       }
       fig.legend.location = stage.metric_direction === "max" ? "bottom_right" : "top_right";
+      countAxis(fig, order.length);
       selectionRing(fig, (i) => (xOf.has(i) && mean[i] !== null ? [xOf.get(i), mean[i]] : null));
       plots.push(show(fig, div));
     });
@@ -274,6 +280,7 @@
     if (bad.x.length) points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, legend_label: "failed", name: "failed" });
     fig.add_layout(new B.ColorBar({ color_mapper: mapper, title: "score", width: 10 }), "right");
     fig.legend.location = "bottom_right";
+    countAxis(fig, N);
     selectionRing(fig, (i) => [C.id[i], row[i]]);
     return show(fig, div);
   }
