@@ -17,6 +17,7 @@ from evolve_jax.memory.history import CorruptRecordError, History
 from evolve_jax.memory.lease import Lease
 from evolve_jax.report import data, page
 from tests.conftest import TOY, run_cli
+from tests.test_history import _fields
 from tests.toy_space import ToySpace
 
 
@@ -44,24 +45,7 @@ def searched(tmp_path_factory):
 
 
 def _append(history: History, **fields):
-    base = dict(
-        parents=[],
-        search_space="toy",
-        name="n",
-        motivation="",
-        candidate={"x": [0.0] * 4, "shape": "bowl"},
-        status="ok",
-        reason=None,
-        metrics={},
-        score=0.5,
-        stats={},
-        analysis="",
-        timings={},
-        island=0,
-        created=0.0,
-    )
-    base.update(fields)
-    return history.append(**base)
+    return history.append(**_fields(**fields))
 
 
 def _read(path) -> str:
