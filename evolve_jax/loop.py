@@ -571,6 +571,7 @@ def _serve(config: RunConfig, space: SearchSpace | None, job: cluster.Cluster) -
     space.bind(config.workdir)  # checkpoints of promoted candidates land in the same workdir
     engineer = RuleEngineer(space, jax.local_devices(), config.concurrency, config.max_repairs)
     evaluated = engineer.serve()
+    job.leave()
     text = (
         f"process {job.process_id} of {job.num_processes}: evaluated {evaluated} candidate(s) "
         f"for process 0, which records them (report: {config.workdir})"

@@ -75,10 +75,30 @@ class Cluster:
         self.client.key_value_delete(_key(round_, "answer", p))
         return json.loads(raw)
 
-    def stop_workers(self) -> None:
-        """Tells every live worker that the search is over."""
-        if self.client is not None and self.leader:
-            self.send({p: {"stop": True} for p in self.live_workers()})
+    def stop_workers(self, wait_s: float = 60.0) -> None:
+        """Tells every live worker that the search is over, and waits (up to ``wait_s``) until
+        each has left the job: the coordination service lives in this process, and a worker
+        whose disconnect finds it gone aborts."""
+        if self.client is None or not self.leader:
+            return
+        workers = self.live_workers()
+        self.send({p: {"stop": True} for p in workers})
+        deadline = time.monotonic() + wait_s
+        while workers and time.monotonic() < deadline:
+            # Which of the workers the coordination service still counts as connected.
+            workers = [p for p in workers if p in self.client.get_live_nodes([0, *workers])]
+            if workers:
+                time.sleep(0.1)
+        if workers:
+            logging.warning("process(es) %s did not leave the job within %.0f s", workers, wait_s)
+
+    def leave(self) -> None:
+        """A worker's last act: disconnects from the job while the leader still waits for it."""
+        if self.client is not None and not self.leader:
+            import jax
+
+            jax.distributed.shutdown()
+            self.client = None
 
     # ------------------------------------------------------------------ worker side
 
