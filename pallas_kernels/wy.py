@@ -17,36 +17,45 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def unit_lower_solve(
-    A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16, precision=HIGHEST
-) -> jax.Array:
-    """Solves (I + A) X = rhs for strictly lower-triangular A, with matmuls only.
+def unit_lower_inverse(A_BHCC: jax.Array, block: int = 16, precision=HIGHEST) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A, with matmuls only.
 
-    Within blocks of ``block`` rows the inverse is the exact product form
-    (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...; blocks are then joined by forward substitution.
-    Small blocks keep the powers of A (path sums) far from float32 overflow, and no LAPACK
-    call is involved: the same algorithm runs on CPU, GPU and TPU.
+    The diagonal blocks of ``block`` rows are inverted together (one batch) by the exact
+    product form (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...; the inverse of the blocks so far is
+    then extended one block at a time: inv [[P, 0], [R, Q]] = [[P^-1, 0], [-Q^-1 R P^-1, Q^-1]].
+    Small blocks keep the powers of A (path sums) far from float32 overflow, no LAPACK call is
+    involved (the same algorithm runs on CPU, GPU and TPU), and the program is short: about a
+    third of the matmuls of substituting block by block into the right-hand side, which is most
+    of what a delta-rule chunk costs to compile.
     """
-    _einsum = functools.partial(jnp.einsum, precision=precision)
+    _matmul = functools.partial(jnp.matmul, precision=precision)
     C = A_BHCC.shape[-1]
     b = min(block, C)
     if C % b:
         b = C  # odd chunk sizes: a single block
-    steps = max(1, (b - 1).bit_length())
-    X_blocks = []
-    for start in range(0, C, b):
-        rows = slice(start, start + b)
-        r_BHbx = rhs_BHCx[..., rows, :]
-        if X_blocks:  # subtract what the solved blocks contribute
-            X_done = jnp.concatenate(X_blocks, axis=-2)
-            r_BHbx = r_BHbx - _einsum("bhij,bhjx->bhix", A_BHCC[..., rows, :start], X_done)
-        N_BHbb = -A_BHCC[..., rows, rows]
-        x_BHbx = r_BHbx
-        for _ in range(steps):  # x <- (I + N^(2^m)) x, and square N
-            x_BHbx = x_BHbx + _einsum("bhij,bhjx->bhix", N_BHbb, x_BHbx)
-            N_BHbb = _einsum("bhij,bhjk->bhik", N_BHbb, N_BHbb)
-        X_blocks.append(x_BHbx)
-    return jnp.concatenate(X_blocks, axis=-2)
+    starts = range(0, C, b)
+    N_BHnbb = -jnp.stack([A_BHCC[..., i : i + b, i : i + b] for i in starts], axis=-3)
+    inv_BHnbb = jnp.eye(b, dtype=A_BHCC.dtype) + N_BHnbb  # (I + N)(I + N^2)...: sum of N^j
+    for _ in range(max(1, (b - 1).bit_length()) - 1):
+        N_BHnbb = _matmul(N_BHnbb, N_BHnbb)
+        inv_BHnbb = inv_BHnbb + _matmul(inv_BHnbb, N_BHnbb)
+    inv = inv_BHnbb[..., 0, :, :]
+    for k, i in enumerate(starts):
+        if i == 0:
+            continue
+        Q_inv = inv_BHnbb[..., k, :, :]
+        R_inv = -_matmul(Q_inv, _matmul(A_BHCC[..., i : i + b, :i], inv))
+        top = jnp.concatenate([inv, jnp.zeros((*inv.shape[:-1], b), inv.dtype)], axis=-1)
+        inv = jnp.concatenate([top, jnp.concatenate([R_inv, Q_inv], axis=-1)], axis=-2)
+    return inv
+
+
+def unit_lower_solve(
+    A_BHCC: jax.Array, rhs_BHCx: jax.Array, block: int = 16, precision=HIGHEST
+) -> jax.Array:
+    """Solves (I + A) X = rhs for strictly lower-triangular A (see ``unit_lower_inverse``)."""
+    inv_BHCC = unit_lower_inverse(A_BHCC, block, precision)
+    return jnp.matmul(inv_BHCC, rhs_BHCx, precision=precision)
 
 
 def ut_transform(kk_XNCC, beta_XNC, w_rhs_XNCK, v_XNCV, precision=HIGHEST):

@@ -131,6 +131,13 @@ def test_causality_probe_catches_a_look_ahead():
     assert future == 0.0
 
 
+def test_causality_probe_sees_a_look_ahead_hidden_from_gradients():
+    x = jax.random.normal(jax.random.key(0), (1, 16, 4))
+    hidden = lambda x: x + jax.lax.stop_gradient(jnp.cumsum(x[:, ::-1], 1)[:, ::-1])  # noqa: E731
+    future, _ = checks.future_dependence(hidden, x, 8)
+    assert future > 0.5
+
+
 def test_subquadratic_check_catches_softmax_attention():
     def attention(x):
         return jax.nn.softmax(x @ x.T) @ x

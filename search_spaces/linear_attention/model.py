@@ -254,7 +254,7 @@ class LanguageModel(nnx.Module):
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
 
     def from_embeddings(self, x_BTD: jax.Array) -> jax.Array:
-        """Logits [B,T,vocab] from input embeddings (the causality probe differentiates this)."""
+        """Logits [B,T,vocab] from input embeddings."""
         return self.head(self._features(x_BTD))
 
     def _features(self, x_BTD: jax.Array) -> jax.Array:

@@ -72,9 +72,15 @@ def _weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def _optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     """AdamW with a warmup-cosine schedule peaking at 1: the caller scales the updates by its
-    learning rate (a traced value, so one compiled program trains every learning rate)."""
+    learning rate (a traced value, so one compiled program trains every learning rate).
+
+    It runs on all parameters raveled into one vector (the same arithmetic, element by element;
+    the clipping norm sums in another order): a few dozen ops per step instead of a few per
+    parameter array, which takes about 6 s off compiling a 2-layer model's training on a CPU.
+    ``params`` (arrays or shapes) fixes which elements weight decay reaches.
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
         1.0,
@@ -82,9 +88,25 @@ def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         max(cfg.steps, 2),
         end_value=cfg.decay_to,
     )
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_weight_decay_mask),
+    sizes_and_decays = [
+        (leaf.size, cfg.weight_decay if decayed else 0.0)
+        for leaf, decayed in zip(
+            jax.tree.leaves(params), jax.tree.leaves(_weight_decay_mask(params)), strict=True
+        )
+    ]
+
+    def add_decay(updates_N, state, params_N):  # AdamW's decoupled decay, masked per element
+        # Built from broadcasts, not held as a literal: a large constant slows compiling.
+        decay_N = jnp.concatenate([jnp.full(n, d, params_N.dtype) for n, d in sizes_and_decays])
+        return updates_N + decay_N * params_N, state
+
+    return optax.flatten(
+        optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.scale_by_adam(),
+            optax.GradientTransformation(lambda _: optax.EmptyState(), add_decay),
+            optax.scale_by_learning_rate(schedule),
+        )
     )
 
 
@@ -108,8 +130,8 @@ def _trainer(cfg: model.ModelConfig, train: TrainConfig):
     (MQAR supervises a few positions per example: the vocabulary head is then cheap); without,
     everywhere. Returns (params, training losses [S], eval loss [N], eval accuracy [N]).
     """
-    graphdef, _ = model.abstract(cfg)
-    tx = _optimizer(train)
+    graphdef, shapes = model.abstract(cfg)
+    tx = _optimizer(train, shapes)
 
     def loss_fn(params, inputs, positions, targets):
         lm = nnx.merge(graphdef, params)
