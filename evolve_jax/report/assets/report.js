@@ -98,6 +98,20 @@
     if (count <= 20) fig.xaxis.ticker = new B.SingleIntervalTicker({ interval: 1 });
   }
 
+  // A plot's key, in HTML above it: BokehJS legends and colour bars measure their text and
+  // cost about 0.3 s each to lay out on a 10,000-node page (benchmarks/report_scale.py).
+  function key(...items) {
+    return el("div", { class: "key" }, items.map(([symbol, style, text]) =>
+      el("span", {}, el("span", { class: "symbol", style }, symbol), text)));
+  }
+  const KEY = {
+    node: ["●", "color: #5b7fd6", "node"],
+    failed: ["✕", "color: #c4321d", "failed (drawn past the worst)"],
+    best: ["━", "color: #1a7f37", "best so far"],
+    edge: ["━", "color: #aab3c5", "parent → child"],
+    second: ["┅", "color: #d0a84f", "second parent"],
+  };
+
   async function show(fig, div) {
     await B.Plotting.show(fig, div);
   }
@@ -164,15 +178,14 @@
       const worstY = stage.metric_direction === "max" ? lo - pad : hi + pad;
       bad.y = bad.x.map(() => worstY);
       const fig = figure(title, s === 0 ? "evaluation (node order)" : `evaluation at stage ${s}`, stage.metric, 320);
-      points(fig, ok, { size: MARKER - 2, fill_color: "#5b7fd6", line_color: null, fill_alpha: 0.75, legend_label: "node", name: "nodes" });
+      points(fig, ok, { size: MARKER - 2, fill_color: "#5b7fd6", line_color: null, fill_alpha: 0.75, name: "nodes" });
       fig.step({ field: "x" }, { field: "y" }, "after", { source: new B.ColumnDataSource({ data: best }),
-        line_color: "#1a7f37", line_width: 2, legend_label: "best so far" });
+        line_color: "#1a7f37", line_width: 2 });
       if (bad.x.length) {
-        points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2,
-          legend_label: "failed (drawn past the worst)", name: "failed" });
+        points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, name: "failed" });
       }
-      fig.legend.location = stage.metric_direction === "max" ? "bottom_right" : "top_right";
       countAxis(fig, order.length);
+      div.before(key(KEY.node, KEY.best, ...(bad.x.length ? [KEY.failed] : [])));
       selectionRing(fig, (i) => (xOf.has(i) && mean[i] !== null ? [xOf.get(i), mean[i]] : null));
       plots.push(show(fig, div));
     });
@@ -266,20 +279,24 @@
     fig.yaxis.major_label_text_font_size = "0px";
     // All first-parent edges as one line broken by NaNs: one path to stroke, not 10,000.
     fig.line({ field: "x" }, { field: "y" }, { source: new B.ColumnDataSource({ data: edges }),
-      line_color: "#aab3c5", line_width: 1, legend_label: "parent → child" });
+      line_color: "#aab3c5", line_width: 1 });
     if (second.x0.length) {
       fig.segment({ field: "x0" }, { field: "y0" }, { field: "x1" }, { field: "y1" }, {
-        source: new B.ColumnDataSource({ data: second }), line_color: "#d0a84f", line_dash: "dotted",
-        legend_label: "second parent" });
+        source: new B.ColumnDataSource({ data: second }), line_color: "#d0a84f", line_dash: "dotted" });
     }
     const scores = ok.score.filter((x) => x !== null);
     const mapper = new B.LinearColorMapper({ palette: B.Palettes.Viridis256,
       low: scores.length ? Math.min(...scores) : 0, high: scores.length ? Math.max(...scores) : 1 });
     if (D.direction === "min") mapper.palette = [...B.Palettes.Viridis256].reverse();
-    points(fig, ok, { size: MARKER, fill_color: { field: "score", transform: mapper }, line_color: null, legend_label: "ok", name: "nodes" });
-    if (bad.x.length) points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, legend_label: "failed", name: "failed" });
-    fig.add_layout(new B.ColorBar({ color_mapper: mapper, title: "score", width: 10 }), "right");
-    fig.legend.location = "bottom_right";
+    points(fig, ok, { size: MARKER, fill_color: { field: "score", transform: mapper }, line_color: null, name: "nodes" });
+    if (bad.x.length) points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, name: "failed" });
+    // BokehJS palettes hold colours as 0xRRGGBBAA numbers.
+    const ramp = mapper.palette.filter((_, k) => k % 32 === 0 || k === mapper.palette.length - 1)
+      .map((c) => `#${(c >>> 8).toString(16).padStart(6, "0")}`);
+    const scoreKey = key(KEY.edge, ...(second.x0.length ? [KEY.second] : []), ...(bad.x.length ? [KEY.failed] : []));
+    scoreKey.prepend(el("span", {}, `score ${fmt(mapper.low)} `,
+      el("span", { class: "ramp", style: `background: linear-gradient(to right, ${ramp.join(", ")})` }), ` ${fmt(mapper.high)}`));
+    div.before(scoreKey);
     countAxis(fig, N);
     selectionRing(fig, (i) => [C.id[i], row[i]]);
     return show(fig, div);
