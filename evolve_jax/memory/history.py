@@ -220,7 +220,7 @@ class History:
             error = e
         raise CorruptRecordError(
             f"corrupted record {key.decode()!r} in {self._kv.base.url}: {error}"
-        )
+        ) from error
 
     def _read_json(self, key: bytes) -> Any:
         result = self._kv.read(key).result()
