@@ -5,7 +5,7 @@ rest of the model (embedding, MLPs, depth, width) is the frame genome's. Everyth
 the program happens in a sandboxed worker (``evolve_jax.evaluation.sandbox``):
 
 * ``check``: import, the interface (class, call, output and state shapes), then the checks
-  genomes get (parameter budget, shapes, causality by gradient probe, sub-quadratic cost).
+  genomes get (parameter budget, shapes, causality by perturbing later inputs, sub-quadratic cost).
 * ``train``: training for every seed as in genome mode; then the worker says it is done, the
   controller sends the held-out inputs (never the targets) and the worker answers with logits at
   the positions to score. The controller computes the metrics from those logits, so a program

@@ -78,7 +78,8 @@ def _optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
 
     It runs on all parameters raveled into one vector (the same arithmetic, element by element;
     the clipping norm sums in another order): a few dozen ops per step instead of a few per
-    parameter array, which takes about 6 s off compiling a 2-layer model's training on a CPU.
+    parameter array (Gated DeltaNet's stage-0 training compiled in 24-28 s instead of about 30 s
+    on 2 CPU cores, single noisy runs).
     ``params`` (arrays or shapes) fixes which elements weight decay reaches.
     """
     schedule = optax.warmup_cosine_decay_schedule(
@@ -96,7 +97,7 @@ def _optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     ]
 
     def add_decay(updates_N, state, params_N):  # AdamW's decoupled decay, masked per element
-        # Built from broadcasts, not held as a literal: a large constant slows compiling.
+        # Built from broadcasts, so the program holds no parameter-sized constant.
         decay_N = jnp.concatenate([jnp.full(n, d, params_N.dtype) for n, d in sizes_and_decays])
         return updates_N + decay_N * params_N, state
 

@@ -16,7 +16,8 @@ a final RMSNorm and the output head.
   and the final recurrent state [B, H, K, V], H = num_heads, K = head_dim; V (value dim per
   head) is the program's choice.
 * ``state``: the initial recurrent state [B, H, K, V]; None means zeros.
-* Causal: y[t] depends on x[:t+1] only (checked by a gradient probe of the whole model).
+* Causal: y[t] depends on x[:t+1] only (checked block by block: outputs up to t must not
+  change when the inputs after t are redrawn).
 * Cost linear in T (checked: FLOPs may grow at most ~2.6x when T doubles).
 * Parameters come from ``rngs`` (``nnx.Linear(..., rngs=rngs)``, ``rngs.params()``), so the
   initialisation is a function of the seed alone.
