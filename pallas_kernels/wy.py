@@ -17,6 +17,7 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def unit_lower_inverse(A_BHCC: jax.Array, block: int = 16, precision=HIGHEST) -> jax.Array:
     """(I + A)^-1 for strictly lower-triangular A, with matmuls only.
 
@@ -26,9 +27,16 @@ def unit_lower_inverse(A_BHCC: jax.Array, block: int = 16, precision=HIGHEST) ->
     Small blocks keep the powers of A (path sums) far from float32 overflow, and no LAPACK call
     is involved: the same algorithm runs on CPU, GPU and TPU. Against substituting block by block
     into the right-hand side it has about a third of the matmuls, batched: Gated DeltaNet's chunked
-    step (forward and backward, stage-0 shapes, 2 CPU cores) runs in 33 ms instead of 55; it
-    compiles in the same time.
+    step (forward and backward, stage-0 shapes, 2 CPU cores) runs in 33 ms instead of 55.
+
+    The gradient is the inverse's own (``_inverse_vjp``), not the product form's derivative:
+    two matmuls instead of the transposed graph, which cut the chunked delta rules' compile time
+    by about a quarter.
     """
+    return _unit_lower_inverse(A_BHCC, block, precision)
+
+
+def _unit_lower_inverse(A_BHCC: jax.Array, block: int, precision) -> jax.Array:
     _matmul = functools.partial(jnp.matmul, precision=precision)
     C = A_BHCC.shape[-1]
     b = min(block, C)
@@ -47,6 +55,23 @@ def unit_lower_inverse(A_BHCC: jax.Array, block: int = 16, precision=HIGHEST) ->
         top = jnp.concatenate([inv, jnp.zeros((*inv.shape[:-1], b), inv.dtype)], axis=-1)
         inv = jnp.concatenate([top, jnp.concatenate([R_inv, Q_inv], axis=-1)], axis=-2)
     return inv
+
+
+def _inverse_fwd(A_BHCC, block, precision):
+    X = _unit_lower_inverse(A_BHCC, block, precision)
+    return X, X
+
+
+def _inverse_vjp(block, precision, X_BHCC, dX_BHCC):
+    """X = (I + A)^-1 gives dX = -X dA X, so dA = -X^T dX X^T; only A's strictly lower
+    triangle is read, so the rest of its gradient is 0."""
+    del block
+    Xt = jnp.swapaxes(X_BHCC, -1, -2)
+    dA = -jnp.matmul(jnp.matmul(Xt, dX_BHCC, precision=precision), Xt, precision=precision)
+    return (jnp.tril(dA, k=-1),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_vjp)
 
 
 def unit_lower_solve(

@@ -81,6 +81,26 @@ def test_unit_lower_inverse_is_exact(C):
     np.testing.assert_allclose(np.asarray(X), np.linalg.inv(eye + np.asarray(A)), atol=1e-4)
 
 
+@pytest.mark.parametrize("C", [16, 64])
+def test_xla_inverse_gradient_is_the_inverse_gradient(C):
+    """``wy.unit_lower_inverse``'s own VJP against differentiating a dense solve, on the
+    strictly lower entries it reads (its gradient elsewhere must be 0)."""
+    keys = jax.random.split(jax.random.key(C), 2)
+    A = jnp.tril(jax.random.uniform(keys[0], (2, C, C), minval=-1.0, maxval=1.0), -1) / 4
+    probe = jax.random.normal(keys[1], (2, C, C))
+
+    def loss(inverse, A):
+        return jnp.sum(probe * inverse(A))
+
+    def dense(A):
+        return jnp.linalg.solve(jnp.eye(C) + jnp.tril(A, -1), jnp.broadcast_to(jnp.eye(C), A.shape))
+
+    got = jax.grad(functools.partial(loss, wy.unit_lower_inverse))(A)
+    want = jax.grad(functools.partial(loss, dense))(A)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert not np.any(np.triu(np.asarray(got)))
+
+
 def _kernel_names(fn, *args):
     """Names of the ``pallas_call`` equations in ``fn``'s jaxpr, nested jaxprs included."""
 

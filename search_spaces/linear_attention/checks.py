@@ -55,13 +55,15 @@ def check_causality(cfg: model.ModelConfig, seq_len: int, position: int | None =
     forward program instead of the model's gradient.
     """
     t = seq_len // 2 if position is None else position
-    graphdef, params = model.init(cfg, jax.random.key(0))
+    graphdef, _ = model.abstract(cfg)
+    params = model.initializer(cfg)(jax.random.key(0))
     x_BTD = jax.random.normal(jax.random.key(1), (1, seq_len, cfg.d_model))
     forwards = {}  # one compiled program per block structure
     for i, block in enumerate(nnx.merge(graphdef, params).blocks):
         block_def, state = nnx.split(block)
         if block_def not in forwards:
-            forwards[block_def] = jax.jit(lambda s, x, d=block_def: nnx.merge(d, s)(x))
+            forward = functools.partial(lambda d, s, x: nnx.merge(d, s)(x), block_def)
+            forwards[block_def] = model.compile_for_few_calls(forward, state, x_BTD)
         future, past = future_dependence(functools.partial(forwards[block_def], state), x_BTD, t)
         if not np.isfinite(future) or future > 1e-6 * max(past, 1.0):
             return CheckFailure(

@@ -126,8 +126,8 @@ def _masked_xent(logits_BTV, targets_BT) -> tuple[jax.Array, jax.Array]:
 def _trainer(cfg: model.ModelConfig, train: TrainConfig):
     """Per-run training function of one (seed, learning rate).
 
-    A run is (seed, lr, inputs [S,B,T], positions [S,B,P] or None, targets, eval inputs
-    [N,E,T], eval positions, eval targets). With positions, logits are computed only there
+    A run is (initial params, lr, inputs [S,B,T], positions [S,B,P] or None, targets, eval
+    inputs [N,E,T], eval positions, eval targets). With positions, logits are computed only there
     (MQAR supervises a few positions per example: the vocabulary head is then cheap); without,
     everywhere. Returns (params, training losses [S], eval loss [N], eval accuracy [N]).
     """
@@ -140,9 +140,8 @@ def _trainer(cfg: model.ModelConfig, train: TrainConfig):
         return _masked_xent(logits, targets)
 
     def run(candidate):
-        seed, lr, inputs_SBT, positions_SBP, targets_SBP = candidate[:5]
+        params, lr, inputs_SBT, positions_SBP, targets_SBP = candidate[:5]
         eval_inputs, eval_positions, eval_targets = candidate[5:]
-        _, params = model.init(cfg, jax.random.key(seed))
         opt_state = tx.init(params)
 
         def step(carry, batch):
@@ -200,10 +199,14 @@ def _finish(results, train: TrainConfig, seeds, metric_fn) -> list[SeedResult]:
     return out
 
 
-def _runs(seeds: Sequence[int], train: TrainConfig, streams: Sequence[tuple]):
-    """The population: one run per (seed, learning rate), seed-major, data shared by a seed."""
+def _runs(
+    cfg: model.ModelConfig, seeds: Sequence[int], train: TrainConfig, streams: Sequence[tuple]
+):
+    """The population: one run per (seed, learning rate), seed-major; a seed's runs share its
+    initial parameters (``model.initializer``) and its data."""
+    init = model.initializer(cfg)
     runs = [
-        (np.int32(seed), np.float32(lr), *stream)
+        (init(jax.random.key(seed)), np.float32(lr), *stream)
         for seed, stream in zip(seeds, streams, strict=True)
         for lr in train.learning_rates
     ]
@@ -260,7 +263,7 @@ def train_mqar(
         streams.append(
             (inputs, positions, targets, *(np.stack([g[i] for g in test]) for i in range(3)))
         )
-    results = evaluate_population(_trainer(cfg, train), _runs(seeds, train, streams), devices)
+    results = evaluate_population(_trainer(cfg, train), _runs(cfg, seeds, train, streams), devices)
 
     def metrics(loss_G, acc_G):
         out = {f"mqar_accuracy_p{p}": float(a) for p, a in zip(task.num_pairs, acc_G, strict=True)}
@@ -279,8 +282,9 @@ def abstract_byte_lm_population(
         return jax.ShapeDtypeStruct((num_seeds * len(train.learning_rates), *shape), dtype)
 
     B, T = train.batch_size, task.seq_len
+    params = jax.tree.map(lambda x: spec(*x.shape, dtype=x.dtype), model.abstract(cfg)[1])
     population = (
-        spec(), spec(dtype=np.float32), spec(train.steps, B, T), None, spec(train.steps, B, T),
+        params, spec(dtype=np.float32), spec(train.steps, B, T), None, spec(train.steps, B, T),
         spec(task.val_batches, B, T), None, spec(task.val_batches, B, T),
     )  # fmt: skip
     return _trainer(cfg, train), population
@@ -331,7 +335,7 @@ def train_byte_lm(
         inputs = np.stack([b["inputs"] for b in take])
         targets = np.stack([b["targets"] for b in take])
         streams.append((inputs, None, targets, val_inputs, None, val_targets))
-    results = evaluate_population(_trainer(cfg, train), _runs(seeds, train, streams), devices)
+    results = evaluate_population(_trainer(cfg, train), _runs(cfg, seeds, train, streams), devices)
     return _finish(
         results,
         train,
