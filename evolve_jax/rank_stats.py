@@ -52,6 +52,17 @@ def _statistic(kind: str, x: np.ndarray, y: np.ndarray) -> float:
     raise ValueError(f"unknown rank correlation {kind!r} (spearman, kendall)")
 
 
+def spearman_rows(x_RN: np.ndarray, y_RN: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row pair at once (Pearson's r of average ranks, as
+    ``scipy.stats.spearmanr``); NaN for a row that is constant in x or y."""
+    rx, ry = (scipy.stats.rankdata(a, axis=1) for a in (x_RN, y_RN))
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    norm = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, (rx * ry).sum(axis=1) / norm, math.nan)
+
+
 def agreement(
     x: Sequence[float],
     y: Sequence[float],
@@ -78,7 +89,10 @@ def agreement(
         return Agreement(value, math.nan, math.nan, n)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(resamples, n))
-    boot = np.array([_statistic(kind, x[d], y[d]) for d in draws])
+    if kind == "spearman":  # every resample in one vectorised pass (the report's hot spot)
+        boot = spearman_rows(x[draws], y[draws])
+    else:
+        boot = np.array([_statistic(kind, x[d], y[d]) for d in draws])
     boot = boot[np.isfinite(boot)]
     if len(boot) < resamples // 2:
         return Agreement(value, math.nan, math.nan, n)

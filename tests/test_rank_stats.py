@@ -20,6 +20,20 @@ def test_value_is_scipys_and_the_ci_brackets_it():
         assert a.high - a.low < 0.8  # 30 items pin it down to a useful width
 
 
+def test_rowwise_spearman_is_scipys_on_resamples_with_ties_and_constant_rows():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 4, size=(50, 9)).astype(float)  # ties everywhere, as in resamples
+    y = x + rng.integers(0, 3, size=(50, 9))
+    x[0] = 1.0  # a constant row has no ranks
+    got = rank_stats.spearman_rows(x, y)
+    want = [
+        scipy.stats.spearmanr(a, b).statistic if np.ptp(a) and np.ptp(b) else math.nan
+        for a, b in zip(x, y)
+    ]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert math.isnan(got[0])
+
+
 def test_perfect_and_reversed_orders():
     x = np.arange(12.0)
     assert rank_stats.agreement(x, x**3).value == pytest.approx(1.0)
