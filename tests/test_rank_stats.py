@@ -28,7 +28,7 @@ def test_rowwise_spearman_is_scipys_on_resamples_with_ties_and_constant_rows():
     got = rank_stats.spearman_rows(x, y)
     want = [
         scipy.stats.spearmanr(a, b).statistic if np.ptp(a) and np.ptp(b) else math.nan
-        for a, b in zip(x, y)
+        for a, b in zip(x, y, strict=True)
     ]
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert math.isnan(got[0])
