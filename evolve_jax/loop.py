@@ -511,7 +511,7 @@ class ResearchLoop:
         """Rewrites the HTML report (whole, atomically); a failure to write it is logged, not
         raised: the search matters more than its picture."""
         try:
-            page.write(self.config.workdir, live=live)
+            page.write(self.config.workdir, live=live, history=self.history)
         except Exception as e:  # any error in the report leaves the run going
             logging.warning("could not write the HTML report: %s", e)
 

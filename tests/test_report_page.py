@@ -277,17 +277,28 @@ def test_the_driver_rewrites_the_page_every_step_and_ends_it(tmp_path, monkeypat
     written = []
     real_write = page.write
 
-    def spy(workdir, out=None, *, live=None):
-        url = real_write(workdir, out, live=live)
+    histories = []
+
+    def spy(workdir, out=None, *, live=None, history=None):
+        histories.append(history)
+        url = real_write(workdir, out, live=live, history=history)
         with open(os.path.join(workdir, "report.html"), encoding="utf-8") as f:
             written.append(_payload_of(f.read()))
         return url
 
     monkeypatch.setattr(page, "write", spy)
-    toy_search(str(tmp_path / "run"), steps=2)
+    workdir = str(tmp_path / "run")
+    toy_search(workdir, steps=2)
     # Seeds, step 1, step 2 (live), then the end (not live), each with the nodes so far.
     assert [p["live"] for p in written] == [True, True, True, False]
     assert [len(p["nodes"]["id"]) for p in written] == [3, 6, 9, 9]
+    # The driver hands over its open history (read incrementally), and its last page shows
+    # what a fresh read of the store does, promotions to stage 1 included.
+    assert all(h is histories[0] and h is not None for h in histories)
+    fresh = data.collect(workdir, live=False)["nodes"]
+    assert any(fresh["s1_status"])
+    for column in ("id", "status", "s0_mean", "s1_status", "s1_mean"):
+        assert written[-1]["nodes"][column] == fresh[column], column
     assert page.unpacked(page.render(written[0]))["reload_seconds"] == page.RELOAD_SECONDS
 
 

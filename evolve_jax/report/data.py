@@ -203,9 +203,13 @@ def _text(value: Any, limit: int) -> str:
 # ----------------------------------------------------------------------------- the payload
 
 
-def collect(workdir: str, *, live: bool | None = None) -> dict[str, Any]:
+def collect(
+    workdir: str, *, live: bool | None = None, history: History | None = None
+) -> dict[str, Any]:
     """The report's payload for ``workdir``. ``live``: whether the search is going on (None:
-    ask the history whether a live process holds a run's lease)."""
+    ask the history whether a live process holds a run's lease). ``history``: the workdir's
+    history already open (the driver's), which reads only the nodes added since its last read;
+    by default it is opened here and read whole."""
     payload: dict[str, Any] = {
         "workdir": workdir,
         "generated": time.time(),
@@ -213,7 +217,7 @@ def collect(workdir: str, *, live: bool | None = None) -> dict[str, Any]:
         "nodes": None,
     }
     try:
-        history = History(workdir, create=False, salvage=True)
+        history = history or History(workdir, create=False, salvage=True)
         direction = history.direction
         nodes = history.nodes()
     except HistoryError as e:

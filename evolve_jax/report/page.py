@@ -86,8 +86,9 @@ def url(workdir: str, out: str | None = None) -> str:
     return storage.join(*location(workdir, out))
 
 
-def write(workdir: str, out: str | None = None, *, live: bool | None = None) -> str:
+def write(workdir: str, out: str | None = None, *, live: bool | None = None, history=None) -> str:
     """Collects, renders and writes the report whole (a reader sees the old page or the new
-    one, never half); returns its URL."""
+    one, never half); returns its URL. ``history``: see ``data.collect``."""
     directory, name = location(workdir, out)
-    return storage.write_text(directory, name, render(data.collect(workdir, live=live)))
+    payload = data.collect(workdir, live=live, history=history)
+    return storage.write_text(directory, name, render(payload))
