@@ -253,17 +253,13 @@ class LanguageModel(nnx.Module):
         self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
 
-    def from_embeddings(self, x_BTD: jax.Array) -> jax.Array:
-        """Logits [B,T,vocab] from input embeddings."""
-        return self.head(self._features(x_BTD))
-
     def _features(self, x_BTD: jax.Array) -> jax.Array:
         for block in self.blocks:
             x_BTD = block(x_BTD)
         return self.norm(x_BTD)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        return self.from_embeddings(self.embed(tokens_BT))
+        return self.head(self._features(self.embed(tokens_BT)))
 
     def logits_at(self, tokens_BT: jax.Array, positions_BP: jax.Array) -> jax.Array:
         """Logits [B,P,vocab] at the given positions only (the head is the costly part when few
