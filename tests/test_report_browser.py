@@ -70,6 +70,11 @@ def test_the_report_renders_and_selects_nodes(searched, browser):
                return [box.left + x_scale.compute(x), box.top + y_scale.compute(y)]; }""",
             [target.id, data.collect(workdir, live=False)["tree"]["row"][target.id]],
         )
+        # Hovering it first shows its label (made by the page when hovered).
+        p.mouse.move(x, y)
+        tooltip = p.get_by_text(f"#{target.id} {target.name} · score ")
+        tooltip.wait_for(timeout=5000)
+        assert tooltip.is_visible()
         p.mouse.click(x, y)
         p.wait_for_function(f"location.hash === '#node={target.id}'", timeout=5000)
         assert panel.locator("h2").inner_text() == f"#{target.id} {target.name}"

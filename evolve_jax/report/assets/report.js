@@ -10,8 +10,12 @@
   const phases = { scripts_run_ms: performance.now() }; // milliseconds since navigation
   const D = await unpack("report-data");
   phases.unpacked_ms = performance.now();
-  let detailsPromise = null; // the per-node details, inflated on the first selection
-  const details = () => detailsPromise || (detailsPromise = unpack("report-details"));
+  // The per-node details, inflated on the first selection. They come after this script in the
+  // file, so that the plots are built while the parser is still reading them.
+  const parsed = new Promise((done) =>
+    document.readyState === "loading" ? document.addEventListener("DOMContentLoaded", done) : done());
+  let detailsPromise = null;
+  const details = () => detailsPromise || (detailsPromise = parsed.then(() => unpack("report-details")));
   const C = D.nodes || { id: [] };
   const N = C.id.length;
   const stages = D.stages || [];
@@ -73,12 +77,14 @@
       x_axis_label: xLabel, y_axis_label: yLabel, toolbar_location: "right", ...(extra || {}) });
   }
 
-  // Points of one plot: a data source whose rows are nodes (its ``id`` column), a hover label
-  // and a tap that selects the node.
-  function points(fig, data, style) {
+  // Points of one plot: a data source whose rows are nodes (its ``id`` column), a hover text
+  // (``text`` of the node's row, made when hovered: no column of 10,000 labels to build) and a
+  // tap that selects the node.
+  function points(fig, data, style, text) {
     const source = new B.ColumnDataSource({ data });
     const renderer = fig.scatter({ field: "x" }, { field: "y" }, { source, ...style });
-    fig.add_tools(new B.HoverTool({ tooltips: "@label", renderers: [renderer] }));
+    const tooltips = (_, vars) => el("div", {}, text(rowOf.get(source.data.id[vars.index])));
+    fig.add_tools(new B.HoverTool({ tooltips, renderers: [renderer] }));
     source.selected.change.connect(() => {
       const k = source.selected.indices[0];
       if (k !== undefined) select(source.data.id[k]);
@@ -157,18 +163,17 @@
         return;
       }
       const mean = C[`s${s}_mean`];
-      const ok = { x: [], y: [], id: [], label: [] }, bad = { x: [], id: [], label: [] };
+      const ok = { x: [], y: [], id: [] }, bad = { x: [], id: [] };
       const best = { x: [], y: [] };
       let top = null;
       const xOf = new Map();
       order.forEach((i, k) => {
         xOf.set(i, k + 1);
         if (mean[i] !== null) {
-          ok.x.push(k + 1); ok.y.push(mean[i]); ok.id.push(C.id[i]); ok.label.push(`${label(i)}: ${fmt(mean[i])}`);
+          ok.x.push(k + 1); ok.y.push(mean[i]); ok.id.push(C.id[i]);
           if (top === null || better(mean[i], top, stage.metric_direction)) top = mean[i];
         } else {
           bad.x.push(k + 1); bad.id.push(C.id[i]);
-          bad.label.push(`${label(i)}: ${C[`s${s}_status`][i]}${C.reason[i] && s === 0 ? ` (${C.reason[i]})` : ""}`);
         }
         if (top !== null) { best.x.push(k + 1); best.y.push(top); }
       });
@@ -178,11 +183,13 @@
       const worstY = stage.metric_direction === "max" ? lo - pad : hi + pad;
       bad.y = bad.x.map(() => worstY);
       const fig = figure(title, s === 0 ? "evaluation (node order)" : `evaluation at stage ${s}`, stage.metric, 320);
-      points(fig, ok, { size: MARKER - 2, fill_color: "#5b7fd6", line_color: null, fill_alpha: 0.75, name: "nodes" });
+      points(fig, ok, { size: MARKER - 2, fill_color: "#5b7fd6", line_color: null, fill_alpha: 0.75, name: "nodes" },
+        (i) => `${label(i)}: ${fmt(mean[i])}`);
       fig.step({ field: "x" }, { field: "y" }, "after", { source: new B.ColumnDataSource({ data: best }),
         line_color: "#1a7f37", line_width: 2 });
       if (bad.x.length) {
-        points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, name: "failed" });
+        points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, name: "failed" },
+          (i) => `${label(i)}: ${C[`s${s}_status`][i]}${C.reason[i] && s === 0 ? ` (${C.reason[i]})` : ""}`);
       }
       countAxis(fig, order.length);
       div.before(key(KEY.node, KEY.best, ...(bad.x.length ? [KEY.failed] : [])));
@@ -263,14 +270,12 @@
         else { second.x0.push(C.id[j]); second.y0.push(row[j]); second.x1.push(C.id[i]); second.y1.push(row[i]); }
       });
     });
-    const ok = { x: [], y: [], id: [], label: [], score: [] }, bad = { x: [], y: [], id: [], label: [] };
+    const ok = { x: [], y: [], id: [], score: [] }, bad = { x: [], y: [], id: [] };
     C.id.forEach((id, i) => {
       if (C.status[i] === "ok") {
         ok.x.push(id); ok.y.push(row[i]); ok.id.push(id); ok.score.push(C.score[i]);
-        ok.label.push(`${label(i)} · score ${fmt(C.score[i])}${C.operator[i] ? ` · ${C.operator[i]}` : ""}`);
       } else {
         bad.x.push(id); bad.y.push(row[i]); bad.id.push(id);
-        bad.label.push(`${label(i)} · ${C.status[i]}: ${C.reason[i] || ""}`);
       }
     });
     // Rows top to bottom, as a tree is read; the y axis carries no quantity.
@@ -288,8 +293,10 @@
     const mapper = new B.LinearColorMapper({ palette: B.Palettes.Viridis256,
       low: scores.length ? Math.min(...scores) : 0, high: scores.length ? Math.max(...scores) : 1 });
     if (D.direction === "min") mapper.palette = [...B.Palettes.Viridis256].reverse();
-    points(fig, ok, { size: MARKER, fill_color: { field: "score", transform: mapper }, line_color: null, name: "nodes" });
-    if (bad.x.length) points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, name: "failed" });
+    points(fig, ok, { size: MARKER, fill_color: { field: "score", transform: mapper }, line_color: null, name: "nodes" },
+      (i) => `${label(i)} · score ${fmt(C.score[i])}${C.operator[i] ? ` · ${C.operator[i]}` : ""}`);
+    if (bad.x.length) points(fig, bad, { marker: "x", size: MARKER + 1, line_color: "#c4321d", line_width: 2, name: "failed" },
+      (i) => `${label(i)} · ${C.status[i]}: ${C.reason[i] || ""}`);
     // BokehJS palettes hold colours as 0xRRGGBBAA numbers.
     const ramp = mapper.palette.filter((_, k) => k % 32 === 0 || k === mapper.palette.length - 1)
       .map((c) => `#${(c >>> 8).toString(16).padStart(6, "0")}`);
@@ -317,10 +324,10 @@
       const rho = c.spearman === null ? "undefined" : fmt(c.spearman, 3);
       const ci = c.ci95[0] === null ? "no CI" : `95% CI [${fmt(c.ci95[0], 2)}, ${fmt(c.ci95[1], 2)}]`;
       const fig = figure(`ρ = ${rho} (${ci}), n = ${c.n}`, `stage 0 ${cheap.metric}`, `stage ${c.stage} ${costly.metric}`, 320);
-      points(fig, { x: c.points.map((p) => p[1]), y: c.points.map((p) => p[2]), id: c.points.map((p) => p[0]),
-        label: c.points.map((p) => `${label(rowOf.get(p[0]))}: ${fmt(p[1])} → ${fmt(p[2])}`) },
-        { size: 9, fill_color: "#5b7fd6", line_color: null, name: "nodes" });
       const xy = new Map(c.points.map((p) => [p[0], [p[1], p[2]]]));
+      points(fig, { x: c.points.map((p) => p[1]), y: c.points.map((p) => p[2]), id: c.points.map((p) => p[0]) },
+        { size: 9, fill_color: "#5b7fd6", line_color: null, name: "nodes" },
+        (i) => `${label(i)}: ${xy.get(C.id[i]).map((v) => fmt(v)).join(" → ")}`);
       selectionRing(fig, (i) => xy.get(C.id[i]) || null);
       return show(fig, div);
     }));
