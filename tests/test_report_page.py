@@ -134,6 +134,30 @@ def test_code_candidates_show_a_diff_from_the_parent(workdir):
     assert diff["kind"] == "diff" and "-b = 2\n+b = 3\n" in diff["text"]
 
 
+def test_an_open_history_makes_each_candidate_view_once(workdir, monkeypatch):
+    # The driver rewrites the page after every step with its open history: only new nodes'
+    # views are made, and each is clipped to the budget of the page being written.
+    monkeypatch.setattr(data, "DETAIL_BUDGET", 3 * 4 * 700)  # 700 characters a text at 4 nodes
+    history = History(workdir)
+    history.initialise("toy", "max")
+    seed = _append(history, candidate={"source": "a = 1\n" * 80}, name="seed")
+    for i in range(3):
+        _append(history, candidate={"source": f"a = {i}\n" * 80}, parents=[seed.id])
+    made = []
+    real = data._candidate
+    monkeypatch.setattr(data, "_candidate", lambda n, p: made.append(n.id) or real(n, p))
+    first = data.collect(workdir, live=False, history=history)["details"]
+    assert sorted(made) == [0, 1, 2, 3]
+    assert len(first[1]["candidate"]["text"]) == 700
+    _append(history, candidate={"source": "b = 1\n" * 80}, parents=[seed.id])
+    made.clear()
+    again = data.collect(workdir, live=False, history=history)["details"]
+    assert made == [4]
+    assert len(again[1]["candidate"]["text"]) == data.MIN_NODE_TEXT  # 560 would be under it
+    fresh = data.collect(workdir, live=False)["details"]
+    assert [d["candidate"] for d in again] == [d["candidate"] for d in fresh]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

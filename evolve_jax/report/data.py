@@ -9,11 +9,13 @@ non-Unicode candidate) becomes a notice on the page instead of an error.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
 import re
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +35,11 @@ MIN_NODE_TEXT = 600
 # Sources longer than this are not diffed (difflib is quadratic in the worst case).
 MAX_DIFF_SOURCE = 200_000
 MAX_NOTICES = 50
+# Candidates as the panel shows them, by node id, kept for as long as their history is open:
+# the driver rewrites the page after every step, and diffing every program again took two
+# thirds of a 10,000-program rewrite. Each is at most about twice the candidate the history
+# already holds.
+_CANDIDATES: weakref.WeakKeyDictionary[History, dict] = weakref.WeakKeyDictionary()
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _STAGE_FIELDS = ("status", "reason", "metrics", "seconds")
 
@@ -134,10 +141,39 @@ def _paired(node: Node, stage: int, task: TaskDescription) -> dict | None:
     return _round(paired) if paired else None
 
 
-def _candidate_view(node: Node, parent: Node | None, limit: int) -> dict[str, Any]:
-    """How the detail panel shows a candidate: a genome as JSON with the genes that differ
-    from its first parent, a program as a unified diff from its parent's (whole if a seed)."""
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """A candidate as the detail panel shows it, whole: fixed once the node is written."""
+
+    kind: str  # "genome", "diff" or "source"
+    text: str  # Unicode-safe
+    changed: list[list[str]]  # genes that differ from the first parent's: [gene, before, after]
+    notices: tuple[str, ...]
+
+
+def _candidate_view(
+    node: Node, parent: Node | None, limit: int, seen: dict[int, _Candidate]
+) -> dict[str, Any]:
+    """The candidate for the detail panel, its text clipped to ``limit``. ``seen``: candidates
+    already made, by node id (made again only for new nodes)."""
+    if node.id not in seen:
+        seen[node.id] = _candidate(node, parent)
+    candidate = seen[node.id]
+    text, length = _clip(candidate.text, limit)
+    notices = list(candidate.notices)
+    if length > limit:
+        notices.append(
+            f"the {candidate.kind} is {length:,} characters; the first {limit:,} are shown "
+            f"(all of it: python -m evolve_jax.history --workdir=...)"
+        )
+    return {"kind": candidate.kind, "text": text, "changed": candidate.changed, "notices": notices}
+
+
+def _candidate(node: Node, parent: Node | None) -> _Candidate:
+    """A genome as JSON with the genes that differ from its first parent; a program as a
+    unified diff from its parent's (whole if a seed, or too long to diff)."""
     candidate, notices = node.candidate, []
+    changed: list[list[str]] = []
     if isinstance(candidate, Mapping) and isinstance(candidate.get("source"), str):
         source = candidate["source"]
         parent_source = (
@@ -149,17 +185,13 @@ def _candidate_view(node: Node, parent: Node | None, limit: int) -> dict[str, An
             MAX_DIFF_SOURCE
         ):
             kind = "diff"
-            text = (
-                "".join(
-                    difflib.unified_diff(
-                        parent_source.splitlines(keepends=True),
-                        source.splitlines(keepends=True),
-                        f"node {parent.id}",
-                        f"node {node.id}",
-                    )
-                )
-                or "(the same program as its parent)\n"
+            lines = difflib.unified_diff(
+                parent_source.splitlines(keepends=True),
+                source.splitlines(keepends=True),
+                f"node {parent.id}",
+                f"node {node.id}",
             )
+            text = "".join(lines) or "(the same program as its parent)\n"
         else:
             kind = "source"
             text = source
@@ -167,11 +199,9 @@ def _candidate_view(node: Node, parent: Node | None, limit: int) -> dict[str, An
                 notices.append(
                     f"the program is {len(source):,} characters: shown whole, not as a diff"
                 )
-        changed = []
     else:
         kind = "genome"
         text = json.dumps(candidate, indent=1, sort_keys=True, default=str)
-        changed = []
         if parent is not None and isinstance(candidate, Mapping):
             before = parent.candidate if isinstance(parent.candidate, Mapping) else {}
             for key in sorted(set(candidate) | set(before), key=str):
@@ -180,13 +210,7 @@ def _candidate_view(node: Node, parent: Node | None, limit: int) -> dict[str, An
     text, ok = _unicode_safe(text)
     if not ok:
         notices.append("the candidate holds text that is not valid Unicode: shown with U+FFFD")
-    text, length = _clip(text, limit)
-    if length > limit:
-        notices.append(
-            f"the {kind} is {length:,} characters; the first {limit:,} are shown "
-            f"(all of it: python -m evolve_jax.history --workdir=...)"
-        )
-    return {"kind": kind, "text": text, "changed": changed[:50], "notices": notices}
+    return _Candidate(kind, text, changed[:50], tuple(notices))
 
 
 def _short(value: Any) -> str:
@@ -260,7 +284,8 @@ def collect(
         )
     lessons = [record for _, record in history.records("lessons")]
     payload["nodes"] = _columns(nodes, task)
-    payload["details"] = _details(nodes, lessons, run_record, payload["notices"])
+    seen = _CANDIDATES.setdefault(history, {})
+    payload["details"] = _details(nodes, lessons, run_record, payload["notices"], seen)
     payload["tree"] = _tree(nodes)
     payload["correlations"] = _correlations(nodes, task)
     payload["operators"] = _operators(nodes, direction)
@@ -315,7 +340,11 @@ def _columns(nodes: Sequence[Node], task: TaskDescription) -> dict[str, list]:
 
 
 def _details(
-    nodes: Sequence[Node], lessons: Sequence[dict], run_record: dict, notices: list[str]
+    nodes: Sequence[Node],
+    lessons: Sequence[dict],
+    run_record: dict,
+    notices: list[str],
+    seen: dict[int, _Candidate],
 ) -> list[dict]:
     by_id = {n.id: n for n in nodes}
     titles = {k["id"]: k["title"] for k in run_record.get("prior_knowledge", [])}
@@ -328,7 +357,7 @@ def _details(
     details = []
     for node in nodes:
         parent = next((by_id[p] for p in node.parents if p in by_id), None)
-        view = _candidate_view(node, parent, limit)
+        view = _candidate_view(node, parent, limit, seen)
         for notice in view["notices"]:
             notices.append(f"Node {node.id}: {notice}.")
         details.append(
