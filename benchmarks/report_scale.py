@@ -11,7 +11,10 @@ Then writes the page and loads it in Debian's Chromium, ``repeats`` times in a n
 (cold) and ``repeats`` times in one browser after a warm-up load (warm), timing each from
 navigation to every plot drawn (the page's own ``performance.now()`` when it sets
 ``body[data-ready]``, two frames after the last plot was built), and the first node
-selection. Targets (issue 15): under 2 s to render, under 20 MB of file.
+selection. Also times what the driver pays to rewrite the page after a step with its open
+history (``rewrite_s``), and, in each cold browser, a fixed JavaScript workload
+(``machine_reference_ms``): this machine's speed drifts by hours, and the reference says which
+hour a result came from. Targets (issue 15): under 2 s to render, under 20 MB of file.
 """
 
 from __future__ import annotations
@@ -51,6 +54,17 @@ VOCABULARY = np.array(
     ["".join(_letters.choice(list("etaoinshrdlucmfwypvbgkq"), _letters.integers(2, 10)))
      for _ in range(3000)]
 )  # fmt: skip
+# Fills a million floats from a fixed generator, sorts them, and round-trips 50,000 through JSON
+# 20 times: about 0.3 s of one core, no DOM.
+REFERENCE_JS = """() => {
+  const a = new Float64Array(1_000_000);
+  let s = 1;
+  for (let i = 0; i < a.length; i++) { s = (s * 16807) % 2147483647; a[i] = s; }
+  const t0 = performance.now();
+  a.sort();
+  for (let k = 0; k < 20; k++) JSON.parse(JSON.stringify(Array.from(a.subarray(0, 50000))));
+  return performance.now() - t0;
+}"""
 PROGRAM = "".join(f"def block_{i}(x, w):\n    return jnp.tanh(x @ w) * {i}\n\n" for i in range(70))
 
 
@@ -199,8 +213,17 @@ def main(argv: list[str]) -> None:
     size = os.path.getsize(path)
     library_bytes = len(page._bokeh_js().encode())
     assert len(payload["nodes"]["id"]) == count, "the page lost nodes"
+    # The driver's rewrite after a step: its open history, read whole once before (not timed).
+    history = History(workdir, create=False, salvage=True)
+    out = os.path.join(workdir, "rewrite_" + page.FILENAME)
+    page.write(workdir, out, live=True, history=history)
+    rewrites = []
+    for _ in range(3):
+        start = time.perf_counter()
+        page.write(workdir, out, live=True, history=history)
+        rewrites.append(time.perf_counter() - start)
     runs = {"cold": [], "warm": []}  # cold: a new browser per load; warm: one browser, reused
-    selects, errors = [], []
+    selects, errors, reference_ms = [], [], []
 
     def load(browser, into):
         with browser.visit(path) as (p, visit):
@@ -216,6 +239,7 @@ def main(argv: list[str]) -> None:
     for _ in range(_REPEATS.value):
         with chromium() as browser:
             load(browser, runs["cold"])
+            reference_ms.append(browser.evaluate(REFERENCE_JS))
     with chromium() as browser:
         load(browser, [])  # the warm-up load is not counted
         for _ in range(_REPEATS.value):
@@ -239,14 +263,17 @@ def main(argv: list[str]) -> None:
         "build_history_s": build_s,
         "collect_s": round(collect_s, 2),
         "render_html_s": round(render_s, 2),
+        "rewrite_s": [round(r, 2) for r in rewrites],
         "file_mb": round(size / 1e6, 2),
         "bokehjs_mb": round(library_bytes / 1e6, 2),
         "chromium_cold": summary(runs["cold"]),
         "chromium_warm": summary(runs["warm"]),
         "first_selection_s": [round(r, 3) for r in selects],
         "console_errors": errors,
+        "machine_reference_ms": [round(r) for r in reference_ms],
         "targets": {"render_s": 2.0, "file_mb": 20.0},
         "machine": f"{os.cpu_count()} CPU cores, headless Chromium (Debian), BokehJS canvas",
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(json.dumps(result, indent=1))
     os.makedirs(_OUT.value, exist_ok=True)
