@@ -30,8 +30,9 @@ def searched(tmp_path_factory):
     return workdir, summary
 
 
-def test_the_report_renders_and_selects_nodes(searched, browser):
+def test_the_report_renders_and_selects_nodes(searched, browser, monkeypatch):
     workdir, summary = searched
+    monkeypatch.setattr(page, "DETAIL_CHUNK", 4)  # the nodes selected below are in two chunks
     nodes = summary.nodes
     failed = [n for n in nodes if not n.ok]
     promoted = [n for n in nodes if 1 in n.stages]

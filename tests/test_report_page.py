@@ -123,6 +123,17 @@ def test_details_show_genes_changed_from_the_parent(searched):
             assert {row[0] for row in view["changed"]} == changed
 
 
+def test_details_travel_in_chunks_inflated_apart(searched, monkeypatch):
+    workdir, summary = searched
+    monkeypatch.setattr(page, "DETAIL_CHUNK", 4)
+    payload = data.collect(workdir, live=False)
+    html = page.render(payload)
+    element = html[html.index('id="report-details">') :].split("<", 1)[0]
+    assert element.count(" ") == (len(summary.nodes) - 1) // 4  # one chunk per 4 nodes
+    assert page.unpacked(html)["detail_chunk"] == 4
+    assert page.unpacked(html, "report-details") == json.loads(json.dumps(payload["details"]))
+
+
 def test_code_candidates_show_a_diff_from_the_parent(workdir):
     history = History(workdir)
     history.initialise("toy", "max")

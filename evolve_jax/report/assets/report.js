@@ -3,19 +3,25 @@
 "use strict";
 (async function () {
   // The payloads are gzipped JSON in base64 (page.py); the browser inflates them natively.
-  async function unpack(id) {
-    const response = await fetch(`data:application/gzip;base64,${document.getElementById(id).textContent}`);
+  async function unpack(base64) {
+    const response = await fetch(`data:application/gzip;base64,${base64}`);
     return JSON.parse(await new Response(response.body.pipeThrough(new DecompressionStream("gzip"))).text());
   }
   const phases = { scripts_run_ms: performance.now() }; // milliseconds since navigation
-  const D = await unpack("report-data");
+  const D = await unpack(document.getElementById("report-data").textContent);
   phases.unpacked_ms = performance.now();
-  // The per-node details, inflated on the first selection. They come after this script in the
-  // file, so that the plots are built while the parser is still reading them.
+  // The per-node details, in chunks of D.detail_chunk nodes, each inflated when one of its nodes
+  // is first selected. They come after this script in the file.
   const parsed = new Promise((done) =>
     document.readyState === "loading" ? document.addEventListener("DOMContentLoaded", done) : done());
-  let detailsPromise = null;
-  const details = () => detailsPromise || (detailsPromise = parsed.then(() => unpack("report-details")));
+  const detailChunks = new Map();
+  async function details(i) {
+    const k = Math.floor(i / D.detail_chunk);
+    if (!detailChunks.has(k)) {
+      detailChunks.set(k, parsed.then(() => unpack(document.getElementById("report-details").textContent.split(" ")[k])));
+    }
+    return (await detailChunks.get(k))[i % D.detail_chunk];
+  }
   const C = D.nodes || { id: [] };
   const N = C.id.length;
   const stages = D.stages || [];
@@ -403,7 +409,7 @@
   }
 
   async function showDetail(i, id) {
-    const d = (await details())[i];
+    const d = await details(i);
     if (selected !== id) return; // another node was selected meanwhile
     const panel = document.getElementById("detail");
     const parts = [
