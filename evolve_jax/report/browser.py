@@ -72,14 +72,6 @@ class Browser:
         finally:
             page.close()
 
-    def evaluate(self, script: str) -> Any:
-        """The value of a JavaScript expression evaluated in a blank page."""
-        page = self._browser.new_page()
-        try:
-            return page.evaluate(script)
-        finally:
-            page.close()
-
     def close(self) -> None:
         self._browser.close()
 
