@@ -5,6 +5,7 @@ test_report_browser.py."""
 import json
 import math
 import os
+import statistics
 import threading
 
 import jax
@@ -73,12 +74,14 @@ def test_payload_holds_every_node_stage_and_record(searched):
     promoted = [n.id for n in nodes if 1 in n.stages]
     assert len(promoted) >= 2
     assert [i for i, s in zip(columns["id"], columns["s1_status"], strict=True) if s] == promoted
-    for node, mean, n in zip(nodes, columns["s0_mean"], columns["s0_n"], strict=True):
+    rows = zip(nodes, columns["s0_mean"], columns["s0_sd"], columns["s0_n"], strict=True)
+    for node, mean, sd, n in rows:
         if node.ok:
             values = [m["reward"] for m in node.metrics["cheap"].values()]
-            assert n == 2 and mean == pytest.approx(sum(values) / 2, rel=1e-4)
+            assert n == 2 and mean == pytest.approx(statistics.mean(values), rel=1e-4)
+            assert sd == pytest.approx(statistics.stdev(values), rel=1e-4, abs=1e-9)
         else:
-            assert mean is None and n == 0
+            assert mean is None and sd is None and n == 0
     # The baseline comparison is the one the loop recorded.
     child = next(n for n in nodes if n.ok and n.parents)
     index = columns["id"].index(child.id)

@@ -20,8 +20,6 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from evolve_jax import fitness, rank_stats
 from evolve_jax.memory.history import History, HistoryError, Node
 from evolve_jax.memory.lease import live_runs
@@ -57,6 +55,17 @@ def _round(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_round(v) for v in value]
     return value
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None where undefined), in plain Python: numpy's
+    call overhead dominated for the two to five seeds a node has."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _unicode_safe(text: str) -> tuple[str, bool]:
@@ -325,10 +334,9 @@ def _columns(nodes: Sequence[Node], task: TaskDescription) -> dict[str, list]:
         columns["step"].append(node.origin.get("step"))
         for stage in range(len(task.stages)):
             values, status = _stage_values(node, stage, task)
-            columns[f"s{stage}_mean"].append(_round(float(np.mean(values))) if values else None)
-            columns[f"s{stage}_sd"].append(
-                _round(float(np.std(values, ddof=1))) if len(values) > 1 else None
-            )
+            mean, sd = _mean_sd(values)
+            columns[f"s{stage}_mean"].append(_round(mean))
+            columns[f"s{stage}_sd"].append(_round(sd))
             columns[f"s{stage}_n"].append(len(values))
             columns[f"s{stage}_status"].append(status)
             columns[f"s{stage}_vs"].append(_paired(node, stage, task))
@@ -418,7 +426,7 @@ def _correlations(nodes: Sequence[Node], task: TaskDescription) -> list[dict]:
             cheap, _ = _stage_values(node, 0, task)
             costly, _ = _stage_values(node, stage, task)
             if cheap and costly:
-                points.append([node.id, float(np.mean(cheap)), float(np.mean(costly))])
+                points.append([node.id, _mean_sd(cheap)[0], _mean_sd(costly)[0]])
         signs = [1.0 if task.stage_metrics(s)[0].direction == "max" else -1.0 for s in (0, stage)]
         agreement = rank_stats.agreement(
             [signs[0] * p[1] for p in points], [signs[1] * p[2] for p in points]
