@@ -85,16 +85,37 @@ def test_the_report_renders_and_selects_nodes(searched, browser, monkeypatch):
         assert visit.errors == []
 
 
+TREE_RANGES = """() => { const plot = Object.values(Bokeh.index).find((v) =>
+    v.renderer_views && v.el.parentNode.id === 'tree-plot').model;
+  return [plot.x_range.start, plot.x_range.end, plot.y_range.start, plot.y_range.end]; }"""
+
+
 def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
     workdir, _ = searched
     payload = data.collect(workdir, live=True)
     path = str(tmp_path / "live.html")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(page.render(payload, reload_seconds=0.5))
+        f.write(page.render(payload, reload_seconds=1.5))
     with browser.visit(path) as (p, visit):
         assert p.locator("#state").inner_text().startswith("live")
-        p.click("#board tr.row >> nth=1")  # a selection that must survive the reload
+        # What the reader set must survive the reloads: a selection, a filter, a panned plot,
+        # the scroll position.
+        p.click("#board tr.row >> nth=1")
         chosen = p.locator("#detail h2").inner_text()
+        p.fill("#filter", "gauss")
+        rows = p.locator("#board tr.row").count()
+        assert 0 < rows < len(payload["nodes"]["id"])
+        p.locator("#tree-plot").scroll_into_view_if_needed()
+        box = p.locator("#tree-plot").bounding_box()
+        drawn_ranges = p.evaluate(TREE_RANGES)
+        p.mouse.move(box["x"] + 300, box["y"] + 200)
+        p.mouse.down()
+        p.mouse.move(box["x"] + 200, box["y"] + 120, steps=5)
+        p.mouse.up()
+        panned = p.evaluate(TREE_RANGES)
+        assert panned != drawn_ranges
+        scrolled = p.evaluate("scrollY")
+        assert scrolled > 0
         p.evaluate("window.beforeReload = true")
         with open(path, "w", encoding="utf-8") as f:
             f.write(page.render({**payload, "live": False}, reload_seconds=0.5))
@@ -106,8 +127,12 @@ def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
         assert p.evaluate("window.beforeReload") is None  # it reloaded to get there
         p.wait_for_function("document.querySelector('#detail h2') !== null", timeout=5000)
         assert p.locator("#detail h2").inner_text() == chosen
+        assert p.input_value("#filter") == "gauss"
+        assert p.locator("#board tr.row").count() == rows
+        assert p.evaluate(TREE_RANGES) == pytest.approx(panned)
+        assert p.evaluate("scrollY") == pytest.approx(scrolled, abs=1)
         p.evaluate("window.afterEnd = true")
-        p.wait_for_timeout(2000)  # four reload periods
+        p.wait_for_timeout(4000)  # over two reload periods
         assert p.evaluate("window.afterEnd") is True  # and stopped reloading
         assert visit.errors == []
 

@@ -124,8 +124,47 @@
     second: ["┅", "color: #d0a84f", "second parent"],
   };
 
+  const figures = []; // [element id, figure] of every plot shown
   async function show(fig, div) {
+    figures.push([div.id, fig]);
     await B.Plotting.show(fig, div);
+  }
+
+  // ---------------------------------------------------------------- what a reload keeps
+
+  // The live page reloads itself; what the reader set (scroll, the leaderboard's filter and page,
+  // zoomed or panned plots) is kept across the reload in sessionStorage. The selection is kept
+  // in the URL.
+  const VIEW = `evolve_jax report view ${location.pathname}`;
+  const savedView = (() => {
+    try { return JSON.parse(sessionStorage.getItem(VIEW)) || {}; } catch { return {}; }
+  })();
+  history.scrollRestoration = "manual";
+  const rangesOf = (fig) => [fig.x_range.start, fig.x_range.end, fig.y_range.start, fig.y_range.end];
+  const drawnRanges = new Map(); // each plot's ranges as first drawn: a zoom changes them
+
+  function saveView() {
+    const zoomed = {};
+    for (const [id, fig] of figures) {
+      const now = rangesOf(fig), first = drawnRanges.get(id);
+      if (first && now.some((v, k) => v !== first[k])) zoomed[id] = now;
+    }
+    const view = { scroll: [scrollX, scrollY], filter: document.getElementById("filter").value, page: boardPage, zoomed };
+    try { sessionStorage.setItem(VIEW, JSON.stringify(view)); } catch { /* storage off: nothing kept */ }
+  }
+
+  function restoreView() {
+    for (const [id, fig] of figures) {
+      drawnRanges.set(id, rangesOf(fig));
+      const r = (savedView.zoomed || {})[id];
+      if (!r) continue;
+      for (const [range, start, end] of [[fig.x_range, r[0], r[1]], [fig.y_range, r[2], r[3]]]) {
+        range.have_updated_interactively = true; // as a tool leaves it: a DataRange1d then stays put
+        range.setv({ start, end });
+      }
+    }
+    if (savedView.scroll) scrollTo(...savedView.scroll);
+    addEventListener("pagehide", saveView);
   }
 
   // ---------------------------------------------------------------- header and notices
@@ -222,14 +261,15 @@
     const input = document.getElementById("filter");
     const search = [];
     all.forEach(([i]) => search.push(`#${C.id[i]} ${C.name[i]} ${C.status[i]} ${C.operator[i] || "seed"} ${C.reason[i] || ""}`.toLowerCase()));
-    const apply = () => {
+    const apply = (page) => {
       const q = input.value.trim().toLowerCase();
       boardRows = q ? all.filter((_, k) => search[k].includes(q)) : all;
-      boardPage = 0;
+      boardPage = Math.max(0, Math.min(page, Math.ceil(boardRows.length / PAGE) - 1));
       drawBoard();
     };
-    input.addEventListener("input", apply);
-    apply();
+    input.addEventListener("input", () => apply(0));
+    input.value = savedView.filter || "";
+    apply(savedView.page || 0);
   }
 
   function drawBoard() {
@@ -458,6 +498,7 @@
   const painted = () => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
   Promise.all(ready).then(() => { phases.views_ms = performance.now(); }).then(painted).then(() => {
     window.reportPhases = phases;
+    restoreView();
     const m = /^#node=(\d+)$/.exec(location.hash);
     if (m) select(Number(m[1]));
     window.reportRenderedMs = performance.now();
