@@ -85,6 +85,7 @@ def test_the_report_renders_and_selects_nodes(searched, browser, monkeypatch):
         assert visit.errors == []
 
 
+RELOAD = 3  # seconds: time enough to set the page up before it reloads, on a slow machine
 TREE_RANGES = """() => { const plot = Object.values(Bokeh.index).find((v) =>
     v.renderer_views && v.el.parentNode.id === 'tree-plot').model;
   return [plot.x_range.start, plot.x_range.end, plot.y_range.start, plot.y_range.end]; }"""
@@ -95,11 +96,12 @@ def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
     payload = data.collect(workdir, live=True)
     path = str(tmp_path / "live.html")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(page.render(payload, reload_seconds=1.5))
+        f.write(page.render(payload, reload_seconds=RELOAD))
     with browser.visit(path) as (p, visit):
         assert p.locator("#state").inner_text().startswith("live")
         # What the reader set must survive the reloads: a selection, a filter, a panned plot,
-        # the scroll position.
+        # the scroll position. Set within one reload period (checked below).
+        p.evaluate("window.beforeReload = true")
         p.click("#board tr.row >> nth=1")
         chosen = p.locator("#detail h2").inner_text()
         p.fill("#filter", "gauss")
@@ -116,9 +118,9 @@ def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
         assert panned != drawn_ranges
         scrolled = p.evaluate("scrollY")
         assert scrolled > 0
-        p.evaluate("window.beforeReload = true")
+        assert p.evaluate("window.beforeReload"), "the page reloaded before the test had set it up"
         with open(path, "w", encoding="utf-8") as f:
-            f.write(page.render({**payload, "live": False}, reload_seconds=0.5))
+            f.write(page.render({**payload, "live": False}, reload_seconds=RELOAD))
         p.wait_for_function(
             "document.getElementById('state') && "
             "document.getElementById('state').textContent === 'ended'",
@@ -132,7 +134,7 @@ def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):
         assert p.evaluate(TREE_RANGES) == pytest.approx(panned)
         assert p.evaluate("scrollY") == pytest.approx(scrolled, abs=1)
         p.evaluate("window.afterEnd = true")
-        p.wait_for_timeout(4000)  # over two reload periods
+        p.wait_for_timeout(2.5 * RELOAD * 1000)
         assert p.evaluate("window.afterEnd") is True  # and stopped reloading
         assert visit.errors == []
 
