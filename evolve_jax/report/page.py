@@ -14,6 +14,7 @@ import functools
 import gzip
 import json
 import os
+import re
 from importlib import resources
 from typing import Any
 
@@ -47,14 +48,25 @@ def _packed(payload: Any) -> str:
     return base64.b64encode(gzip.compress(text.encode("ascii"), compresslevel=6)).decode()
 
 
-def unpacked(html: str, element: str = "report-data") -> Any:
-    """The payload inlined in a rendered page, or with ``element="report-details"`` the list of
-    per-node details (for tests and tools)."""
-    marker = f'id="{element}">'
-    start = html.index(marker) + len(marker)
-    chunks = html[start : html.index("<", start)].split(" ")
-    parts = [json.loads(gzip.decompress(base64.b64decode(chunk))) for chunk in chunks]
-    return parts[0] if element == "report-data" else [d for part in parts for d in part]
+def _inflated(text: str) -> Any:
+    return json.loads(gzip.decompress(base64.b64decode(text)))
+
+
+def unpacked(html: str) -> dict[str, Any]:
+    """The payload inlined in a rendered page, without its details (for tests and tools)."""
+    return _inflated(re.search(r'id="report-data">([^<]*)<', html)[1])
+
+
+def unpacked_details(html: str) -> list[dict[str, Any]]:
+    """The per-node details inlined in a rendered page, chunks joined (for tests and tools)."""
+    chunks = re.findall(r'class="report-details">([^<]*)<', html)
+    return [detail for chunk in chunks for detail in _inflated(chunk)]
+
+
+def _details_element(chunk: list[dict[str, Any]]) -> str:
+    """One chunk in an element of its own: reading it costs the page only its own text."""
+    element = '<script type="application/gzip;base64" class="report-details">'
+    return f"{element}{_packed(chunk)}</script>"
 
 
 def render(payload: dict[str, Any], reload_seconds: float = RELOAD_SECONDS) -> str:
@@ -67,7 +79,7 @@ def render(payload: dict[str, Any], reload_seconds: float = RELOAD_SECONDS) -> s
         ("/*STYLE*/", _asset("report.css")),
         ("/*BOKEH*/", _bokeh_js()),
         ("/*DATA*/", _packed(payload)),
-        ("/*DETAILS*/", " ".join(map(_packed, chunks or [[]]))),
+        ("/*DETAILS*/", "".join(map(_details_element, chunks))),
         ("/*APP*/", _asset("report.js")),
     ):
         before, found, after = html.partition(marker)

@@ -10,15 +10,15 @@
   const phases = { scripts_run_ms: performance.now() }; // milliseconds since navigation
   const D = await unpack(document.getElementById("report-data").textContent);
   phases.unpacked_ms = performance.now();
-  // The per-node details, in chunks of D.detail_chunk nodes, each inflated when one of its nodes
-  // is first selected. They come after this script in the file.
+  // The per-node details, in chunks of D.detail_chunk nodes (an element each), each inflated when
+  // one of its nodes is first selected. They come after this script in the file.
   const parsed = new Promise((done) =>
     document.readyState === "loading" ? document.addEventListener("DOMContentLoaded", done) : done());
   const detailChunks = new Map();
   async function details(i) {
     const k = Math.floor(i / D.detail_chunk);
     if (!detailChunks.has(k)) {
-      detailChunks.set(k, parsed.then(() => unpack(document.getElementById("report-details").textContent.split(" ")[k])));
+      detailChunks.set(k, parsed.then(() => unpack(document.getElementsByClassName("report-details")[k].textContent)));
     }
     return (await detailChunks.get(k))[i % D.detail_chunk];
   }
