@@ -5,6 +5,7 @@ without it these tests fail rather than skip. Screenshots land in $TEST_ARTIFACT
 test-artifacts/)."""
 
 import os
+import re
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_the_report_renders_and_selects_nodes(searched, browser, monkeypatch):
         assert drawn(p, "fitness-1", "nodes") + drawn(p, "fitness-1", "failed") == len(promoted)
         assert drawn(p, "corr-1", "nodes") == len(promoted)
         assert p.locator("#board tr.row").count() == len(nodes)
+        assert re.search(r"written \d{4}-\d\d-\d\d \d\d:\d\d", p.locator("#header").inner_text())
         assert (
             p.locator("#stages p")
             .first.inner_text()

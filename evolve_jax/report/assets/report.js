@@ -55,7 +55,13 @@
     const m = Math.round(s / 60);
     return m < 120 ? `${m} min` : `${(s / 3600).toFixed(1)} h`;
   };
-  const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
+  // Local time, formatted by hand: toLocaleString cost a 10,000-node page about 25 ms (Intl).
+  const pad = (n) => String(n).padStart(2, "0");
+  const when = (t) => {
+    if (!t) return "–";
+    const d = new Date(t * 1000);
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  };
   const nodeLink = (id) => el("a", { class: "node", onclick: () => select(id) }, `#${id}`);
   const better = (a, b, direction) => (direction === "max" ? a > b : a < b);
   const label = (i) => `#${C.id[i]} ${C.name[i]}`;
