@@ -16,6 +16,10 @@ from evolve_jax.report.browser import chromium, drawn
 from tests.test_report_page import _append, toy_search
 
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", "test-artifacts")
+# The lineage plot's BokehJS view, as a JavaScript expression.
+TREE_VIEW = (
+    "Object.values(Bokeh.index).find((v) => v.renderer_views && v.el.parentNode.id === 'tree-plot')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +71,9 @@ def test_the_report_renders_and_selects_nodes(searched, browser, monkeypatch):
         target = next(n for n in nodes if n.ok and n.parents and n.id != best.id)
         p.locator("#tree-plot").scroll_into_view_if_needed()
         x, y = p.evaluate(
-            """([x, y]) => { const view = Object.values(Bokeh.index).find((v) =>
-                 v.renderer_views && v.el.parentNode.id === 'tree-plot');
-               const { x_scale, y_scale } = view.frame, box = view.el.getBoundingClientRect();
-               return [box.left + x_scale.compute(x), box.top + y_scale.compute(y)]; }""",
+            f"""([x, y]) => {{ const view = {TREE_VIEW};
+               const {{ x_scale, y_scale }} = view.frame, box = view.el.getBoundingClientRect();
+               return [box.left + x_scale.compute(x), box.top + y_scale.compute(y)]; }}""",
             [target.id, data.collect(workdir, live=False)["tree"]["row"][target.id]],
         )
         # Hovering it first shows its label (made by the page when hovered).
@@ -88,9 +91,8 @@ def test_the_report_renders_and_selects_nodes(searched, browser, monkeypatch):
 
 
 RELOAD = 3  # seconds: time enough to set the page up before it reloads, on a slow machine
-TREE_RANGES = """() => { const plot = Object.values(Bokeh.index).find((v) =>
-    v.renderer_views && v.el.parentNode.id === 'tree-plot').model;
-  return [plot.x_range.start, plot.x_range.end, plot.y_range.start, plot.y_range.end]; }"""
+TREE_RANGES = f"""() => {{ const plot = {TREE_VIEW}.model;
+  return [plot.x_range.start, plot.x_range.end, plot.y_range.start, plot.y_range.end]; }}"""
 
 
 def test_a_live_page_reloads_until_the_run_ends(searched, browser, tmp_path):

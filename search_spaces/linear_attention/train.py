@@ -206,8 +206,9 @@ def _runs(
     initial parameters (``model.initializer``) and its data."""
     init = model.initializer(cfg)
     runs = [
-        (init(jax.random.key(seed)), np.float32(lr), *stream)
+        (params, np.float32(lr), *stream)
         for seed, stream in zip(seeds, streams, strict=True)
+        for params in [init(jax.random.key(seed))]  # drawn once per seed
         for lr in train.learning_rates
     ]
     return jax.tree.map(lambda *xs: np.stack(xs), *runs)
