@@ -2,11 +2,12 @@
 
     python -m benchmarks.prompt_cost [--budget=quickstart|gpu] [--steps=N] [--seeds=0,1,2]
 
-Runs the linear-attention search with ``--agents=gemini`` against the fake Gemini server of the
-tests (tests/fake_gemini.py), so every prompt is the one a real run would send at that step:
-the space's task, schema and operators, the parents' metrics and analyses, the lessons. Only
-the training is replaced, by synthetic metrics of the same names, sizes and per-seed layout
-(training does not change a prompt's length), so a measurement takes minutes, not hours.
+Runs the linear-attention search with ``--agents=gemini`` against the fake Gemini server that
+the tests use (evolve_jax/testing/fake_gemini.py), so every prompt is the one a real run would
+send at that step: the space's task, schema and operators, the parents' metrics and analyses,
+the lessons. Only the training is replaced, by synthetic metrics of the same names, sizes and
+per-seed layout (training does not change a prompt's length), so a measurement takes minutes,
+not hours.
 
 Measured: prompt tokens per role and step, as characters / 4 (the fake's count; Gemini's
 tokenizer differs, JSON often runs denser). Not measured: a live model's answer length and
@@ -33,10 +34,9 @@ from evolve_jax.agents.llm import Prices, Usage
 from evolve_jax.config import LLMConfig, RunConfig
 from evolve_jax.sampling import SamplerConfig
 from evolve_jax.search_space import EvalResult
+from evolve_jax.testing.fake_gemini import FakeGemini
 from search_spaces.linear_attention import genome
 from search_spaces.linear_attention.space import LinearAttentionSpace
-from tests.fake_gemini import FakeGemini
-from tests.test_gemini import respond as respond_toy
 
 _BUDGET = flags.DEFINE_enum("budget", "quickstart", ["quickstart", "gpu"], "Which flagfile.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Evolution steps measured.")
@@ -76,10 +76,26 @@ ROLE_PREFIXES = (
 )
 
 
+def respond_other(system: str, prompt: str) -> str:
+    """The Analyzer's, the lessons' and the judge's answers: short, fixed-shape JSON (the same
+    answers as the test suite's fake responder gives these roles)."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    if system.startswith("You are the Analyzer of an automated research loop. Given"):
+        return json.dumps({"analysis": f"analysis {digest[0]}"})
+    if system.startswith("You are the Analyzer"):
+        return json.dumps(
+            {"lessons": [{"title": "Bowls near the target win", "content": "Scores rise.",
+                          "tags": ["bowl"], "nodes": [3]}]}
+        )  # fmt: skip
+    if system.startswith("You are a reviewer"):
+        return json.dumps({"score": 7, "reason": "sound"})
+    raise ValueError(f"unexpected prompt: {system[:60]}")
+
+
 def respond(request: dict) -> str:
     """The fake's answers: a Researcher's child (or an Engineer's repair) is a typed mutation of
-    the prompt's parent, with a motivation of a typical length; the other roles answer as in
-    the tests."""
+    the prompt's parent, with a motivation of a typical length; the other roles as in
+    ``respond_other``."""
     system = request["systemInstruction"]["parts"][0]["text"]
     prompt = "".join(c["parts"][0]["text"] for c in request["contents"])
     if system.startswith("You are the Engineer"):
@@ -87,7 +103,7 @@ def respond(request: dict) -> str:
     elif system.startswith("You are the Researcher"):
         parent = json.loads(re.search(r"Parent: .*?\n  candidate: (\{.*?\})\n", prompt, re.S)[1])
     else:
-        return respond_toy(request)
+        return respond_other(system, prompt)
     rng = np.random.default_rng(list(hashlib.sha256(prompt.encode()).digest()[:8]))
     names = sorted(n for n, op in genome.OPERATORS.items() if op.arity == 1)
     op = names[int(rng.integers(len(names)))]

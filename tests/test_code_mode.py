@@ -17,10 +17,10 @@ from evolve_jax.evaluation import sandbox
 from evolve_jax.memory.history import History
 from evolve_jax.programs import Program
 from evolve_jax.search_space import CodeSpec
+from evolve_jax.testing.fake_gemini import FakeGemini
 from search_spaces.circle_packing import code_mode as cp_code
 from search_spaces.circle_packing.space import CirclePackingSpace
 from tests.conftest import run_cli
-from tests.fake_gemini import FakeGemini
 from tests.test_gemini import RESEARCHER, _config, _turns, respond
 
 ENGINEER = "fake-engineer"

@@ -1,4 +1,4 @@
-"""The real google-genai SDK against tests/fake_gemini.py: wire format, errors, retries."""
+"""The real google-genai SDK against evolve_jax/testing/fake_gemini.py: wire format, errors, retries."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from tests.fake_gemini import FakeGemini
+from evolve_jax.testing.fake_gemini import FakeGemini
 
 MODEL = "gemini-test"
 

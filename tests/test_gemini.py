@@ -1,7 +1,7 @@
 """The gemini backend on the wire: the real google-genai SDK against a fake Gemini server.
 
 Every test runs the research loop (the toy search space) with ``--agents=gemini`` pointed at
-``tests/fake_gemini.py`` on 127.0.0.1; nothing in the SDK is stubbed.
+``evolve_jax/testing/fake_gemini.py`` on 127.0.0.1; nothing in the SDK is stubbed.
 """
 
 import collections
@@ -23,8 +23,8 @@ from evolve_jax.memory.history import History
 from evolve_jax.report import data as report_data
 from evolve_jax.sampling import SamplerConfig
 from evolve_jax.search_space import fingerprint
+from evolve_jax.testing.fake_gemini import GENERATE, FakeGemini
 from tests.conftest import TOY, run_cli
-from tests.fake_gemini import GENERATE, FakeGemini
 from tests.test_loop import _run_until
 from tests.toy_space import ToySpace
 
