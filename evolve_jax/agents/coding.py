@@ -15,7 +15,7 @@ from typing import Any
 
 from evolve_jax.agents import llm as llm_lib
 from evolve_jax.agents.base import DesignContext
-from evolve_jax.agents.gemini import Design, GeminiEngineer, GeminiResearcher, show
+from evolve_jax.agents.gemini_roles import Design, GeminiEngineer, GeminiResearcher, show
 from evolve_jax.config import EDIT_KINDS
 from evolve_jax.programs import (
     EditError,
