@@ -111,6 +111,9 @@ class RunConfig:
     max_repairs: int = 2
     top_k_report: int = 10
     budget_usd: float | None = None  # stop at a step boundary once the run's LLM cost reaches it
+    # A child whose stage-0 primary metric improves on the best trusted node's by more than
+    # this fraction of that value's magnitude is flagged implausible (loop.py); inf: never.
+    implausible_gain: float = 0.25
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
     space_options: tuple[tuple[str, str], ...] = ()
 
@@ -121,6 +124,11 @@ class RunConfig:
         for name in ("steps", "promote_top_k", "max_repairs", "max_item_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.implausible_gain > 0:  # NaN fails this too
+            raise ValueError(
+                f"implausible_gain must be a number > 0 (inf turns the check off), "
+                f"got {self.implausible_gain}"
+            )
         if self.budget_usd is not None and self.budget_usd < 0:
             raise ValueError(f"budget_usd must be >= 0, got {self.budget_usd}")
         if not self.workdir:

@@ -30,7 +30,7 @@ from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, SlotTaken, worst_score
 from evolve_jax.memory.lease import Lease
 from evolve_jax.report import page
-from evolve_jax.sampling import make_sampler
+from evolve_jax.sampling import awaiting_remeasure, make_sampler, sampleable
 from evolve_jax.search_space import SearchSpace, fingerprint, load
 
 
@@ -86,6 +86,7 @@ class ResearchLoop:
         self._compiled = compile_clock.seconds()  # compile seconds already counted
         self._spent = 0.0  # USD of LLM calls recorded for this run
         self._evaluated = 0  # candidates evaluated by this process (for the ETA)
+        self._primary: dict[int, float | None] = {}  # node id -> stage-0 primary metric mean
         self._remaining = 0
 
     # ------------------------------------------------------------------ helpers
@@ -142,8 +143,68 @@ class ResearchLoop:
         return outcome, score, stats
 
     def _best(self) -> Node | None:
-        ok = [n for n in self.history.cached().values() if n.ok]
+        """The best node so far, leaving out nodes flagged implausible and not yet re-measured."""
+        ok = [n for n in self.history.cached().values() if sampleable(n)]
         return self.sampler.ranked(ok)[0] if ok else None
+
+    def _primary_mean(self, by_seed: dict) -> float | None:
+        """The mean over seeds of stage 0's primary metric; None unless every seed has a
+        finite value."""
+        name = self.task.stage_metrics(0)[0].name
+        values = [m.get(name) for m in by_seed.values()]
+        if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return None
+        return float(np.mean(values))
+
+    def _implausible(self, step: int, slot: int, outcome: Outcome) -> dict | None:
+        """The flag of a child whose stage-0 primary metric beats the best trusted value by
+        more than ``implausible_gain`` of that value's magnitude; None when it does not.
+
+        Trusted: the ok nodes not awaiting re-measurement (``sampling.sampleable``) of the
+        history as it stood when ``step`` began, and this step's earlier slots; the same
+        committed history gives the same decision, in a resumed run too. The gain is the
+        improvement in the metric's direction over ``|best|``; against a best of exactly 0 any
+        improvement is an infinite gain (stored as null).
+        """
+        threshold = self.config.implausible_gain
+        if step == 0 or outcome.status != "ok" or not math.isfinite(threshold):
+            return None
+        metric = self.task.stage_metrics(0)[0]
+        value = self._primary_mean(outcome.metrics)
+        if value is None:
+            return None
+        run, stage0 = self.config.run_name, self.task.stages[0].name
+        sign = 1.0 if metric.direction == "max" else -1.0
+        best: tuple[float, int] | None = None  # (signed value, -id): larger is better
+        for node in self.history.nodes(refresh=False):
+            o = node.origin
+            if o.get("run") == run and (o.get("step", 0), o.get("slot", 0)) >= (step, slot):
+                continue  # recorded after this slot (or it is this slot)
+            if not sampleable(node):
+                continue
+            if node.id not in self._primary:
+                self._primary[node.id] = self._primary_mean(node.metrics.get(stage0, {}))
+            mean = self._primary[node.id]
+            if mean is not None and (best is None or (sign * mean, -node.id) > best):
+                best = (sign * mean, -node.id)
+        if best is None:
+            return None
+        best_value, best_node = sign * best[0], -best[1]
+        improvement = sign * (value - best_value)
+        if best_value != 0:
+            gain = improvement / abs(best_value)
+        else:
+            gain = math.inf if improvement > 0 else 0.0
+        if not gain > threshold:
+            return None
+        return {
+            "metric": metric.name,
+            "value": value,
+            "best": best_value,
+            "best_node": best_node,
+            "gain": gain,
+            "threshold": threshold,
+        }
 
     def _descriptor(self, candidate: Any) -> list[float]:
         try:
@@ -185,6 +246,9 @@ class ResearchLoop:
             stats["design"] = dict(proposal.notes)
         if judgement is not None:
             stats["judge"] = judgement
+        implausible = self._implausible(step, slot, outcome)
+        if implausible is not None:
+            stats["implausible"] = implausible
         if self.agents.cost is not None:
             stats["llm"] = self.agents.cost.take_slot(step, slot)
             self._spent += stats["llm"]["usd"]
@@ -217,6 +281,15 @@ class ResearchLoop:
             siblings.append((proposal, node.score))
             return node
         siblings.append((proposal, score))
+        if implausible is not None:
+            logging.warning(
+                "step %d slot %d | %s (node %d) flagged implausible: %s %.4g against the best "
+                "%.4g (node %d), a relative gain of %.3g > %.3g; kept out of parent selection "
+                "until re-measured ok at stage 1",
+                step, slot, node.name, node.id, implausible["metric"], implausible["value"],
+                implausible["best"], implausible["best_node"], implausible["gain"],
+                implausible["threshold"],
+            )  # fmt: skip
         self._log(step, slot, node)
         return node
 
@@ -293,7 +366,7 @@ class ResearchLoop:
         mine = self._mine()
         todo = [s for s in range(cfg.samples_per_step) if (step, s) not in mine]
         view = self._view(step)
-        pool = [n for n in view if n.ok]
+        pool = [n for n in view if sampleable(n)]  # flagged nodes wait for re-measurement
         if not pool:
             raise LoopError("no successful node to sample from: every seed failed (see history)")
         self.sampler.sync(self.history, view, step)
@@ -411,23 +484,31 @@ class ResearchLoop:
         return nodes + steps
 
     def promote(self, step: int) -> None:
-        """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages.
+        """Evaluates the top ``promote_top_k`` nodes (and the baseline) at the costlier stages,
+        and the nodes flagged implausible and not yet evaluated at stage 1, at stage 1.
 
-        It runs after every step; nodes already promoted are not evaluated again.
+        It runs after every step; nodes already promoted are not evaluated again. Flagged
+        nodes are promoted whatever ``promote_top_k`` is (with the baseline, which scores
+        them), and they take no place in the top k.
 
         The ranking is of the history as it stood at the end of ``step``, so a resumed run
         promotes what the uninterrupted run did.
         """
         k = self.config.promote_top_k
-        if k == 0 or len(self.task.stages) < 2:
+        if len(self.task.stages) < 2:
             return
-        ranked = self.sampler.ranked([n for n in self._view(step + 1) if n.ok])
-        chosen = ranked[:k]
+        view = self._view(step + 1)
+        chosen = self.sampler.ranked([n for n in view if sampleable(n)])[:k]
+        flagged = [n for n in view if n.ok and awaiting_remeasure(n) and 1 not in n.stages]
+        if not chosen and not flagged:
+            return
         base = self._baseline_node()
         if base is not None:
             chosen = [base] + [n for n in chosen if n.id != base.id]
         for stage in range(1, len(self.task.stages)):
             todo = [n for n in chosen if stage not in n.stages]
+            if stage == 1:
+                todo += flagged  # never among the chosen: those are trusted nodes
             if not todo:
                 continue
             outcomes = self.agents.engineer.run(
@@ -461,6 +542,13 @@ class ResearchLoop:
                     node.name, stage, self.task.stages[stage].name, outcome.status, score,
                     node.score,
                 )  # fmt: skip
+                if "implausible" in node.stats and stage == 1:
+                    logging.info(
+                        "%s (node %d), flagged implausible, re-measured at stage 1: %s",
+                        node.name, node.id,
+                        "ok, it may be a parent now" if outcome.status == "ok"
+                        else "not ok, it stays out of parent selection",
+                    )  # fmt: skip
 
     def run(self) -> RunSummary:
         """Runs (or resumes) the search, holding the run's lease throughout (lease.py)."""
@@ -497,6 +585,7 @@ class ResearchLoop:
                     "samples_per_step": cfg.samples_per_step,
                     "eval_seeds": cfg.eval_seeds,
                     "promote_top_k": cfg.promote_top_k,
+                    "implausible_gain": cfg.implausible_gain,  # inf (off) is stored as null
                     "space_options": [list(o) for o in cfg.space_options],
                 },
                 "prior_knowledge": [

@@ -126,6 +126,13 @@ _EDIT_MIX = flags.DEFINE_string(
 _BUDGET_USD = flags.DEFINE_float(
     "budget_usd", None, "Stop at a step boundary once the LLM cost reaches this.", lower_bound=0
 )
+_IMPLAUSIBLE_GAIN = flags.DEFINE_float(
+    "implausible_gain",
+    0.25,
+    "Flag a child whose stage-0 primary metric beats the best trusted node's by more than this "
+    "fraction of that value's magnitude (a likely harness exploit): it is kept out of parent "
+    "selection until re-measured ok at stage 1. A number > 0; inf turns the check off.",
+)
 _SAMPLES_PER_STEP = flags.DEFINE_integer(
     "samples_per_step", 4, "Children proposed per step.", lower_bound=1
 )
@@ -235,6 +242,7 @@ def config_from_flags() -> RunConfig:
         max_repairs=_MAX_REPAIRS.value,
         space_options=tuple(options),
         budget_usd=_BUDGET_USD.value,
+        implausible_gain=_IMPLAUSIBLE_GAIN.value,
         llm=LLMConfig(
             researcher_model=_RESEARCHER_MODEL.value,
             engineer_model=_ENGINEER_MODEL.value,

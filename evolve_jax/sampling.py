@@ -41,6 +41,20 @@ class SamplerConfig:
             raise ValueError("migration_rate, exploration + exploitation must lie in [0, 1]")
 
 
+def awaiting_remeasure(node: Node) -> bool:
+    """Whether ``node`` was flagged implausibly good when recorded (``stats["implausible"]``,
+    loop.py) and has no successful result at stage 1 yet: the loop keeps such a node out of
+    parent and reference selection, and out of "best", until that costlier, independent
+    evaluation succeeds."""
+    return "implausible" in node.stats and (node.stages.get(1) or {}).get("status") != "ok"
+
+
+def sampleable(node: Node) -> bool:
+    """Whether ``node`` may be a parent or reference: it succeeded and is not awaiting
+    re-measurement (``awaiting_remeasure``)."""
+    return node.ok and not awaiting_remeasure(node)
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     parent: Node
@@ -167,7 +181,7 @@ class Islands(Sampler):
         return [n for n in pool if n.island == island or n.id in extra]
 
     def sync(self, history, view, step):
-        ok = [n for n in view if n.ok]
+        ok = [n for n in view if sampleable(n)]  # a node awaiting re-measurement stays put
         interval = self.config.migration_interval
         if step > 0 and step % interval == 0 and ok:
             self.migrants = self._load(history)

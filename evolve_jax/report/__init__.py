@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from evolve_jax import rank_stats, storage
 from evolve_jax.memory.history import Node
+from evolve_jax.sampling import awaiting_remeasure
 from evolve_jax.search_space import TaskDescription
 
 
@@ -64,6 +65,25 @@ def stage_metric(node: Node, stage: int, task: TaskDescription) -> str:
     return record.get("status", "?") if stage and record else "-"
 
 
+def implausible_note(node: Node) -> str | None:
+    """What a reader should know about a node flagged implausibly good when it was recorded
+    (``stats["implausible"]``, loop.py); None for a node never flagged."""
+    flag = node.stats.get("implausible")
+    if not flag:
+        return None
+    gain = flag.get("gain")
+    gain = f"{gain:.3g}" if gain is not None else "inf"
+    what = (
+        f"implausible: {flag.get('metric')} {flag.get('value'):.4g} against the best "
+        f"{flag.get('best'):.4g} (node {flag.get('best_node')}), gain {gain} > "
+        f"{flag.get('threshold'):.3g}"
+    )
+    if awaiting_remeasure(node):
+        status = (node.stages.get(1) or {}).get("status")
+        return f"{what}; {status} at stage 1" if status else f"{what}; not re-measured yet"
+    return f"{what}; re-measured ok at stage 1"
+
+
 def render(
     nodes: Sequence[Node], direction: str, task: TaskDescription, k: int, workdir: str
 ) -> str:
@@ -94,8 +114,15 @@ def render(
             vs = f"{paired['mean_diff']:+.3g}"
         else:
             vs = "-"
+        note = implausible_note(node)
+        name = f"{node.name}  [{note}]" if note else node.name
+        lines.append(f"{rank:>4}  {node.id:>5}  {node.score:>9.4g}  {per_stage}  {vs:>22}  {name}")
+    held = [n.id for n in nodes if n.ok and awaiting_remeasure(n)]
+    if held:
         lines.append(
-            f"{rank:>4}  {node.id:>5}  {node.score:>9.4g}  {per_stage}  {vs:>22}  {node.name}"
+            f"Flagged implausibly good at stage 0 and not re-measured ok at stage 1 (kept out of "
+            f"parent selection and of the best): node(s) {', '.join(map(str, held))}"
+            + ("; this space has one stage, so they stay out" if len(task.stages) < 2 else "")
         )
     for stage in range(1, len(task.stages)):
         agreement = stage_correlation(nodes, task, stage)

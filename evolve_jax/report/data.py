@@ -23,6 +23,7 @@ from typing import Any
 from evolve_jax import fitness, rank_stats
 from evolve_jax.memory.history import History, HistoryError, Node
 from evolve_jax.memory.lease import live_runs
+from evolve_jax.report import implausible_note
 from evolve_jax.search_space import Metric, Stage, TaskDescription
 
 # The detail texts of all nodes together (candidates, diffs, motivations, analyses) are clipped
@@ -324,7 +325,9 @@ def _columns(nodes: Sequence[Node], task: TaskDescription) -> dict[str, list]:
         columns["id"].append(node.id)
         columns["name"].append(_text(node.name, 200))
         columns["status"].append(node.status)
-        columns["reason"].append(_text(node.reason, 300) if node.reason else None)
+        # A success's reason is its implausible flag (report.implausible_note), if it has one.
+        reason = node.reason or implausible_note(node)
+        columns["reason"].append(_text(reason, 300) if reason else None)
         columns["score"].append(_round(_finite(node.score)))
         columns["parents"].append(list(node.parents))
         columns["operator"].append(node.operator)
@@ -368,12 +371,13 @@ def _details(
         view = _candidate_view(node, parent, limit, seen)
         for notice in view["notices"]:
             notices.append(f"Node {node.id}: {notice}.")
+        reason = node.reason or implausible_note(node)
         details.append(
             {
                 "candidate": view,
                 "motivation": _text(node.motivation, limit),
                 "analysis": _text(node.analysis, limit),
-                "reason": _text(node.reason, limit) if node.reason else None,
+                "reason": _text(reason, limit) if reason else None,
                 "metrics": _round(node.metrics),
                 "stages": {
                     str(s): _round(
