@@ -1,6 +1,7 @@
 """Sandbox targets for tests/test_sandbox.py: each takes the channel, as a real harness does."""
 
 import errno
+import importlib.util
 import io
 import os
 import socket
@@ -9,12 +10,14 @@ import zipfile
 
 import numpy as np
 
-from evolve_jax.evaluation import sandbox
+from evolve_jax.evaluation import sandbox_channel
 
 
 def echo(channel):
     """Replies with the request's arrays transformed by candidate.py from the working dir."""
-    import candidate
+    spec = importlib.util.spec_from_file_location("candidate", os.path.abspath("candidate.py"))
+    candidate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(candidate)
 
     header, arrays = channel.receive()
     channel.send(
@@ -92,6 +95,11 @@ def print_lines(channel):
     channel.send({"done": True})
 
 
+def exit_3(channel):
+    """Exits with the status the worker once used for MemoryError, allocating nothing."""
+    os._exit(3)
+
+
 def fail(channel):
     raise ValueError("candidate exploded")
 
@@ -107,7 +115,7 @@ def send_pickled_array(channel):
         np.lib.format.write_array(member, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     payload = buffer.getvalue()
     header = b"{}"
-    os.write(channel.write_fd, sandbox._frame_head(header, payload) + payload)
+    os.write(channel.write_fd, sandbox_channel.frame_head(header, payload) + payload)
 
 
 def daemonize(channel):

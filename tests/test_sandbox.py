@@ -1,6 +1,7 @@
 """Sandbox: the channel's refusals, the limits, and what leaks from the parent (nothing)."""
 
 import os
+import re
 import socket
 import statistics
 import time
@@ -9,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from evolve_jax.evaluation import sandbox, sandbox_worker
+from evolve_jax.evaluation import sandbox, sandbox_channel, sandbox_worker
 from evolve_jax.evaluation.sandbox import Channel, Limits, Sandbox, SandboxError, run_once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,7 @@ def test_channel_refuses_oversized_and_non_object_messages_and_times_out(pipe_ch
     finally:
         small.close()
     header = b"[1, 2]"
-    os.write(a.write_fd, sandbox._frame_head(header, b""))
+    os.write(a.write_fd, sandbox_channel.frame_head(header, b""))
     with pytest.raises(SandboxError, match="not an object"):
         b.receive(timeout_s=5)
 
@@ -165,13 +166,28 @@ def test_endless_loop_is_killed_at_the_timeout_leaving_no_process(mark):
     assert _marked(mark) == [] and _children() == []
 
 
-def test_unbounded_allocation_is_stopped_and_reported_as_memory():
+def test_unbounded_allocation_is_stopped_and_reported_as_what_was_observed():
     limits = Limits(timeout_s=20, memory_bytes=512 << 20)
     reply, report = run_once(f"{TARGETS}:allocate", {}, limits=limits, env=_env())
-    assert report.memory_exceeded and report.reason().startswith("memory"), report
     assert not report.timed_out
-    # RLIMIT_DATA turned the allocation into a MemoryError, which the worker still reported.
+    # RLIMIT_DATA turned the allocation into a MemoryError, which the worker still reported;
+    # the reason is the exit code, the peak RSS the watchdog saw, and the program's own words.
     assert "MemoryError" in reply[0]["error"]
+    assert not report.memory_exceeded and 0 < report.peak_rss_bytes <= limits.memory_bytes
+    reason = report.reason()
+    assert re.fullmatch(
+        r"exit code 1 \(peak RSS seen 0\.\d\d GiB of the 0\.5 GiB cap\); "
+        r"the program's stderr ends: MemoryError",
+        reason,
+    ), reason
+
+
+def test_a_program_that_exits_3_on_its_own_is_not_reported_as_memory():
+    reply, report = run_once(f"{TARGETS}:exit_3", {}, limits=SMALL, env=_env())
+    assert reply is None and report.returncode == 3
+    assert not report.memory_exceeded
+    assert report.reason().startswith("exit code 3 (peak RSS seen "), report.reason()
+    assert "memory" not in report.reason()
 
 
 def test_memory_summed_over_the_tree_is_capped_by_the_watchdog(mark):
@@ -180,7 +196,11 @@ def test_memory_summed_over_the_tree_is_capped_by_the_watchdog(mark):
     reply, report = run_once(f"{TARGETS}:allocate_in_children", {}, limits=limits, env=_env(mark))
     assert reply is None
     assert report.memory_exceeded and not report.timed_out, report
-    assert report.reason() == "memory: the process tree exceeded 0.5 GiB"
+    assert report.peak_rss_bytes > limits.memory_bytes
+    reason = report.reason()
+    assert re.fullmatch(
+        r"memory: the process tree's RSS reached 0\.\d\d GiB, over the 0\.5 GiB cap", reason
+    ), reason
     assert report.seconds < 10
     assert _marked(mark) == [] and _children() == []
 
@@ -281,7 +301,12 @@ def test_exception_in_the_target_comes_back_as_an_error_reply():
     assert "ValueError: candidate exploded" in reply[0]["error"]
     assert reply[0]["error"].startswith("Traceback")
     assert report.returncode == 1
-    assert report.reason() == "exit code 1: ValueError: candidate exploded"
+    reason = report.reason()
+    assert re.fullmatch(
+        r"exit code 1 \(peak RSS seen 0\.\d\d GiB of the 0\.5 GiB cap\); "
+        r"the program's stderr ends: ValueError: candidate exploded",
+        reason,
+    ), reason
 
 
 def test_garbage_on_the_channel_raises_sandbox_error_at_once():

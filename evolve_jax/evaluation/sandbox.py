@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import json
 import logging
 import os
@@ -46,7 +45,6 @@ import pwd
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -54,12 +52,18 @@ import threading
 import time
 import traceback
 import types
-import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 
-from evolve_jax.evaluation import sandbox_worker
+from evolve_jax.evaluation.sandbox_channel import (
+    MAX_MESSAGE_BYTES,
+    Channel,
+    ChannelTimeout,
+    SandboxError,
+)
+
+__all__ = ["Channel", "Limits", "Report", "Sandbox", "SandboxError", "hide", "run_once"]
 
 _log = logging.getLogger(__name__)
 
@@ -85,14 +89,6 @@ _EXIT_GRACE_S = 1.0  # how long __exit__ and run_once let a child end on its own
 _READ_CHUNK = 1 << 16  # a pipe's default capacity
 
 
-class SandboxError(RuntimeError):
-    """A protocol failure: EOF, a malformed or oversized message, a timeout, a dead child."""
-
-
-class _ChannelTimeout(SandboxError):
-    pass
-
-
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What one sandbox session may use."""
@@ -102,10 +98,12 @@ class Limits:
     max_tasks: int | None = None  # processes + threads it may add; None: 512 + 8 per core
     output_bytes: int = 32_768  # stdout and stderr kept per stream: head half + tail half
     network: bool = False  # False: a new network namespace where the kernel allows one
-    max_message_bytes: int = 256 << 20
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    tmp_bytes: int = 1 << 30  # size of each of the child's private tmpfs /tmp and /dev/shm
 
     def __post_init__(self):
-        if self.timeout_s <= 0 or self.memory_bytes <= 0 or self.max_message_bytes <= 0:
+        positive = (self.timeout_s, self.memory_bytes, self.max_message_bytes, self.tmp_bytes)
+        if min(positive) <= 0:
             raise ValueError(f"limits must be positive: {self}")
         if self.output_bytes < 0 or (self.max_tasks is not None and self.max_tasks < 1):
             raise ValueError(f"bad output_bytes or max_tasks: {self}")
@@ -118,157 +116,23 @@ class Limits:
         return 512 + 8 * (os.cpu_count() or 1)
 
 
-# ------------------------------------------------------------------------------------- channel
-
-# A frame: magic, header length, arrays length; then the JSON header; then an .npz (or nothing).
-_FRAME = struct.Struct("<4sQQ")
-_MAGIC = b"EJX1"
-
-
-def _frame_head(header: bytes, payload: bytes) -> bytes:
-    """A frame up to its arrays."""
-    return _FRAME.pack(_MAGIC, len(header), len(payload)) + header
-
-
-def _encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _decode_arrays(payload: bytes) -> dict[str, np.ndarray]:
-    try:
-        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-            for info in archive.infolist():
-                # Stored only: a small deflated member could expand without bound.
-                if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
-                    raise SandboxError(f"malformed arrays: member {info.filename!r} refused")
-        with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except SandboxError:
-        raise
-    except Exception as e:  # whatever the child's bytes make numpy or zipfile raise
-        raise SandboxError(f"malformed arrays: {type(e).__name__}: {e}") from None
-
-
-def _wait_for(fd: int, event: int, deadline: float | None, what: str) -> None:
-    poller = select.poll()
-    poller.register(fd, event)
-    timeout_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-    if not poller.poll(timeout_ms):
-        raise _ChannelTimeout(f"timeout: {what}")
-
-
-class Channel:
-    """Messages over a pair of pipe fds: length-prefixed frames of JSON header + .npz arrays."""
-
-    def __init__(
-        self, read_fd: int, write_fd: int, max_message_bytes: int = Limits.max_message_bytes
-    ):
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self.max_message_bytes = max_message_bytes
-        self._pending = bytearray()  # bytes read but not yet returned (a frame read in parts)
-        self._broken: SandboxError | None = None
-        for fd in (read_fd, write_fd):
-            os.set_blocking(fd, False)  # so that every wait can be bounded by poll
-
-    def send(
-        self,
-        header: Mapping,
-        arrays: Mapping[str, np.ndarray] | None = None,
-        *,
-        timeout_s: float | None = None,
-    ) -> None:
-        """Writes one message. Object arrays raise ValueError: they would need pickle."""
-        text = json.dumps(dict(header)).encode()
-        payload = _encode_arrays(arrays) if arrays else b""
-        size = len(text) + len(payload)
-        if size > self.max_message_bytes:
-            raise SandboxError(f"message of {size} bytes over the {self.max_message_bytes} limit")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._write_all(_frame_head(text, payload), deadline)
-        self._write_all(payload, deadline)
-
-    def _write_all(self, data: bytes, deadline: float | None) -> None:
-        view = memoryview(data)
-        while view:
-            _wait_for(self.write_fd, select.POLLOUT, deadline, "the other side is not reading")
-            try:
-                view = view[os.write(self.write_fd, view) :]
-            except BlockingIOError:
-                continue
-            except BrokenPipeError:
-                raise SandboxError("channel closed by the other side") from None
-
-    def receive(self, timeout_s: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-        """The next message: (header, arrays). Raises SandboxError on any protocol failure."""
-        if self._broken is not None:
-            raise self._broken
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._fill(_FRAME.size, deadline)
-        magic, header_size, payload_size = _FRAME.unpack_from(self._pending)
-        if magic != _MAGIC:
-            raise self._break("malformed frame: bad magic")
-        if header_size + payload_size > self.max_message_bytes:
-            size = header_size + payload_size
-            raise self._break(f"message of {size} bytes over the {self.max_message_bytes} limit")
-        end = _FRAME.size + header_size + payload_size
-        self._fill(end, deadline)
-        with memoryview(self._pending) as view:
-            text = bytes(view[_FRAME.size : _FRAME.size + header_size])
-            payload = bytes(view[_FRAME.size + header_size : end])
-        del self._pending[:end]
-        try:
-            header = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise self._break(f"malformed header: {e}") from None
-        if not isinstance(header, dict):
-            raise self._break(f"malformed header: a JSON {type(header).__name__}, not an object")
-        return header, (_decode_arrays(payload) if payload else {})
-
-    def _fill(self, size: int, deadline: float | None) -> None:
-        """Reads until ``size`` bytes are pending; kept on timeout, so a later call resumes."""
-        while len(self._pending) < size:
-            _wait_for(self.read_fd, select.POLLIN, deadline, "no message in time")
-            try:
-                chunk = os.read(self.read_fd, _READ_CHUNK)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                raise self._break("channel closed by the other side")
-            self._pending += chunk
-
-    def _break(self, message: str) -> SandboxError:
-        # After a bad frame the stream cannot be resynchronised: every later receive fails.
-        self._broken = SandboxError(message)
-        self._pending = bytearray()
-        return self._broken
-
-    def close(self) -> None:
-        for fd in {self.read_fd, self.write_fd}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.read_fd = self.write_fd = -1
-
-
 # -------------------------------------------------------------------------------------- report
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """How a sandboxed child ended."""
+    """How a sandboxed child ended, as this process observed it (never as the child says)."""
 
     returncode: int | None  # negative: killed by that signal; None: could not be reaped
     seconds: float
-    timed_out: bool
-    memory_exceeded: bool
+    timed_out: bool  # the watchdog killed the tree at the deadline
+    memory_exceeded: bool  # the watchdog saw the tree's summed RSS pass the cap and killed it
     stdout: str  # bounded as Limits.output_bytes
     stderr: str
-    isolation: dict  # user_ns, net_ns, pid_ns, uid, nproc_limit, data_limit: what was in force
+    # user_ns, net_ns, pid_ns, fs_private, proc_private, uid, nproc_limit, data_limit: in force
+    isolation: dict
+    peak_rss_bytes: int = 0  # the highest summed RSS the watchdog saw (it looks every 0.1 s)
+    memory_bytes: int = 0  # the cap on that sum (Limits.memory_bytes)
 
     def output_tail(self, chars: int = 2000) -> dict[str, str]:
         """The last ``chars`` of each non-empty stream: what a node records for its Analyzer."""
@@ -276,23 +140,30 @@ class Report:
         return {name: text[-chars:] for name, text in streams.items() if text.strip()}
 
     def reason(self) -> str | None:
-        """One line saying why the child failed; None if it exited 0 within its limits."""
+        """One line saying why the child failed; None if it exited 0 within its limits.
+
+        Only what this process observed decides the kind: a timeout or "memory" only when the
+        watchdog killed the tree for it; any other end reads as the exit code or signal, with
+        the peak RSS seen and the last line the program wrote to stderr, labelled as such.
+        """
+        peak, cap = self.peak_rss_bytes / (1 << 30), self.memory_bytes / (1 << 30)
         if self.timed_out:
             return f"timeout: killed after {self.seconds:.0f} s"
         if self.memory_exceeded:
-            gib = self.isolation["data_limit"] / (1 << 30)
-            if self.returncode == sandbox_worker.EXIT_MEMORY:
-                return f"memory: MemoryError under the {gib:.1f} GiB data limit"
-            return f"memory: the process tree exceeded {gib:.1f} GiB"
+            return (
+                f"memory: the process tree's RSS reached {peak:.2f} GiB, over the {cap:.1f} GiB cap"
+            )
         if self.returncode == 0:
             return None
-        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
-        last = f": {lines[-1][:300]}" if lines else ""
         if self.returncode is None:
-            return f"the child could not be reaped{last}"
-        if self.returncode < 0:
-            return f"killed by {signal.Signals(-self.returncode).name}{last}"
-        return f"exit code {self.returncode}{last}"
+            ended = "the child could not be reaped"
+        elif self.returncode < 0:
+            ended = f"killed by {signal.Signals(-self.returncode).name}"
+        else:
+            ended = f"exit code {self.returncode}"
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        said = f"; the program's stderr ends: {lines[-1][:300]}" if lines else ""
+        return f"{ended} (peak RSS seen {peak:.2f} GiB of the {cap:.1f} GiB cap){said}"
 
 
 class _Output:
@@ -420,8 +291,15 @@ _ALLOWED_PREFIXES = (
 _CREDENTIAL_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 
 
+# JAX's persistent compilation cache: a directory shared by every worker would let one plant
+# compiled code for the others (their view of it is read-only anyway).
+_DENIED_PREFIXES = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE")
+
+
 def _allowed(name: str) -> bool:
     if name not in _ALLOWED_NAMES and not name.startswith(_ALLOWED_PREFIXES):
+        return False
+    if name.startswith(_DENIED_PREFIXES):
         return False
     return not any(word in name.upper() for word in _CREDENTIAL_WORDS)
 
@@ -457,18 +335,56 @@ def _write_files(workdir: str, files: Mapping[str, str]) -> None:
             f.write(text)
 
 
-def _chown_tree(path: str, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-    for root, dirs, names in os.walk(path):
-        for name in dirs + names:
-            os.chown(os.path.join(root, name), uid, gid)
+_HIDDEN: set[str] = set()
+_HIDDEN_LOCK = threading.Lock()
+# Variables that name a file or directory holding credentials, besides any whose name looks
+# like a credential (``_CREDENTIAL_WORDS``) and holds an absolute path.
+_CREDENTIAL_PATH_NAMES = (
+    "AWS_CONFIG_FILE",
+    "CLOUDSDK_CONFIG",
+    "DOCKER_CONFIG",
+    "KUBECONFIG",
+    "NETRC",
+    "SSH_AUTH_SOCK",
+    "XDG_RUNTIME_DIR",
+)
+
+
+def hide(*paths: str) -> None:
+    """Makes ``paths`` invisible to every Sandbox started from now on, in this process.
+
+    A directory is covered by an empty tmpfs (import paths inside it stay reachable), a file
+    by /dev/null. Idempotent and thread-safe; paths that do not exist when a sandbox starts
+    are skipped for that sandbox.
+    """
+    with _HIDDEN_LOCK:
+        _HIDDEN.update(os.path.abspath(p) for p in paths)
+
+
+def protected_paths() -> list[str]:
+    """What a sandbox starting now hides: ``hide``'s paths, this process's home directory,
+    and the files and directories named by credential variables in its environment."""
+    with _HIDDEN_LOCK:
+        paths = set(_HIDDEN)
+    homes = {os.environ.get("HOME", ""), os.path.expanduser("~")}
+    with contextlib.suppress(KeyError):
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+    paths |= {home for home in homes if home not in ("", "/")}
+    for name, value in os.environ.items():
+        named = name in _CREDENTIAL_PATH_NAMES
+        if (named or any(w in name.upper() for w in _CREDENTIAL_WORDS)) and value.startswith("/"):
+            paths.add(value)
+    paths.add(f"/run/user/{os.getuid()}")
+    return sorted(p for p in paths if os.path.lexists(p))
 
 
 class Sandbox:
     """One child process running ``target`` ("package.module:function") under ``limits``.
 
-    ``files`` (relative name -> text) are written into the child's fresh temp working dir,
-    which is on its ``sys.path``; ``env`` is added to the scrubbed environment.
+    ``files`` (relative name -> text) are written into a fresh temp dir (0700, this process's)
+    that the worker copies into the child's private working dir; the working dir is not on the
+    child's ``sys.path`` (a harness loads a file from it by path). ``env`` is added to the
+    scrubbed environment.
     """
 
     def __init__(
@@ -495,6 +411,7 @@ class Sandbox:
         self._isolation: dict | None = None  # from the worker's first message
         self._timed_out = False
         self._memory_exceeded = False
+        self._peak_rss = 0  # bytes: the highest summed RSS the watchdog has seen
         self._exited_at: float | None = None
         self._tree_gone = False
         self._kill_lock = threading.Lock()
@@ -511,7 +428,7 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         if self._workdir is not None:
             raise RuntimeError("a Sandbox starts once")
-        self._workdir = tempfile.mkdtemp(prefix="sandbox-")
+        self._workdir = os.path.realpath(tempfile.mkdtemp(prefix="sandbox-"))
         try:
             self._start()
         except BaseException:
@@ -528,10 +445,12 @@ class Sandbox:
             "memory_bytes": self.limits.memory_bytes,
             "network": self.limits.network,
             "max_message_bytes": self.limits.max_message_bytes,
+            "workdir": workdir,
+            "hidden": protected_paths(),
+            "tmp_bytes": self.limits.tmp_bytes,
         }
         if os.getuid() == 0:
             config["uid"], config["gid"] = _nobody()
-            _chown_tree(workdir, config["uid"], config["gid"])
         to_child, to_parent, out, err = os.pipe(), os.pipe(), os.pipe(), os.pipe()
         config["read_fd"], config["write_fd"] = to_child[0], to_parent[1]
         child_ends = (to_child[0], to_parent[1], out[1], err[1])
@@ -574,6 +493,7 @@ class Sandbox:
                 self._kill_tree()
                 return
             pids, rss = _scan_tree(self._process.pid)
+            self._peak_rss = max(self._peak_rss, rss)
             if rss > self.limits.memory_bytes:
                 self._memory_exceeded = True
                 self._kill_tree()
@@ -616,14 +536,16 @@ class Sandbox:
 
     def _failure(self, error: SandboxError) -> SandboxError:
         """``error``, or the limit that caused it."""
-        if isinstance(error, _ChannelTimeout) and self._expired():
+        if isinstance(error, ChannelTimeout) and self._expired():
             self._timed_out = True
             self._kill_tree()
         if self._timed_out:
             return SandboxError(f"timeout: killed after {self.limits.timeout_s:g} s")
         if self._memory_exceeded:
-            gib = self.limits.memory_bytes / (1 << 30)
-            return SandboxError(f"memory: the process tree exceeded {gib:.1f} GiB")
+            peak, cap = self._peak_rss / (1 << 30), self.limits.memory_bytes / (1 << 30)
+            return SandboxError(
+                f"memory: the process tree's RSS reached {peak:.2f} GiB, over the {cap:.1f} GiB cap"
+            )
         return error
 
     def _running(self) -> Channel:
@@ -681,7 +603,7 @@ class Sandbox:
             returncode=returncode,
             seconds=end - self._started,
             timed_out=self._timed_out,
-            memory_exceeded=self._memory_exceeded or returncode == sandbox_worker.EXIT_MEMORY,
+            memory_exceeded=self._memory_exceeded,
             stdout=stdout,
             stderr=stderr,
             # Without the worker's hello (it died first), claim no isolation.
@@ -689,11 +611,15 @@ class Sandbox:
                 "user_ns": False,
                 "net_ns": False,
                 "pid_ns": False,
+                "fs_private": False,
+                "proc_private": False,
                 "uid": None,
                 "nproc_limit": None,
                 "data_limit": self.limits.memory_bytes,
                 **(self._isolation or {}),
             },
+            peak_rss_bytes=self._peak_rss,
+            memory_bytes=self.limits.memory_bytes,
         )
         return self._report
 

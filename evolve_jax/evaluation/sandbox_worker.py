@@ -1,15 +1,27 @@
-"""Child side of ``sandbox.Sandbox``: drop privileges, enter namespaces, then run the target.
+"""Child side of ``sandbox.Sandbox``: build a private view of the filesystem, drop privileges,
+enter namespaces, then run the target.
 
-Started by the parent as ``python -P -m evolve_jax.evaluation.sandbox_worker CONFIG`` (JSON).
-In order: as root, make the interpreter's directories reachable (``expose``) and become
-``nobody``; unshare user, PID and network namespaces; set RLIMIT_NPROC, RLIMIT_DATA and
-RLIMIT_CORE; fork the PID namespace's init, which sends the hello, then imports the target and
-calls it with the channel.
+Started by the parent as ``python -P -m evolve_jax.evaluation.sandbox_worker CONFIG`` (JSON),
+with the parent's prepared working dir (0700, the parent's) as its current directory. In order:
 
-Until that fork this module imports only the standard library and starts no thread:
+1. As root: a new mount namespace, made by root, in which ``build_view`` runs; then become
+   ``nobody``. Not root: the same in a new user namespace (step 2), if the kernel allows one.
+2. Unshare user, mount, PID and (unless ``network``) network namespaces; set RLIMIT_NPROC,
+   RLIMIT_DATA and RLIMIT_CORE; become non-dumpable.
+3. Fork the PID namespace's init, which mounts a fresh /proc, drops every capability, sends
+   the hello, then imports the target and calls it with the channel.
+
+``build_view`` leaves the child: its working dir (a copy of the parent's) in a private tmpfs
+/tmp, a private tmpfs /dev/shm, every other mount read-only, and the paths in ``hidden``
+covered (a directory by an empty tmpfs, a file by /dev/null) except for the import paths
+inside them, which are bind-mounted back read-only. The target has no capability left, so it
+can unmount or remount none of it; mounts made by root, or in a parent user namespace, are
+locked by the kernel besides.
+
+Until the fork this module imports only the standard library and starts no thread:
 ``unshare(CLONE_NEWUSER)`` fails in a multithreaded process, and importing numpy starts
-OpenBLAS threads. ``-P`` keeps the working dir off ``sys.path`` until the target's import, so
-files written there cannot stand in for this bootstrap.
+OpenBLAS threads. ``-P`` keeps the working dir off ``sys.path``, and nothing puts it there:
+files written there cannot stand in for this bootstrap or for any module.
 """
 
 from __future__ import annotations
@@ -33,27 +45,84 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+PR_SET_NO_NEW_PRIVS = 38
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 0x400, 0x800, 0x200000
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture (Linux >= 5.12)
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+CAPABILITY_V3 = 0x20080522
 
 EXIT_ERROR = 1
-EXIT_MEMORY = 3  # the target raised MemoryError (RLIMIT_DATA); the parent reports it as memory
 TRACEBACK_LINES = 40
 TRACEBACK_CHARS = 8_000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _prctl(option: int, value: int) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+def _check(result: int, what: str) -> None:
+    if result != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _prctl(option: int, value: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
+
+
+def _unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     args = [None if v is None else v.encode() for v in (source, target, fstype, data)]
-    if _libc.mount(*args[:3], ctypes.c_ulong(flags), args[3]) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"mount {target}: {os.strerror(errno)}")
+    _check(_libc.mount(*args[:3], ctypes.c_ulong(flags), args[3]), f"mount {target}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("set", "clr", "propagation", "userns_fd")]
+
+
+_MOUNT_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+}
+
+
+def _mount_points() -> list[tuple[str, int]]:
+    """(mount point, its MS_* flags other than read-only) of every mount in this namespace."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            flags = sum(_MOUNT_FLAGS.get(option, 0) for option in fields[5].split(","))
+            found.append((point, flags))
+    return found
+
+
+def set_read_only(path: str, read_only: bool, recursive: bool) -> None:
+    """Makes the mount at ``path`` (and those below it, if ``recursive``) read-only or not.
+
+    mount_setattr(2) where the kernel has it (>= 5.12); else each mount is remounted.
+    """
+    attr = _MountAttr(MOUNT_ATTR_RDONLY if read_only else 0, 0 if read_only else MOUNT_ATTR_RDONLY)
+    flags = AT_RECURSIVE if recursive else 0
+    args = (ctypes.c_long(AT_FDCWD), path.encode(), ctypes.c_uint(flags))
+    if _libc.syscall(SYS_MOUNT_SETATTR, *args, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
+        return
+    if ctypes.get_errno() != 38:  # ENOSYS
+        _check(-1, f"mount_setattr {path}")
+    for point, kept in _mount_points():
+        if point == path or (recursive and point.startswith(path.rstrip("/") + "/")):
+            flags = MS_REMOUNT | MS_BIND | kept | (MS_RDONLY if read_only else 0)
+            with contextlib.suppress(OSError):  # a mount under another one: out of reach
+                _mount(None, point, None, flags)
 
 
 def _searchable(path: str, uid: int, gid: int) -> bool:
@@ -75,41 +144,78 @@ def _first_closed(path: str, uid: int, gid: int) -> str | None:
     return None
 
 
-def expose(paths: list[str], uid: int, gid: int) -> None:
-    """Lets ``uid`` reach ``paths`` where a directory above them is closed to it.
+def _inside(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip("/") + "/")
 
-    Python installed under a 0700 /root is the case in point. In a private mount namespace,
-    each closed directory is covered by an empty tmpfs into which only ``paths`` are bind-mounted:
-    the rest of it stays hidden. Needs root; changes nothing outside this process tree.
+
+def _outermost(paths: list[str]) -> list[str]:
+    """``paths`` less those inside another of them."""
+    return [p for p in paths if not any(_inside(p, q) for q in paths)]
+
+
+def _copy_tree(source_fd: int, target: str, uid: int, gid: int) -> None:
+    """Copies the directory open as ``source_fd`` into ``target``, owned by ``uid``."""
+    for root, dirs, names, root_fd in os.fwalk(".", dir_fd=source_fd):
+        here = os.path.normpath(os.path.join(target, root))
+        for name in dirs:
+            os.mkdir(os.path.join(here, name), 0o700)
+            os.chown(os.path.join(here, name), uid, gid)
+        for name in names:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+            with os.fdopen(fd, "rb") as src, open(os.path.join(here, name), "wb") as dst:
+                dst.write(src.read())
+            os.chown(os.path.join(here, name), uid, gid)
+
+
+def build_view(config: dict, uid: int, gid: int) -> None:
+    """In this process's new mount namespace: the view described in the module docstring.
+
+    ``uid``/``gid``: who the target will run as. Needs CAP_SYS_ADMIN over the namespace (root,
+    or the owner of a new user namespace); changes nothing outside it.
     """
-    covers: dict[str, list[str]] = {}
-    exposed: list[str] = []
-    for path in sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)}):
-        if any(path.startswith(outer + "/") for outer in exposed):
-            continue  # inside a path already exposed: nothing may be created there
-        closed = _first_closed(path, uid, gid)
-        if closed is not None:
-            covers.setdefault(closed, []).append(path)
-            exposed.append(path)
-    if not covers:
-        return
-    if _libc.unshare(CLONE_NEWNS) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"unshare(CLONE_NEWNS): {os.strerror(errno)}")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # before any mount: none may reach the machine
-    # Opened in the new namespace (a bind source must be in it), before the tmpfs hides them.
-    handles = {path: os.open(path, os.O_PATH) for kept in covers.values() for path in kept}
-    for closed, kept in covers.items():
-        _mount("tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
-        for path in kept:
-            for depth in range(closed.count("/") + 1, path.count("/") + 1):
+    workdir = config["workdir"]
+    # Opened before anything covers them; a bind source must be in this namespace.
+    source = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    keep = _outermost(sorted({os.path.realpath(p) for p in import_paths() if os.path.isdir(p)}))
+    hidden = [os.path.realpath(p) for p in config["hidden"]]
+    writable = ["/tmp", "/dev/shm"]
+    if not _inside(workdir, "/tmp"):
+        writable.append(os.path.dirname(workdir))
+    covers = {p for p in hidden if os.path.isdir(p)} | set(writable)
+    if os.getuid() != uid:  # root, running the target as nobody
+        covers |= {c for c in (_first_closed(p, uid, gid) for p in keep) if c is not None}
+    handles = {p: os.open(p, os.O_PATH) for p in keep if any(_inside(p, c) for c in covers)}
+    null = os.open("/dev/null", os.O_PATH)
+    for cover in sorted(covers, key=lambda p: p.count("/")):
+        if not os.path.isdir(cover):
+            continue  # under an earlier cover, with nothing kept below it: hidden already
+        if cover in writable:
+            options = f"mode=1777,size={config['tmp_bytes']}"
+        else:
+            options = "mode=755,size=1m"
+        _mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        for path in _outermost([p for p in handles if _inside(p, cover)]):
+            for depth in range(cover.count("/") + 1, path.count("/") + 1):
                 directory = "/".join(path.split("/")[: depth + 1])
                 if not os.path.isdir(directory):
                     os.mkdir(directory)
                     os.chmod(directory, 0o755)  # whatever the umask
             _mount(f"/proc/self/fd/{handles[path]}", path, None, MS_BIND | MS_REC)
-    for handle in handles.values():
-        os.close(handle)
+    for path in hidden:
+        if os.path.lexists(path) and not os.path.isdir(path):
+            _mount(f"/proc/self/fd/{null}", path, None, MS_BIND)
+    os.makedirs(workdir, 0o700)
+    os.chown(workdir, uid, gid)
+    _copy_tree(source, workdir, uid, gid)
+    for fd in (source, null, *handles.values()):
+        os.close(fd)
+    set_read_only("/", True, recursive=True)
+    # /proc stays writable until the init covers it with its own, read-only, /proc: as nobody
+    # this process still writes its uid_map there.
+    for path in [*writable, "/proc"]:
+        set_read_only(path, False, recursive=False)
+    os.chdir(workdir)  # the copy, not the parent's dir underneath
 
 
 def import_paths() -> list[str]:
@@ -125,6 +231,21 @@ def drop_root(uid: int, gid: int) -> None:
     os.setuid(uid)
     # setuid left the process non-dumpable, which makes /proc/self/uid_map root's to write.
     _prctl(PR_SET_DUMPABLE, 1)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+
+def drop_capabilities() -> None:
+    """Clears every capability of this process, for good (no new ones through execve)."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(_CapHeader(CAPABILITY_V3, 0)), data), "capset")
 
 
 def count_tasks(uid: int) -> int:
@@ -172,8 +293,9 @@ def _write(path: str, text: str) -> None:
 
 
 def enter_namespaces(network: bool) -> dict:
-    """New user and PID namespaces, and a network one unless ``network``; what took effect."""
-    flags = CLONE_NEWUSER | CLONE_NEWPID | (0 if network else CLONE_NEWNET)
+    """New user, mount and PID namespaces, and a network one unless ``network``; what took
+    effect. The mount namespace is this user namespace's, so its init can mount a /proc."""
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | (0 if network else CLONE_NEWNET)
     uid, gid = os.getuid(), os.getgid()
     if _libc.unshare(flags) != 0:
         errno = ctypes.get_errno()
@@ -205,6 +327,12 @@ def become_init_of(config: dict, isolation: dict) -> NoReturn:
             # If this worker dies, so does the namespace. (Until here, the parent's SIGKILL of
             # the process group reaches both.)
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if isolation["fs_private"]:
+                # This PID namespace's own /proc over the machine's: no other process in it.
+                flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+                _mount("proc", "/proc", "proc", flags)
+                isolation["proc_private"] = True
+            drop_capabilities()  # the user namespace gave this process all of them
         except OSError:
             traceback.print_exc()
             os._exit(EXIT_ERROR)
@@ -229,14 +357,14 @@ def run_target(config: dict, isolation: dict) -> NoReturn:
     try:
         # Line buffering: what the target printed before a kill still reaches the report.
         sys.stdout.reconfigure(line_buffering=True)
-        from evolve_jax.evaluation.sandbox import Channel  # numpy: safe now, namespaces are set
+        # numpy, through the channel: safe now, the namespaces are set.
+        from evolve_jax.evaluation.sandbox_channel import Channel
 
         channel = Channel(config["read_fd"], config["write_fd"], config["max_message_bytes"])
         # The first message, sent before any untrusted code runs: a target cannot forge it.
         channel.send(
             {"isolation": dict(isolation, pid_ns=isolation["pid_ns"] and os.getpid() == 1)}
         )
-        sys.path.insert(0, os.getcwd())  # the working dir's files (e.g. candidate.py)
         module_name, function_name = config["target"].split(":")
         getattr(importlib.import_module(module_name), function_name)(channel)
         code = 0
@@ -245,14 +373,12 @@ def run_target(config: dict, isolation: dict) -> NoReturn:
             code = e.code or 0
         else:
             print(e.code, file=sys.stderr)
-    except BaseException as e:
+    except BaseException:
         text = trimmed_traceback()
         print(text, file=sys.stderr)
         if channel is not None:
             with contextlib.suppress(Exception):  # if the channel broke, stderr still has it
                 channel.send({"error": text})
-        if isinstance(e, MemoryError):
-            code = EXIT_MEMORY
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -262,16 +388,24 @@ def run_target(config: dict, isolation: dict) -> NoReturn:
 
 def main(argv: list[str]) -> NoReturn:
     config = json.loads(argv[1])
+    isolation = {"fs_private": False, "proc_private": False}
     if os.getuid() == 0:
-        expose(import_paths(), config["uid"], config["gid"])
+        # Root builds the view, in a mount namespace of its own, before becoming nobody: the
+        # interpreter may sit under a directory nobody cannot search (a 0700 /root).
+        _unshare(CLONE_NEWNS)
+        build_view(config, config["uid"], config["gid"])
+        isolation["fs_private"] = True
         drop_root(config["uid"], config["gid"])
     # Counted before unshare: inside a user namespace, /proc shows unmapped uids as nobody.
     tasks = count_tasks(os.getuid())
-    isolation = {"uid": os.getuid(), **enter_namespaces(config["network"])}
+    isolation.update(uid=os.getuid(), **enter_namespaces(config["network"]))
+    if isolation["user_ns"] and not isolation["fs_private"]:
+        build_view(config, os.getuid(), os.getgid())
+        isolation["fs_private"] = True
     if isolation["user_ns"] and nproc_per_namespace():
         tasks = 1  # this process: the namespace's only task yet, whatever other sandboxes run
     # Non-dumpable: other processes of this uid (other sandboxes) cannot ptrace this one or its
-    # children, nor read their memory through /proc.
+    # children, nor read their memory or environment through /proc.
     _prctl(PR_SET_DUMPABLE, 0)
     isolation.update(limit_resources(config["max_tasks"], config["memory_bytes"], tasks))
     if isolation["pid_ns"]:
