@@ -164,6 +164,9 @@ def test_cli_runs_and_history_prints_json_lines(tmp_path):
         (("--sampler=best",), "flag --sampler=best"),
         (("--steps=-1",), "flag --steps=-1"),
         (("--space_opt=oops",), "--space_opt='oops' is not key=value"),
+        (("--implausible_gain=0",), "implausible_gain must be a number > 0"),
+        (("--implausible_gain=nan",), "implausible_gain must be a number > 0"),
+        (("--implausible_gain=much",), "flag --implausible_gain=much"),
     ],
 )
 def test_bad_flags_fail_before_any_work_with_one_line(tmp_path, args, message):
