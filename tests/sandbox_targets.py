@@ -5,6 +5,7 @@ import importlib.util
 import io
 import os
 import socket
+import sys
 import time
 import zipfile
 
@@ -127,3 +128,89 @@ def daemonize(channel):
         os._exit(0)
     os.wait()
     channel.send({"ok": True})
+
+
+def send_deflated_array(channel):
+    """A well-formed frame whose .npz member is deflated: small on the wire, any size loaded."""
+    buffer = io.BytesIO()
+    deflated = zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED)
+    with deflated as archive, archive.open("x.npy", "w") as member:
+        np.lib.format.write_array(member, np.zeros(1 << 16), allow_pickle=False)
+    payload = buffer.getvalue()
+    os.write(channel.write_fd, sandbox_channel.frame_head(b"{}", payload) + payload)
+
+
+def _attempt(action) -> str:
+    """ "ok" and what ``action`` returned, or the error it raised."""
+    try:
+        return f"ok {action()!r}"[:200]
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:200]
+
+
+def _write(path: str, text: str) -> int:
+    with open(path, "w") as f:
+        return f.write(text)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def plant(channel):
+    """Looks for the sibling sandbox's working dir named in the request and plants a module
+    there (also in its own dir and in /tmp); reports what it saw and what each write did."""
+    header, _ = channel.receive()
+    victim = header["victim"]
+    parent = os.path.dirname(victim)
+    source = "import os\nos.environ['PLANTED'] = 'yes'\n"
+    channel.send(
+        {
+            "listed": _attempt(lambda: sorted(os.listdir(parent))),
+            "seen": os.path.exists(victim),
+            "writes": {
+                path: _attempt(lambda p=path: _write(p, source))
+                for path in (f"{victim}/planted_by_a.py", f"{parent}/planted_by_a.py")
+            },
+        }
+    )
+
+
+def import_planted(channel):
+    """Waits for a request, then imports ``planted_by_a`` if anything put it within reach."""
+    channel.receive()
+    imported = _attempt(lambda: __import__("planted_by_a").__name__)
+    channel.send({"imported": imported, "cwd_on_path": os.getcwd() in sys.path})
+
+
+def write_everywhere(channel):
+    """Writes a file at each path of the request; reports what each write did."""
+    header, _ = channel.receive()
+    channel.send({path: _attempt(lambda p=path: _write(p, "x")) for path in header["paths"]})
+
+
+def read_everywhere(channel):
+    """Reads each path of the request (a directory: lists it); reports what it got."""
+    header, _ = channel.receive()
+
+    def read(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else _read(path)
+
+    channel.send(
+        {
+            "read": {path: _attempt(lambda p=path: read(p)) for path in header["paths"]},
+            "imports": {
+                name: _attempt(lambda n=name: importlib.import_module(n).__name__)
+                for name in header["imports"]
+            },
+            "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        }
+    )
+
+
+def wait(channel):
+    """Replies to one request, then waits for the next."""
+    channel.receive()
+    channel.send({"pid": os.getpid()})
+    channel.receive()

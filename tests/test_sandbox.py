@@ -1,9 +1,14 @@
 """Sandbox: the channel's refusals, the limits, and what leaks from the parent (nothing)."""
 
+import importlib.util
+import json
 import os
 import re
+import shutil
 import socket
 import statistics
+import subprocess
+import tempfile
 import time
 import uuid
 
@@ -344,3 +349,118 @@ def test_startup_cost_is_measured(capsys):
             f"\nsandbox startup to first reply (median of 3): {light:.2f} s plain, "
             f"{heavy:.2f} s importing jax + jnp.ones(3).sum() on CPU"
         )
+
+
+# ------------------------------------------------------------------- what a program can reach
+
+
+def test_a_deflated_array_member_is_refused():
+    box = Sandbox(f"{TARGETS}:send_deflated_array", SMALL, env=_env())
+    with box, pytest.raises(SandboxError, match=r"member 'x\.npy' refused"):
+        box.receive()
+
+
+def _run_as(uid: int, gid: int, argv: list[str]) -> subprocess.CompletedProcess:
+    """``argv`` as ``uid``/``gid`` (this process's own when they are)."""
+    kwargs = {} if uid == os.getuid() else {"user": uid, "group": gid, "extra_groups": []}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, **kwargs)
+
+
+def test_a_process_of_the_sandbox_uid_cannot_read_a_sandboxed_program(mark):
+    # What another sandbox outside its namespaces would try: the same uid reading the
+    # program's environment and memory through /proc.
+    with Sandbox(f"{TARGETS}:wait", SMALL, env=_env(mark)) as box:
+        box.send({})
+        box.receive()
+        uid = box._isolation["uid"]
+        gid = uid if os.getuid() == 0 else os.getgid()
+        results = {
+            pid: [_run_as(uid, gid, ["cat", f"/proc/{pid}/{name}"]) for name in ("environ", "mem")]
+            for pid in _marked(mark)
+        }
+        box.send({})
+    assert len(results) == 2, results  # the worker and the target (its PID namespace's init)
+    for pid, runs in results.items():
+        for run in runs:
+            assert run.returncode != 0 and "Permission denied" in run.stderr, (pid, run)
+            assert mark.split("=")[1] not in run.stdout
+
+
+def test_a_sandbox_can_neither_see_nor_plant_a_module_in_another_ones_dir():
+    with Sandbox(f"{TARGETS}:import_planted", SMALL, env=_env()) as victim:
+        plant, _ = run_once(
+            f"{TARGETS}:plant", {"victim": victim.workdir}, limits=SMALL, env=_env()
+        )
+        victim.send({})
+        imported, _ = victim.receive()
+        planted = os.path.exists(os.path.join(victim.workdir, "planted_by_a.py"))
+    assert not plant[0]["seen"], plant
+    assert os.path.basename(victim.workdir) not in plant[0]["listed"], plant
+    assert not plant[0]["writes"][f"{victim.workdir}/planted_by_a.py"].startswith("ok"), plant
+    # Its write to its own private /tmp went through, and stayed there.
+    assert not planted and not os.path.exists(f"{os.path.dirname(victim.workdir)}/planted_by_a.py")
+    assert imported["imported"].startswith("ModuleNotFoundError"), imported
+    assert not imported["cwd_on_path"]
+
+
+@pytest.fixture
+def outside(tmp_path_factory):
+    """A world-writable, world-readable directory outside /tmp (which sandboxes cover)."""
+    path = tempfile.mkdtemp(prefix="sandbox-test-", dir="/var/tmp")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_writes_outside_the_working_dir_reach_nothing_on_the_host(outside):
+    name = f"written-by-a-sandbox-{uuid.uuid4().hex}"
+    places = ["/tmp", "/dev/shm", outside, tempfile.gettempdir(), "/var/tmp"]
+    paths = [os.path.join(place, name) for place in places]
+    reply, report = run_once(
+        f"{TARGETS}:write_everywhere", {"paths": paths}, limits=SMALL, env=_env()
+    )
+    assert report.isolation["fs_private"], report.isolation
+    written = reply[0]
+    # Its private /tmp and /dev/shm take the writes; the rest of the machine is read-only.
+    assert written[f"/tmp/{name}"].startswith("ok") and written[f"/dev/shm/{name}"].startswith("ok")
+    assert written[f"{outside}/{name}"].startswith("OSError: [Errno 30] Read-only"), written
+    assert [p for p in paths if os.path.exists(p)] == []  # nothing reached the host
+
+
+def test_home_credentials_hidden_paths_and_this_process_are_out_of_reach(
+    outside, monkeypatch, mark
+):
+    secret = "hidden-secret-" + uuid.uuid4().hex
+    home, data, credentials = (os.path.join(outside, name) for name in ("home", "data", "cred"))
+    for directory in (home, data, credentials):
+        os.mkdir(directory, 0o755)
+    files = [os.path.join(d, "secret.txt") for d in (home, data, credentials)]
+    for path in files:
+        with open(path, "w") as f:
+            f.write(secret)
+        os.chmod(path, 0o644)
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", files[2])
+    monkeypatch.setattr(sandbox, "_HIDDEN", set())
+    pydoc_data = os.path.dirname(importlib.util.find_spec("pydoc_data").origin)
+    sandbox.hide(data, pydoc_data)
+    sandbox.hide(data)  # idempotent
+    request = {
+        "paths": [*files, home, data, f"/proc/{os.getpid()}/environ"],
+        "imports": ["pydoc_data.topics", "json", "email.parser", "numpy"],
+    }
+    reply, report = run_once(f"{TARGETS}:read_everywhere", request, limits=SMALL, env=_env(mark))
+    seen = reply[0]
+    assert secret not in json.dumps(seen["read"]), seen["read"]
+    assert seen["read"][home] == "ok []" and seen["read"][data] == "ok []", seen["read"]
+    assert seen["read"][files[2]] in (
+        "ok ''",
+        f"FileNotFoundError: [Errno 2] No such file or directory: '{files[2]}'",
+    )
+    # A hidden directory inside the Python install, and the rest of it still importable.
+    assert seen["imports"]["pydoc_data.topics"].startswith("ModuleNotFoundError"), seen
+    assert all(seen["imports"][n].startswith("ok") for n in ("json", "email.parser", "numpy"))
+    if report.isolation["proc_private"]:
+        # Its own /proc: no process outside its PID namespace, this one included.
+        assert os.getpid() not in seen["pids"] and len(seen["pids"]) == 1, seen["pids"]
+        assert seen["read"][f"/proc/{os.getpid()}/environ"].startswith("FileNotFoundError")
