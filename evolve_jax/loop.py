@@ -20,11 +20,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from evolve_jax import report
+from evolve_jax import report, storage
 from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
 from evolve_jax.agents.engineer import RuleEngineer
 from evolve_jax.config import RunConfig
-from evolve_jax.evaluation import cluster, compile_clock, workers
+from evolve_jax.evaluation import cluster, compile_clock, sandbox, workers
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, SlotTaken, worst_score
@@ -66,6 +66,9 @@ class ResearchLoop:
         if self.space.code_spec() is not None:
             # Programs run in sandboxed workers, which own the accelerators (workers.py).
             workers.keep_controller_off_accelerators()
+            # ... and see none of the run's files (history, checkpoints, reports).
+            if (local := storage.local_path(config.workdir)) is not None:
+                sandbox.hide(local)
         self.devices = jax.local_devices()  # the other processes evaluate on theirs
         self.agents = make_agents(
             config.agents,

@@ -207,6 +207,13 @@ _DETERMINISTIC = flags.DEFINE_bool(
     True,
     "On GPU, have XLA use deterministic implementations (--xla_gpu_deterministic_ops).",
 )
+_ALLOW_WEAK_SANDBOX = flags.DEFINE_bool(
+    "allow_weak_sandbox",
+    False,
+    "Run code mode even where a sandbox cannot get a filesystem view of its own (not root, and "
+    "no unprivileged user namespaces): programs then write wherever this user may and can read "
+    "this process's environment, API key included, through /proc. Off: such a run stops first.",
+)
 
 
 def config_from_flags() -> RunConfig:
@@ -361,6 +368,16 @@ def main(argv: list[str]) -> None:
             sys.exit(2)
         if _PLATFORM.value != "any":
             message = "--platform applies to genome mode; in code mode workers use what they find"
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        from evolve_jax.evaluation import sandbox
+
+        if not sandbox.isolation_support()["fs_private"] and not _ALLOW_WEAK_SANDBOX.value:
+            message = (
+                "code mode needs sandboxes with a filesystem view of their own: run as root or "
+                "where unprivileged user namespaces are allowed, or pass --allow_weak_sandbox "
+                "(README, 'The sandbox', says what it gives up)"
+            )
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
