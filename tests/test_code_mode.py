@@ -8,7 +8,10 @@ scripted.
 
 import json
 import os
+import shutil
 import socket
+import tempfile
+import uuid
 
 import pytest
 
@@ -191,8 +194,22 @@ HOSTILE = {
         "                os.execv('/bin/sleep', ['sleep', '606.5'])\n"
         "            finally:\n                os._exit(0)\n"
     ),
+    # Looks for the key in its environment and in the controller's (this process's, through
+    # /proc), for the credentials file the fixture wrote, and in the controller's home.
     "reads_the_keys": GRID.format(
-        extra="    import os\n    found = [k for k in os.environ if 'KEY' in k or 'CRED' in k]\n"
+        extra="    import glob, os, pwd, sys\n"
+        "    found = [k for k in os.environ if 'KEY' in k or 'CRED' in k]\n"
+        f"    paths = ['/proc/{os.getpid()}/environ']\n"
+        "    paths += glob.glob('/tmp/pytest-of-*/**/adc.json', recursive=True)\n"
+        "    for path in paths:\n        try:\n            text = open(path, 'rb').read()\n"
+        "        except OSError:\n            continue\n"
+        "        if b'test-key-must-not-leak' in text or b'service_account' in text:\n"
+        "            found.append(path)\n"
+        f"    home = pwd.getpwuid({os.getuid()}).pw_dir\n"
+        "    imports = [sys.prefix, sys.base_prefix, *sys.path]\n"
+        "    try:\n        entries = os.listdir(home)\n    except OSError:\n        entries = []\n"
+        "    found += [e for e in entries\n"
+        "              if not any(p.startswith(os.path.join(home, e)) for p in imports)]\n"
         "    if found:\n        raise RuntimeError(f'found {found}')\n"
     ),
     "writes_its_own_score": GRID.format(
@@ -351,3 +368,58 @@ def test_map_elites_is_refused_in_code_mode_before_any_work(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "map_elites needs behaviour descriptors" in result.stderr
     assert not os.path.exists(tmp_path / "w")
+
+
+# ---------------------------------------------------------------- what a program can write
+
+
+def test_a_program_writes_nothing_outside_its_sandbox(tmp_path, server, prices, monkeypatch):
+    monkeypatch.setattr(sandbox, "_HIDDEN", set())
+    # A run's workdir outside /tmp (which every sandbox covers anyway), readable by anyone.
+    parent = tempfile.mkdtemp(prefix="code-mode-test-", dir="/var/tmp")
+    os.chmod(parent, 0o777)
+    workdir = os.path.join(parent, "run")
+    marker = f"hostile-{uuid.uuid4().hex}"
+    places = ["/tmp", "/dev/shm", "/var/tmp", parent, workdir]
+    writes = GRID.format(
+        extra="    import os\n"
+        f"    for place in {places!r}:\n"
+        "        try:\n"
+        f"            open(os.path.join(place, {marker!r}), 'w').write('x')\n"
+        "        except OSError:\n            pass\n"
+        f"    seen = os.listdir({workdir!r}) if os.path.isdir({workdir!r}) else []\n"
+        "    if seen:\n        raise RuntimeError(f'sees the run: {seen}')\n"
+    )
+    server.enqueue(text=_blocks(writes, "writes"), model=RESEARCHER)
+    try:
+        config = _code_config(tmp_path, server, prices, "rewrite=1", workdir=workdir)
+        summary = loop.run(config, _space())
+        written = [place for place in places if os.path.exists(os.path.join(place, marker))]
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    [child] = _children(summary)
+    assert child.ok, child.reason  # it raises if it can list the run's workdir
+    assert written == []
+
+
+def test_code_mode_stops_where_sandboxes_get_no_filesystem_of_their_own(
+    tmp_path, prices, monkeypatch, capsys
+):
+    from evolve_jax.evaluation import sandbox as sandbox_module
+    from tests.test_main import _main
+
+    def started(config, space):
+        raise SystemExit(7)
+
+    monkeypatch.setattr(sandbox_module, "isolation_support", lambda: {"fs_private": False})
+    monkeypatch.setattr(loop, "run", started)
+    argv = [
+        "--search_space=circle_packing", f"--workdir={tmp_path}/w", "--space_opt=mode=code",
+        "--agents=gemini", f"--prices_file={prices}", f"--researcher_model={RESEARCHER}",
+        f"--engineer_model={ENGINEER}", "--analyzer_model=fake-analyzer",
+        "--embedding_model=fake-embedding",
+    ]  # fmt: skip
+    code, err = _main(capsys, *argv)
+    assert code == 2 and "--allow_weak_sandbox" in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "w")
+    assert _main(capsys, *argv, "--allow_weak_sandbox")[0] == 7  # the run would start
