@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from evolve_jax import loop
+from evolve_jax.agents import gemini, prompting
 from evolve_jax.agents import llm as llm_lib
-from evolve_jax.agents import prompting
 from evolve_jax.config import LLMConfig, RunConfig
 from evolve_jax.memory.history import History
 from evolve_jax.report import data as report_data
@@ -216,27 +216,114 @@ def test_budget_stops_at_a_step_boundary_and_prints_the_table(tmp_path, server, 
     # What the seed step and step 1 cost, measured on a first run; the budget lies between.
     probe = _config(tmp_path, server, prices, "probe", steps=1, samples_per_step=2)
     _run(probe)
-    spent = loop.ResearchLoop(probe, ToySpace())
-    after_step_1 = spent.spent_usd()
-    after_seeds = sum(n.stats["llm"]["usd"] for n in spent.history.nodes() if n.origin["step"] == 0)
+    after_step_1 = _spent(probe)
+    seeds = [n for n in History(probe.workdir).nodes() if n.origin["step"] == 0]
+    after_seeds = sum(n.stats["llm"]["usd"] for n in seeds)
     budget = (after_seeds + after_step_1) / 2
     config = _config(tmp_path, server, prices, steps=5, samples_per_step=2, budget_usd=budget)
     summary = _run(config)
     per_step = collections.Counter(n.origin["step"] for n in summary.nodes)
     assert per_step == {0: 3, 1: 2}  # stopped before step 2, nothing half-written
     assert "rank" in summary.report and f"of a ${budget:.2f} budget" in summary.report
-    assert loop.ResearchLoop(config, ToySpace()).spent_usd() == pytest.approx(after_step_1)
+    assert _spent(config) == pytest.approx(after_step_1)
 
 
-def test_replay_with_the_server_stopped_gives_the_same_history(tmp_path, server, prices):
+def _spent(config) -> float:
+    """What the run of ``config`` has spent, as its history records it (nodes and steps)."""
+    run = loop.ResearchLoop(config, ToySpace())
+    run.history.refresh()  # spent_usd reads the nodes already loaded
+    return run.spent_usd()
+
+
+def test_replay_gives_the_same_history_with_no_network_call(tmp_path, server, prices):
     record = str(tmp_path / "record")
     first = _run(_config(tmp_path, server, prices, "a", llm={"record_dir": record}))
-    calls = len(server.requests)
-    server.stop()
-    again = _run(_config(tmp_path, server, prices, "b", llm={"record_dir": record}))
-    assert len(server.requests) == calls  # zero network calls
+    with FakeGemini(respond) as live:  # it would answer every call: none may reach it
+        again = _run(_config(tmp_path, live, prices, "b", llm={"record_dir": record}))
+        assert live.requests == []
     assert loop.same_history(first.nodes, again.nodes)
     assert again.nodes[-1].stats["llm"] == first.nodes[-1].stats["llm"]
+
+
+def test_recorded_embedding_failures_are_replayed_with_no_network_call(tmp_path, prices):
+    record = str(tmp_path / "record")
+    # The embedding model is unknown (404, not transient) to the first run's server.
+    with FakeGemini(respond, known_models={RESEARCHER, "fake-engineer", ANALYZER}) as down:
+        first = _run(_config(tmp_path, down, prices, "a", llm={"record_dir": record}))
+        assert down.count("batchEmbedContents") > 0
+    novelty = [n.stats["design"].get("novelty", "") for n in first.nodes if "design" in n.stats]
+    assert novelty and all("not checked" in text for text in novelty)
+    with FakeGemini(respond) as live:  # this one would answer the embeddings
+        again = _run(_config(tmp_path, live, prices, "b", llm={"record_dir": record}))
+        assert live.requests == []
+    assert loop.same_history(first.nodes, again.nodes)
+
+
+def test_a_replay_spends_what_the_first_run_did_and_stops_at_the_same_step(
+    tmp_path, server, prices
+):
+    record = str(tmp_path / "record")
+    probe = _config(tmp_path, server, prices, "probe", steps=1, llm={"record_dir": record})
+    _run(probe)
+    spent = _spent(probe)
+    asked = len(server.requests)
+    # Replayed, step 1 costs what it did (its embeddings included, though the vectors are
+    # stored by then), so a budget just under that stops the replay before step 2 too.
+    config = _config(tmp_path, server, prices, "replay", steps=3, budget_usd=spent * (1 - 1e-9),
+                     llm={"record_dir": record})  # fmt: skip
+    summary = _run(config)
+    assert collections.Counter(n.origin["step"] for n in summary.nodes) == {0: 3, 1: 3}
+    assert len(server.requests) == asked
+    assert _spent(config) == pytest.approx(spent, rel=1e-12)
+
+
+class _Killed(Exception):
+    """Stands in for a kill of the driver (the test raises it from inside a step)."""
+
+
+def _kill_at(monkeypatch, label):
+    """Makes the Analyzer of slot ``label`` raise _Killed (before the slot is committed);
+    returns the function that undoes it."""
+    analyze = gemini.GeminiAnalyzer.analyze
+
+    def killed(self, *args, label="", **kwargs):
+        if label == target:
+            raise _Killed(label)
+        return analyze(self, *args, label=label, **kwargs)
+
+    target = label
+    monkeypatch.setattr(gemini.GeminiAnalyzer, "analyze", killed)
+    return lambda: monkeypatch.setattr(gemini.GeminiAnalyzer, "analyze", analyze)
+
+
+def test_a_resumed_step_costs_and_records_what_the_uninterrupted_one_did(
+    tmp_path, server, prices, monkeypatch
+):
+    whole = _run(_config(tmp_path, server, prices, "whole", steps=1))
+    config = _config(tmp_path, server, prices, "killed", steps=1)
+    undo = _kill_at(monkeypatch, "1/1")  # slot 0 of step 1 committed, slots 1 and 2 not
+    with pytest.raises(_Killed):
+        _run(config)
+    undo()
+    resumed = _run(config)
+    assert loop.same_history(whole.nodes, resumed.nodes)
+    steps = [dict(History(w).records("llm_step_usage")) for w in (whole.workdir, config.workdir)]
+    assert steps[0] == steps[1] and steps[0]  # embeddings included: charged again on resume
+
+
+def test_a_transient_error_is_not_recorded_and_a_resumed_run_asks_again(
+    tmp_path, server, prices, monkeypatch
+):
+    server.enqueue(status=503, model=RESEARCHER, times=3)  # every attempt of slot 0's design
+    config = _config(tmp_path, server, prices, steps=1, samples_per_step=1)
+    undo = _kill_at(monkeypatch, "1/0")
+    with pytest.raises(_Killed):
+        _run(config)
+    undo()
+    asked = len(_researcher_requests(server))
+    summary = _run(config)
+    assert len(_researcher_requests(server)) == asked + 1  # asked again, not replayed
+    assert _slot(summary, 1, 0).ok
 
 
 def test_resumed_run_replays_what_was_already_answered(tmp_path, server, prices):

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from evolve_jax.agents import llm as llm_lib
 from evolve_jax.agents.base import AgentEnv, CostMeter, DesignContext, Proposal, Researcher
@@ -156,9 +157,31 @@ class Shared:
             raise llm_lib.AnswerError("the answer is not a JSON object")
         return parsed
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], label: str) -> np.ndarray:
         with self.lock:  # the embedder and its store are used from the design threads
-            return self.embedder.embed(list(texts))
+            return self.embedder.embed(list(texts), label=label)
+
+
+def checked(check, answer: llm_lib.Answer, *args):
+    """``check(answer.json(), *args)``, any exception turned into an AnswerError with its reason.
+
+    Whatever a model's answer breaks (in parsing it, applying its edits or building its
+    candidate) becomes a reason to ask again, and then the slot's recorded reason, never a crash
+    of the run; the traceback is logged, as it may point at a bug here.
+    """
+    try:
+        return check(answer.json(), *args)
+    except llm_lib.AnswerError:
+        raise
+    except Exception as e:
+        logging.warning("an answer could not be checked", exc_info=True)
+        reason = printable(f"the answer could not be checked ({type(e).__name__}: {e})")
+        raise llm_lib.AnswerError(reason) from e
+
+
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate written as its escape, so it can be encoded anywhere."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------- Researcher
@@ -273,17 +296,18 @@ class GeminiResearcher(Researcher):
 
     def _nearest(self, text: str, context: DesignContext) -> list[tuple[str, float]]:
         """Nodes and earlier proposals at or above the novelty threshold, best first."""
+        label = f"{context.step}/{context.slot}"
         with self.shared.lock:
-            if self._view_vectors is None:
+            if self._view_vectors is None:  # whichever slot comes first: labelled by the step
                 texts = [node_text(n.motivation, n.candidate) for n in self.view]
-                self._view_vectors = self.shared.embedder.embed(texts)
+                self._view_vectors = self.shared.embedder.embed(texts, f"{context.step}/view")
         names = [f"node {n.id} {n.name}" for n in self.view]
         names += [f"proposal {p.name}" for p in context.siblings]
         sibling_vectors = self.shared.embed(
-            [node_text(p.motivation, p.candidate) for p in context.siblings]
+            [node_text(p.motivation, p.candidate) for p in context.siblings], label
         )
         matrix = np.concatenate([self._view_vectors, sibling_vectors])
-        query = self.shared.embed([text])[0]
+        query = self.shared.embed([text], label)[0]
         hits = cosine_top_k(query, matrix, 3)
         return [(names[i], c) for i, c in hits if c >= self.config.novelty_threshold]
 
@@ -317,7 +341,7 @@ class GeminiResearcher(Researcher):
             except llm_lib.LLMError as e:
                 return dataclasses.replace(base, failure=("failed", f"researcher: {e}"))
             try:
-                name, motivation, candidate = self._check(answer.json(), taken, design)
+                name, motivation, candidate = checked(self._check, answer, taken, design)
             except llm_lib.AnswerError as e:
                 notes["rejected"].append(str(e))
                 if len(notes["rejected"]) > cfg.max_reasks:

@@ -5,6 +5,9 @@ TensorStore record keyed by the model, the contents, the settings and the slot, 
 call made again, by a resumed run or by the same command over a fresh history, is answered from
 the record with no network call. Usage comes from the answer's ``usage_metadata`` and is priced
 with the rates in ``prices.json``; replayed answers carry the usage they were first billed.
+Every embedding call goes through ``RecordedEmbedder``, whose record holds each call's charge or
+its failure in the same way. A transient error (408, 429, 5xx, a timeout, a dropped connection)
+that outlasted the retries fails the call but is never recorded: the next run asks again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from google.genai import errors, types
 
 from evolve_jax import storage
 from evolve_jax.config import LLMConfig
+from evolve_jax.memory.embeddings import Embedder, EmbeddingStore, EmbeddingStoreError
 
 _API_KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 _EMBED_CHARS = 8000  # about the embedding models' 2,048-token input limit
@@ -42,11 +46,16 @@ class PricesError(ValueError):
 
 
 class LLMError(RuntimeError):
-    """A call that failed for good (after its retries); the message is the recorded reason."""
+    """A call that failed after its retries; the message is the reason.
 
-    def __init__(self, reason: str, code: int | None = None):
+    ``transient``: the error may pass (408, 429, 5xx, a timeout, a dropped connection), so it is
+    not recorded and a later run asks again; otherwise the failure is recorded and replayed.
+    """
+
+    def __init__(self, reason: str, code: int | None = None, transient: bool = False):
         super().__init__(reason)
         self.code = code
+        self.transient = transient
 
 
 class AnswerError(ValueError):
@@ -251,9 +260,60 @@ class Answer:
         if self.finish_reason not in ("STOP", ""):
             raise AnswerError(f"the answer ended with finish reason {self.finish_reason}")
         try:
-            return json.loads(self.text)
+            parsed = json.loads(self.text)
         except json.JSONDecodeError as e:
             raise AnswerError(f"the answer is not valid JSON: {e}") from e
+        bad = _not_unicode(parsed, "the answer")
+        if bad is not None:
+            where, char = bad
+            raise AnswerError(
+                f"{where} holds {char!r}, a lone surrogate, which is not a Unicode character "
+                "(a JSON escape such as \\ud800 without its pair): write the characters "
+                "themselves"
+            )
+        return parsed
+
+
+def _not_unicode(value: Any, where: str) -> tuple[str, str] | None:
+    """(where, character) of the first lone surrogate in a parsed JSON value's strings, or None.
+
+    Such a string cannot be encoded as UTF-8: written into a program it stops ``compile``, and
+    into a prompt, a file or a hash it raises UnicodeEncodeError.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where, value[e.start]
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str):
+            bad = _not_unicode(key, f"{where}'s key {key!r}")
+            if bad is not None:
+                return bad
+        bad = _not_unicode(item, f"{where}[{key!r}]")
+        if bad is not None:
+            return bad
+    return None
+
+
+_TRANSIENT_NAMES = frozenset({"TimeoutException", "NetworkError", "RemoteProtocolError"})
+
+
+def is_transient(error: Exception) -> bool:
+    """Whether a call's error may pass if the call is made again later: HTTP 408, 429 and 5xx,
+    and httpx's (or httpx2's) timeouts, network errors and connections dropped mid-answer."""
+    if isinstance(error, errors.APIError):
+        return error.code in (408, 429) or error.code >= 500
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    return not _TRANSIENT_NAMES.isdisjoint(c.__name__ for c in type(error).__mro__)
 
 
 def _reason(error: Exception, model: str, attempts: int) -> tuple[str, int | None]:
@@ -336,13 +396,14 @@ class LLM:
         stored = self.record.get(key)
         if stored is None:
             stored = self._call(model, system, turns, schema)
-            self.record.put(key, stored)
+            if not stored.get("transient"):  # a transient error is asked again next run
+                self.record.put(key, stored)
         usage = Usage.from_json(stored.get("usage"))
         self.ledger.charge(label, usage)
         if "error" in stored:
             if stored.get("code") == 404:
                 self._missing_models.setdefault(model, stored["error"])
-            raise LLMError(stored["error"], stored.get("code"))
+            raise LLMError(stored["error"], stored.get("code"), bool(stored.get("transient")))
         return Answer(stored["text"], stored["finish_reason"], usage)
 
     def _call(self, model, system, turns, schema) -> dict[str, Any]:
@@ -365,12 +426,13 @@ class LLM:
             response = self.client.models.generate_content(
                 model=model, contents=contents, config=config
             )
-        except Exception as e:  # the run never crashes on the API: the reason is recorded
+        except Exception as e:  # the run never crashes on the API: the reason is the slot's
             reason, code = _reason(e, model, self.config.attempts)
             logging.warning("LLM call to %s failed: %s", model, reason)
             if code == 404:
                 self._missing_models.setdefault(model, reason)
-            return {"error": reason, "code": code, "usage": {}, "seconds": 0.0}
+            failure = {"error": reason, "code": code, "usage": {}, "seconds": 0.0}
+            return {**failure, "transient": True} if is_transient(e) else failure
         meta = response.usage_metadata
         usage = Usage(
             calls=1,
@@ -400,29 +462,89 @@ class LLM:
             "seconds": round(time.perf_counter() - start, 3),
         }
 
-    def embed_fn(self, label: str):
-        """``texts -> vectors`` through ``embed_content``, charged to ``label`` (chars/4 tokens:
-        the embedding endpoint reports no usage)."""
+    def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, Usage]:
+        """Vectors of ``texts`` through ``embed_content``, and the usage to charge (chars/4
+        tokens: the embedding endpoint reports no usage); raises LLMError."""
         model, dims = self.config.embedding_model, self.config.embedding_dims
+        try:
+            response = self.client.models.embed_content(
+                model=model,
+                contents=[t[:_EMBED_CHARS] for t in texts],
+                config=types.EmbedContentConfig(
+                    task_type="SEMANTIC_SIMILARITY", output_dimensionality=dims
+                ),
+            )
+        except Exception as e:
+            reason, code = _reason(e, model, self.config.attempts)
+            raise LLMError(reason, code, is_transient(e)) from e
+        tokens = sum(math.ceil(min(len(t), _EMBED_CHARS) / 4) for t in texts)
+        usage = Usage(calls=1, prompt_tokens=tokens)
+        usage.usd = self.prices.cost(model, usage)
+        return np.asarray([e.values for e in response.embeddings or []], np.float32), usage
 
-        def embed(texts: list[str]) -> np.ndarray:
+
+class RecordedEmbedder(Embedder):
+    """An Embedder whose every call's outcome is in the call record, so a replay is exact.
+
+    A call is named by its label (the slot or step it serves), its texts, and how many times
+    this process made the same call before. Its record holds what it was charged (the texts the
+    embedding store did not hold yet, priced) or its failure. A recorded call is answered from
+    the record: the same charge to the ledger (under ``charge_label``), the same failure, and the
+    vectors from the store, with no network call. A call that fails transiently (408, 429,
+    5xx, a timeout, a dropped connection) is not recorded, so a later run makes it again.
+    """
+
+    def __init__(self, llm: LLM, store: EmbeddingStore, record: CallRecord, charge_label: str):
+        super().__init__(
+            self._fetch, store, model=llm.config.embedding_model, dims=llm.config.embedding_dims
+        )
+        self.llm, self.record, self.charge_label = llm, record, charge_label
+        self._made: collections.Counter[str] = collections.Counter()
+        self._lock = threading.RLock()
+        self._usage: Usage | None = None  # what the call in progress has cost; None: replayed
+
+    def _fetch(self, texts: list[str]) -> np.ndarray:
+        vectors, usage = self.llm.embed_texts(texts)
+        if self._usage is not None:
+            self._usage.add(usage)
+        return vectors
+
+    def embed(self, texts: Sequence[str], label: str = "") -> np.ndarray:
+        texts = list(texts)
+        request = {
+            "embed": self.model, "dims": self.dims, "task": self.task, "label": label,
+            "texts": texts,
+        }  # fmt: skip
+        with self._lock:  # calls are counted, and their usage kept apart, one at a time
+            name = call_key(request)
+            key = call_key({"call": name, "occurrence": self._made[name]})
+            self._made[name] += 1
+            stored = self.record.get(key)
+            if stored is not None:
+                self.llm.ledger.charge(self.charge_label, Usage.from_json(stored.get("usage")))
+                if "error" in stored:
+                    raise LLMError(stored["error"], stored.get("code"))
+                self._usage = None
+                return super().embed(texts)
+            usage = self._usage = Usage()
             try:
-                response = self.client.models.embed_content(
-                    model=model,
-                    contents=[t[:_EMBED_CHARS] for t in texts],
-                    config=types.EmbedContentConfig(
-                        task_type="SEMANTIC_SIMILARITY", output_dimensionality=dims
-                    ),
-                )
+                vectors = super().embed(texts)
+            except EmbeddingStoreError:
+                self.llm.ledger.charge(self.charge_label, usage)
+                raise  # the store failed, not the call: nothing to record
             except Exception as e:
-                raise LLMError(*_reason(e, model, self.config.attempts)) from e
-            tokens = sum(math.ceil(min(len(t), _EMBED_CHARS) / 4) for t in texts)
-            usage = Usage(calls=1, prompt_tokens=tokens)
-            usage.usd = self.prices.cost(model, usage)
-            self.ledger.charge(label, usage)
-            return np.asarray([e.values for e in response.embeddings or []], np.float32)
-
-        return embed
+                self.llm.ledger.charge(self.charge_label, usage)
+                transient = isinstance(e, LLMError) and e.transient
+                reason = str(e) if isinstance(e, LLMError) else f"{type(e).__name__}: {e}"
+                code = e.code if isinstance(e, LLMError) else None
+                if not transient:
+                    self.record.put(key, {"error": reason, "code": code, "usage": usage.to_json()})
+                raise LLMError(reason, code, transient) from e
+            finally:
+                self._usage = None
+            self.llm.ledger.charge(self.charge_label, usage)
+            self.record.put(key, {"usage": usage.to_json()})
+            return vectors
 
 
 def record_url(config: LLMConfig, workdir: str) -> str:

@@ -116,8 +116,13 @@ class Embedder:
         self.requests = 0
         self.hits = 0
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``[len(texts), dims]`` float32 unit rows, in input order."""
+    def embed(self, texts: Sequence[str], label: str = "") -> np.ndarray:
+        """``[len(texts), dims]`` float32 unit rows, in input order.
+
+        ``label`` names what the call is for; it is unused here (a subclass that records each
+        call's outcome, ``agents.llm.RecordedEmbedder``, keys its record by it).
+        """
+        del label
         unique = list(dict.fromkeys(texts))
         stored = self.store.get_many(self.model, self.dims, self.task, unique)
         found = {t: v for t, v in zip(unique, stored, strict=True) if v is not None}
