@@ -491,20 +491,18 @@ class ResearchLoop:
         and the nodes flagged implausible and not yet evaluated at stage 1, at stage 1.
 
         It runs after every step; nodes already promoted are not evaluated again. Flagged
-        nodes are promoted whatever ``promote_top_k`` is (with the baseline, which scores
-        them), and they take no place in the top k.
+        nodes take no place in the top k; with ``promote_top_k`` 0 nothing is promoted, so
+        they are never re-measured.
 
         The ranking is of the history as it stood at the end of ``step``, so a resumed run
         promotes what the uninterrupted run did.
         """
         k = self.config.promote_top_k
-        if len(self.task.stages) < 2:
+        if k == 0 or len(self.task.stages) < 2:
             return
         view = self._view(step + 1)
         chosen = self.sampler.ranked([n for n in view if sampleable(n)])[:k]
         flagged = [n for n in view if n.ok and awaiting_remeasure(n) and 1 not in n.stages]
-        if not chosen and not flagged:
-            return
         base = self._baseline_node()
         if base is not None:
             chosen = [base] + [n for n in chosen if n.id != base.id]

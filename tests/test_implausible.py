@@ -110,7 +110,8 @@ def test_an_implausible_child_is_flagged_and_no_sampler_selects_it_until_re_meas
     tmp_path, sampler
 ):
     sampling = SamplerConfig(name=sampler, num_islands=2, migration_interval=2, migration_rate=1)
-    loop = _loop(_config(tmp_path, sampler=sampling), Exploitable(), {0: EXPLOIT, 1: PLAIN})
+    config = _config(tmp_path, sampler=sampling, promote_top_k=1)
+    loop = _loop(config, Exploitable(), {0: EXPLOIT, 1: PLAIN})
     summary = loop.run()
     nodes = summary.nodes
     exploit, plain = _slot(nodes, 1, 0), _slot(nodes, 1, 1)
@@ -129,9 +130,14 @@ def test_an_implausible_child_is_flagged_and_no_sampler_selects_it_until_re_meas
     }
     assert "implausible" not in plain.stats
     assert _mean_reward(plain) > best  # a plain good child: better, plausibly so
-    # Promoted at the next promotion although --promote_top_k=0; the costlier stage fails it.
+    # Promoted at the next promotion, in addition to the top 1 (the ridge after step 0, the
+    # plain child after step 1); the costlier stage fails it.
     assert exploit.stages[1]["status"] == "failed"
-    assert [n.id for n in nodes if n.stages] == [exploit.id]
+    assert {n.id for n in nodes if 1 in n.stages if n.origin["step"] < 2} == {
+        ridge.id,
+        exploit.id,
+        plain.id,
+    }
     # No sampler picks it as parent or reference in the later steps, nor migrates it.
     later = [s for s in loop.selections if s[0] > 1]
     assert len(later) == 4
@@ -149,18 +155,23 @@ def test_an_implausible_child_is_flagged_and_no_sampler_selects_it_until_re_meas
     assert f"{held}: node(s) {exploit.id}" in summary.report
 
 
-def test_a_single_stage_space_keeps_a_flagged_node_out_and_the_html_report_says_why(tmp_path):
-    loop = _loop(_config(tmp_path), Exploitable(stages="1"), {0: EXPLOIT, 1: PLAIN})
+@pytest.mark.parametrize("stages,promote_top_k", [("1", 1), ("2", 0)])
+def test_without_a_costlier_stage_or_promotion_a_flagged_node_stays_out_and_the_html_says_why(
+    tmp_path, stages, promote_top_k
+):
+    config = _config(tmp_path, promote_top_k=promote_top_k)
+    loop = _loop(config, Exploitable(stages=stages), {0: EXPLOIT, 1: PLAIN})
     summary = loop.run()
     exploit, plain = _slot(summary.nodes, 1, 0), _slot(summary.nodes, 1, 1)
     assert "implausible" in exploit.stats and not exploit.stages
+    assert not any(n.stages for n in summary.nodes)  # nothing to re-measure it with
     assert {parent for step, _, parent, _ in loop.selections if step > 1} == {plain.id}
     assert (
         summary.best.id
         == max((n for n in summary.nodes if n.ok and n.id != exploit.id), key=lambda n: n.score).id
     )
     assert "not re-measured yet" in _report_row(summary.report, exploit)
-    assert "this space has one stage, so they stay out" in summary.report
+    assert ("this space has one stage, so they stay out" in summary.report) == (stages == "1")
     payload = data.collect(str(tmp_path), live=False)
     reasons = dict(zip(payload["nodes"]["id"], payload["nodes"]["reason"], strict=True))
     assert reasons[exploit.id].startswith("implausible: reward -0.01 against the best")
