@@ -1,33 +1,49 @@
 """Runs a trusted harness ``module:function`` in a child process that may import untrusted code.
 
-The harness talks to this process over a :class:`Channel` (a JSON header and numpy arrays per
-message). On Linux a :class:`Sandbox` guarantees:
+The harness talks to this process over a ``sandbox_channel.Channel`` (a JSON header and numpy
+arrays per message). On Linux a :class:`Sandbox` guarantees:
 
 - Time: at ``Limits.timeout_s`` the child's process tree is SIGKILLed.
 - Memory: every child process has RLIMIT_DATA = ``memory_bytes`` (past it, Python raises
   MemoryError), and a thread here kills the tree once the RSS summed over its processes passes
   ``memory_bytes``; pages shared between processes count once per process, so the sum errs high.
-- Environment: an allowlist of this process's variables, minus credential-looking names.
+  ``Report.reason`` says "memory" only when that thread killed the tree, and reports the peak
+  RSS it saw (it looks every 0.1 s); an exit code is the program's, never read as a reason.
+- Filesystem, where the child gets a mount namespace (``Report.isolation["fs_private"]``; always
+  as root, otherwise where unprivileged user namespaces work): its working dir is a copy of the
+  files it was given, in a private tmpfs /tmp of ``Limits.tmp_bytes``; /dev/shm is private too;
+  every other mount is read-only. Hidden (an empty tmpfs over a directory, /dev/null over a
+  file): this process's home, the files and directories named by credential variables, the
+  user's /run/user dir, and whatever :func:`hide` was given; the import paths inside a hidden
+  directory stay reachable, read-only. No other sandbox's working dir is visible, and the
+  working dir is not on the child's ``sys.path``. The target holds no capability, so it can
+  undo none of this. With a PID namespace it also gets its own /proc
+  (``isolation["proc_private"]``): no process outside its tree is visible there.
+- Environment: an allowlist of this process's variables, minus credential-looking names and
+  JAX's persistent-cache settings.
 - Identity: a parent running as root runs the child as ``nobody``, because RLIMIT_NPROC does not
-  bind root. Where a directory closed to ``nobody`` (e.g. a 0700 /root) holds the interpreter,
-  ``sys.path`` entries or this package, the child sees an empty tmpfs over it with just those
-  bind-mounted in, in a mount namespace of its own.
+  bind root; root builds the filesystem view first, so an interpreter under a directory closed
+  to ``nobody`` (e.g. a 0700 /root) is bind-mounted in.
 - Tasks: the child may add ``max_tasks`` processes and threads (RLIMIT_NPROC). In a user
   namespace on Linux >= 5.14 only its own tasks count; otherwise all of its uid's do, so
   sandboxes running at once share the budget left when each starts.
-- Namespaces, where the kernel allows unprivileged user namespaces: new user, PID and, unless
-  ``Limits.network``, network ones. The network namespace has only a loopback that is down, so
-  every connection fails, 127.0.0.1 included. The target is the PID namespace's init: when it
-  dies, the kernel kills all it started. ``Report.isolation`` says what was in force.
+- Namespaces, where the kernel allows unprivileged user namespaces: new user, mount, PID and,
+  unless ``Limits.network``, network ones. The network namespace has only a loopback that is
+  down, so every connection fails, 127.0.0.1 included. The target is the PID namespace's init:
+  when it dies, the kernel kills all it started. ``Report.isolation`` says what was in force.
 - The worker and the target are made non-dumpable, so other processes of the uid (other
-  sandboxes) cannot ptrace them or read their memory.
+  sandboxes) cannot ptrace them or read their memory or environment.
 - This process never unpickles what the child sends, and bounds what it buffers.
 
 Not guaranteed:
 
-- Filesystem: the child reads and writes whatever its uid may, disk use is not capped, and Unix
-  sockets on the filesystem are reachable. Its temp dir (under ``tempfile.gettempdir()``) must
-  be reachable by that uid.
+- Without a mount namespace (not root, no user namespaces; code mode refuses this unless
+  ``--allow_weak_sandbox``): no filesystem isolation at all; the child has this process's uid,
+  so it writes wherever that uid may and can read this process's /proc/PID/environ.
+- Files the child writes to its /tmp and /dev/shm are memory that the RSS watchdog does not
+  count (each is capped at ``Limits.tmp_bytes``). Unix sockets on the filesystem stay
+  connectable where their permissions let its uid. Everything not hidden stays readable as
+  its uid's permissions allow.
 - Without user namespaces: no network or PID isolation; the tree is found by session id and
   parentage, so a process that leaves the session and loses its parent escapes the kill.
 - GPU memory and CPU time are not capped (beyond the wall clock).
