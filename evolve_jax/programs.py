@@ -6,9 +6,12 @@ line ``# EVOLVE-BLOCK-START`` and a line ``# EVOLVE-BLOCK-END``. Everything outs
 JSON object ``{"source": program text}``, so the history, fingerprints and novelty checks treat
 it like any genome.
 
-Edits are strict. A SEARCH/REPLACE edit applies only where its SEARCH text occurs exactly once,
-inside one block; otherwise it raises ``EditError`` with the parent's nearest lines, so the
-model can be asked again. An edit is never skipped, fuzzily matched or turned into a rewrite.
+Edits are strict. A SEARCH/REPLACE edit applies only where its SEARCH text occurs exactly once
+(overlapping occurrences counted), inside one block, and only if the program it makes parses
+back into the same frame and the same blocks (a REPLACE that writes a marker line, or drops the
+newline before an END marker, does not); otherwise it raises ``EditError`` with the reason (and,
+for a SEARCH that does not occur, the parent's nearest lines), so the model can be asked again.
+An edit is never skipped, fuzzily matched or turned into a rewrite.
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class Program:
             )
         # Each block ends with a newline, so the END marker stays on a line of its own.
         fixed = tuple(b if not b or b.endswith("\n") else b + "\n" for b in blocks)
+        for i, block in enumerate(fixed, start=1):
+            _no_marker(block, f"block {i} of the answer")
         return Program(self.frame, fixed)
 
     def block_lines(self) -> list[tuple[int, int]]:
@@ -146,6 +151,40 @@ def _line_of(source: str, offset: int) -> int:
     return source.count("\n", 0, offset) + 1
 
 
+def _occurrences(source: str, search: str) -> list[int]:
+    """Every offset where ``search`` starts in ``source``, overlapping occurrences included."""
+    starts, at = [], source.find(search)
+    while at >= 0:
+        starts.append(at)
+        at = source.find(search, at + 1)
+    return starts
+
+
+def _no_marker(text: str, what: str) -> None:
+    """Raises EditError when ``text`` (new block content) holds an EVOLVE-BLOCK marker line."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if _MARKER.match(line):
+            raise EditError(
+                f"{what} writes a marker line ({line.strip()!r}, its line {number}); the "
+                "markers belong to the fixed frame: write only code, no marker lines"
+            )
+
+
+def _same_frame(before: Program, after: Program, label: str) -> None:
+    """Raises EditError unless ``after``'s source parses back into its own frame and blocks,
+    with the frame of ``before``: the check the harness makes later, made when the edit is."""
+    try:
+        parsed = Program.parse(after.source)
+        check_frame(before, parsed)
+    except ProgramError as e:
+        raise EditError(f"{label}: the edited program breaks the EVOLVE-BLOCK frame: {e}") from e
+    if parsed != after:
+        raise EditError(
+            f"{label}: the edited program no longer parses into the same blocks (a block must "
+            "end with a newline, so that its END marker stays on a line of its own)"
+        )
+
+
 def apply_edits(program: Program, edits: Sequence[Edit]) -> Program:
     """``program`` with every edit applied in order; raises EditError for the first that fails."""
     if not edits:
@@ -155,7 +194,7 @@ def apply_edits(program: Program, edits: Sequence[Edit]) -> Program:
         label = f"edit {number} of {len(edits)}"
         if not edit.search.strip():
             raise EditError(f"{label}: SEARCH is empty; copy the exact lines to replace")
-        starts = [m.start() for m in re.finditer(re.escape(edit.search), source)]
+        starts = _occurrences(source, edit.search)
         if not starts:
             raise EditError(
                 f"{label}: SEARCH does not occur in the parent (it must match exactly, whitespace "
@@ -173,9 +212,12 @@ def apply_edits(program: Program, edits: Sequence[Edit]) -> Program:
             if offset <= begin and end <= offset + len(block):
                 local = begin - offset
                 text = block[:local] + edit.replace + block[local + len(edit.search) :]
-                program = Program(
+                edited = Program(
                     program.frame, (*program.blocks[:i], text, *program.blocks[i + 1 :])
                 )
+                _no_marker(text, f"{label}: REPLACE")
+                _same_frame(program, edited, label)
+                program = edited
                 break
             offset += len(block) + len(program.frame[i + 1])
         else:
@@ -234,4 +276,8 @@ def validate_source(spec: CodeSpec, candidate: Any) -> dict[str, str]:
     except SyntaxError as e:
         shown = f"\n    {e.text.rstrip()}" if e.text else ""
         raise GenomeError(f"syntax: line {e.lineno}: {e.msg}{shown}") from e
+    except (ValueError, RecursionError, MemoryError) as e:
+        # A lone surrogate (UnicodeEncodeError), a null byte on older Pythons (ValueError), or
+        # nesting too deep for the compiler: not Python either, so a reason, never a crash.
+        raise GenomeError(f"syntax: the source cannot be compiled ({type(e).__name__}: {e})") from e
     return {"source": source}

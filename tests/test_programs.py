@@ -97,11 +97,36 @@ def test_an_edit_straddling_a_marker_is_refused():
         )
 
 
-def test_a_failed_edit_leaves_nothing_half_applied():
+def test_overlapping_matches_count_as_several():
+    parent = Program.parse(TEMPLATE.replace("    return 0.0\n", "    x = 1\n" * 3))
+    with pytest.raises(EditError, match=r"occurs 2 times \(lines 5, 6\)"):
+        programs.apply_edits(parent, [Edit("    x = 1\n    x = 1\n", "    x = 2\n")])
+
+
+MARKER_PAIR = "# EVOLVE-BLOCK-END\nleaked = 1\n# EVOLVE-BLOCK-START\n"
+
+
+def test_an_edit_writing_a_marker_pair_is_refused_when_applied():
     parent = Program.parse(PARENT)
-    with pytest.raises(EditError, match="edit 2 of 2"):
-        programs.apply_edits(parent, [Edit("r * 1.0", "r * 5.0"), Edit("no such line", "")])
-    assert parent.source == PARENT  # programs are values: the parent is unchanged
+    edit = Edit("    return r * 1.0\n", "    return r * 1.0\n" + MARKER_PAIR)
+    with pytest.raises(EditError, match=r"edit 1 of 1: REPLACE writes a marker line"):
+        programs.apply_edits(parent, [edit])
+    with pytest.raises(EditError, match=r"block 1 of the answer writes a marker line"):
+        programs.load_template(SPEC).with_blocks(["def area(r):\n    return 1.0\n" + MARKER_PAIR])
+
+
+def test_an_edit_joining_code_to_the_end_marker_is_refused_when_applied():
+    # Without its newline, the block's last line runs into "# EVOLVE-BLOCK-END".
+    with pytest.raises(EditError, match=r"breaks the EVOLVE-BLOCK frame.*never closed"):
+        programs.apply_edits(
+            Program.parse(PARENT), [Edit("    return r * 1.0\n", "    return r * 2.0")]
+        )
+
+
+def test_validate_refuses_a_source_that_is_not_unicode_with_a_reason():
+    lone = PARENT.replace("return r * 1.0", "return '\ud800'")
+    with pytest.raises(GenomeError, match=r"syntax: the source cannot be compiled.*surrogate"):
+        programs.validate_source(SPEC, {"source": lone})
 
 
 def test_empty_search_and_malformed_edits_are_refused():

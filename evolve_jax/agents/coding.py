@@ -2,11 +2,14 @@
 
 Each slot asks for one kind of change, drawn from ``LLMConfig.edit_mix``: SEARCH/REPLACE
 ``diff`` edits of the parent's EVOLVE-BLOCKs, a ``rewrite`` of the blocks, or a ``crossover``
-that rewrites the blocks from two parents. An edit that does not apply (no match, several
-matches, outside the blocks) is sent back with the parent's nearest lines, a bounded number of
-times (``max_reasks``), then the slot is recorded as invalid with the last error. The Engineer
-asks for edits that fix a failed syntax, import or static check, or a failed run, with the
-check's reason or the trimmed traceback; every attempt is recorded with its reason.
+that rewrites the blocks from two parents. An answer that cannot be used (not JSON, text that is
+not Unicode, an edit that does not apply: no match, several matches, outside the blocks, a
+marker line written or the frame otherwise broken) is sent back with the reason (and, for a
+SEARCH that does not occur, the parent's nearest lines), a bounded number of times
+(``max_reasks``), then the slot is recorded as invalid with the last error. The Engineer asks
+for edits that fix a failed syntax, import or static check, or a failed run, with the check's
+reason or the trimmed traceback; its edits are checked the same way, and every attempt is
+recorded with its reason.
 """
 
 from __future__ import annotations
@@ -15,13 +18,20 @@ from typing import Any
 
 from evolve_jax.agents import llm as llm_lib
 from evolve_jax.agents.base import DesignContext
-from evolve_jax.agents.gemini_roles import Design, GeminiEngineer, GeminiResearcher, show
+from evolve_jax.agents.gemini_roles import (
+    Design,
+    GeminiEngineer,
+    GeminiResearcher,
+    checked,
+    show,
+)
 from evolve_jax.config import EDIT_KINDS
 from evolve_jax.programs import (
     EditError,
     Program,
     ProgramError,
     apply_edits,
+    check_frame,
     load_template,
     parse_edits,
 )
@@ -141,7 +151,7 @@ class CodeResearcher(GeminiResearcher):
                 if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
                     raise EditError("'blocks' is not a list of strings")
                 program = self.template.with_blocks(blocks)
-            Program.parse(program.source)  # a marker line written into a block breaks this
+            check_frame(self.template, Program.parse(program.source))
         except (EditError, ProgramError) as e:
             raise llm_lib.AnswerError(str(e)) from e
         candidate = {"source": program.source}
@@ -154,6 +164,15 @@ class CodeEngineer(GeminiEngineer):
     def __init__(self, shared, env):
         super().__init__(shared, env)
         self.static = {"interface": env.space.code_spec().interface}
+
+    @staticmethod
+    def _check(parsed: Any, program: Program) -> tuple[dict, Program]:
+        if not isinstance(parsed, dict) or "edits" not in parsed:
+            raise llm_lib.AnswerError("the answer has no 'edits'")
+        try:
+            return parsed, apply_edits(program, parse_edits(parsed["edits"]))
+        except (EditError, ProgramError) as e:
+            raise llm_lib.AnswerError(str(e)) from e
 
     def fix(self, genome, reason, failures, attempts, label):
         record: dict[str, Any] = {"reason": reason, "by": "model", "edit_errors": []}
@@ -180,15 +199,11 @@ class CodeEngineer(GeminiEngineer):
                     model=self.shared.config.engineer_model, system=prompt.system, turns=turns,
                     schema=REPAIR_SCHEMA, label=label,
                 )  # fmt: skip
-                parsed = answer.json()
-                if not isinstance(parsed, dict) or "edits" not in parsed:
-                    raise llm_lib.AnswerError("the answer has no 'edits'")
-                repaired = apply_edits(program, parse_edits(parsed["edits"]))
-                Program.parse(repaired.source)
+                parsed, repaired = checked(self._check, answer, program)
             except llm_lib.LLMError as e:
                 attempts.append({**record, "error": str(e)})
                 return None
-            except (llm_lib.AnswerError, EditError, ProgramError) as e:
+            except llm_lib.AnswerError as e:
                 record["edit_errors"].append(str(e))
                 if len(record["edit_errors"]) > self.shared.config.max_reasks:
                     attempts.append({**record, "error": f"no edit applied: {e}"})
