@@ -9,6 +9,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -476,3 +477,27 @@ def test_home_credentials_hidden_paths_and_this_process_are_out_of_reach(
         # Its own /proc: no process outside its PID namespace, this one included.
         assert os.getpid() not in seen["pids"] and len(seen["pids"]) == 1, seen["pids"]
         assert seen["read"][f"/proc/{os.getpid()}/environ"].startswith("FileNotFoundError")
+
+
+def test_read_only_by_remount_where_mount_setattr_is_missing(outside):
+    # Kernels before 5.12 lack mount_setattr(2): the worker then remounts each mount.
+    code = (
+        "import os, sys\n"
+        "from evolve_jax.evaluation import sandbox_worker as w\n"
+        "w.SYS_MOUNT_SETATTR = 10**6  # no such syscall: ENOSYS, as on an old kernel\n"
+        "w._mount(None, '/', None, w.MS_REC | w.MS_PRIVATE)\n"
+        "w.set_read_only('/', True, recursive=True)\n"
+        "try:\n"
+        f"    open({os.path.join(outside, 'x')!r}, 'w')\n"
+        "except OSError as e:\n"
+        "    sys.exit(0 if e.errno == 30 else 1)\n"
+        "sys.exit(2)\n"
+    )
+    run = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO},
+    )  # fmt: skip
+    if "unshare failed" in run.stderr:
+        pytest.skip(f"no user namespaces here: {run.stderr}")
+    assert run.returncode == 0, run.stderr
+    assert not os.path.exists(os.path.join(outside, "x"))
