@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from evolve_jax import programs
-from evolve_jax.evaluation import sandbox, workers
+from evolve_jax.evaluation import harness, sandbox, workers
 from evolve_jax.search_space import (
     CheckFailure,
     CodeSpec,
@@ -162,11 +162,12 @@ class CirclePackingSpace(SearchSpace):
                 interface = _INTERFACE.format(tol=self.options.tol)
                 self._code = CodeSpec(f.read(), code_mode.TEMPLATE, interface)
             programs.load_template(self._code)  # a template without markers fails here
-            self._limits = sandbox.Limits(
+            limits = sandbox.Limits(
                 timeout_s=self.options.sandbox_timeout_s,
                 memory_bytes=int(self.options.sandbox_memory_gb * (1 << 30)),
             )
-            self._slots = workers.Slots.cpu()  # the programs use numpy and scipy, not JAX
+            slots = workers.Slots.cpu()  # the programs use numpy and scipy, not JAX
+            self._programs = harness.Programs(code_mode.TARGET, limits, lambda: slots)
 
     # -------------------------------------------------------------------- contract
 
@@ -207,8 +208,7 @@ class CirclePackingSpace(SearchSpace):
 
     def check(self, candidate: genome.Genome) -> list[CheckFailure]:
         if self._code is not None:  # import and interface, in a sandboxed worker
-            with self._slots.acquire() as env:
-                return code_mode.run_check(candidate["source"], self._limits, env)
+            return self._programs.check(candidate["source"], {})
         cost = genome.estimated_seconds(candidate, self.options.n)
         if cost > self.options.budget_s:
             return [
@@ -235,13 +235,10 @@ class CirclePackingSpace(SearchSpace):
         del stage, devices  # one stage; numpy and scipy on the CPU
         n, tol = self.options.n, self.options.tol
         if self._code is not None:
-            results = []
-            for candidate in candidates:
-                with self._slots.acquire() as env:
-                    results.append(
-                        code_mode.run_program(candidate["source"], n, tol, seeds, self._limits, env)
-                    )
-            return results
+            return harness.per_candidate(
+                lambda c: code_mode.run_program(self._programs, c["source"], n, tol, seeds),
+                candidates,
+            )
         jobs = [(c, n, int(s)) for c in candidates for s in seeds]
         outputs = self._map(jobs)
         results = []

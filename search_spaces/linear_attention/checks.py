@@ -47,8 +47,11 @@ def future_dependence(forward, x_BTD: jax.Array, t: int) -> tuple[float, float]:
     return float(np.abs(moved - past).max()), float(np.abs(past).max())
 
 
-def check_causality(cfg: model.ModelConfig, seq_len: int, position: int | None = None):
-    """No block's output up to position t may change when its inputs after t do.
+def check_causality(
+    cfg: model.ModelConfig, seq_len: int, position: int | None = None, *, batch: int = 1
+):
+    """No block's output up to position t may change when its inputs after t do, at ``batch``
+    sequences of ``seq_len`` (a program can behave differently at another shape).
 
     Probing each block rather than the whole model is enough (everything outside the blocks,
     embedding, final norm and head, acts position by position) and compiles one block's
@@ -57,7 +60,7 @@ def check_causality(cfg: model.ModelConfig, seq_len: int, position: int | None =
     t = seq_len // 2 if position is None else position
     graphdef, _ = model.abstract(cfg)
     params = model.initializer(cfg)(jax.random.key(0))
-    x_BTD = jax.random.normal(jax.random.key(1), (1, seq_len, cfg.d_model))
+    x_BTD = jax.random.normal(jax.random.key(1), (batch, seq_len, cfg.d_model))
     forwards = {}  # one compiled program per block structure
     for i, block in enumerate(nnx.merge(graphdef, params).blocks):
         block_def, state = nnx.split(block)
@@ -69,7 +72,7 @@ def check_causality(cfg: model.ModelConfig, seq_len: int, position: int | None =
             return CheckFailure(
                 "causality",
                 f"block {i}'s output at positions <= {t} depends on later inputs "
-                f"(max change {future:.3g})",
+                f"(max change {future:.3g}; batch {batch}, length {seq_len})",
             )
     return None
 

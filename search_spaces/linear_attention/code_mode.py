@@ -1,41 +1,51 @@
 """Code mode of the linear-attention space: a program's TokenMixer, checked and trained sandboxed.
 
 The program (``programs/template.py`` with its EVOLVE-BLOCK filled) defines ``TokenMixer``; the
-rest of the model (embedding, MLPs, depth, width) is the frame genome's. Everything that runs
-the program happens in a sandboxed worker (``evolve_jax.evaluation.sandbox``):
+rest of the model (embedding, MLPs, depth, width) is the frame genome's. The program runs only in
+sandboxed workers (``evolve_jax.evaluation.harness``), jobs of ``worker``:
 
 * ``check``: import, the interface (class, call, output and state shapes), then the checks
-  genomes get (parameter budget, shapes, causality by perturbing later inputs, sub-quadratic cost).
-* ``train``: training for every seed as in genome mode; then the worker says it is done, the
-  controller sends the held-out inputs (never the targets) and the worker answers with logits at
-  the positions to score. The controller computes the metrics from those logits, so a program
-  that prints a score, writes a results file or patches the worker's metric code changes
-  nothing.
+  genomes get (parameter budget, shapes, causality by perturbing later inputs at batch 1 and at
+  each stage's training batch, sub-quadratic cost). A cheap filter: the program shares the
+  worker's process and could patch them.
+* ``train``: genome-mode training on the batches the controller sends (the worker never reads
+  the corpus); the parameters come back, fixed before the held-out inputs leave the controller.
+* ``outputs``: logits at the held-out positions, on the inputs sent only then.
+* ``verify``, in a second, fresh worker: logits from the returned parameters on the held-out
+  windows with everything after a secret cut replaced (``harness.SuffixSwap``).
 
-Held-out inputs are the ones genome mode measures (a deterministic function of the seed), so
-every candidate, code or genome, is compared on the same examples.
+The controller computes every metric from the logits of ``outputs`` and keeps them only if,
+before each cut, they equal the ``verify`` worker's: a program that reads later tokens when
+scored (a non-causal mixer, a patched harness) fails as "non-causal when scored". Byte-LM inputs
+hold the targets shifted by one, so only this check, not secrecy, stops a program from reading
+them. It also counts the returned parameters against the budget itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import functools
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from evolve_jax.evaluation import sandbox
-from evolve_jax.search_space import CheckFailure, EvalResult
+from evolve_jax.evaluation import harness
+from evolve_jax.search_space import EvalResult
 
 PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
 TEMPLATE = os.path.join(PROGRAMS, "template.py")
 SEED_PROGRAMS = ("linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet")
 ENTRY = "TokenMixer"
-_TARGET = "search_spaces.linear_attention.code_mode:worker"
+TARGET = "search_spaces.linear_attention.code_mode:worker"
 _EVAL_BATCH = 64
+# Largest change in a log-probability before a cut that still counts as equal: float32 noise
+# between two processes is far below it, and reading the future within it gains nothing.
+CAUSAL_TOLERANCE = 1e-3
+_PARAM = re.compile(r"param:(\d{1,4}):(\w{1,100}(?:/\w{1,100}){0,20})", re.ASCII)
 
 
 # ------------------------------------------------------------------ controller side
@@ -52,6 +62,7 @@ class HeldOut:
     # Loss and accuracy are then means over the groups, as genome mode computes them.
     groups: np.ndarray | None = None
     group_metrics: tuple[str, ...] = ()
+    shared: bool = False  # every seed's windows are the same (byte LM): one suffix swap for all
 
 
 def score_logits(logits: Any, held: HeldOut, vocab: int) -> tuple[dict[int, tuple], str | None]:
@@ -87,79 +98,123 @@ def score_logits(logits: Any, held: HeldOut, vocab: int) -> tuple[dict[int, tupl
     return scores, None
 
 
-def _failure(report: sandbox.Report, reply: dict | None) -> str:
-    if reply and "error" in reply:
-        return str(reply["error"])
-    return report.reason() or "the worker stopped without an answer"
+def _returned_params(reply: harness.Reply, num_seeds: int) -> dict[str, np.ndarray]:
+    """The parameter arrays of a ``train`` reply, validated: ``param:<seed index>:<path>``,
+    floating point, finite, the same paths and shapes for every seed."""
+    params = {}
+    paths: list[dict[str, tuple]] = [{} for _ in range(num_seeds)]
+    for name in reply.arrays:
+        found = _PARAM.fullmatch(name)
+        if found is None or int(found[1]) >= num_seeds:
+            raise harness.BadReply(f"outputs: unexpected array {name[:80]!r}")
+        array = reply.array(name)
+        params[name] = array
+        paths[int(found[1])][found[2]] = array.shape
+    if not paths[0] or any(p != paths[0] for p in paths):
+        raise harness.BadReply("outputs: the seeds' parameters differ in names or shapes")
+    return params
 
 
-def run_check(request: dict, limits: sandbox.Limits, env, source: str) -> list[CheckFailure]:
-    """The program's static checks in a sandboxed worker."""
-    files = {"candidate.py": source}
-    reply, report = sandbox.run_once(_TARGET, request, None, limits, files=files, env=env)
-    header = reply[0] if reply else None
-    if header is None or "failures" not in header:
-        return [CheckFailure("sandbox", _failure(report, header))]
-    return [CheckFailure(str(c), str(r)) for c, r in header["failures"]]
+def _nested(params: dict[str, np.ndarray], seed_index: int) -> dict:
+    """One seed's parameters as ``nnx.to_pure_dict`` nests them (list indices as ints)."""
+    out: dict = {}
+    for name, array in params.items():
+        found = _PARAM.fullmatch(name)
+        if int(found[1]) != seed_index:
+            continue
+        node = out
+        *parents, leaf = [int(k) if k.isdigit() else k for k in found[2].split("/")]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = array
+    return out
 
 
-def run_training(
-    request: dict,
-    limits: sandbox.Limits,
-    env,
+def train_and_score(
+    programs: harness.Programs,
     source: str,
+    request: dict,
+    training: dict[str, np.ndarray],
     held: HeldOut,
     vocab: int,
     metric_names: tuple[str, str],
-) -> tuple[EvalResult, dict[int, dict[str, np.ndarray]]]:
-    """Trains in a worker, scores its logits on ``held`` here; returns (result, params by seed)."""
-    seeds = request["seeds"]
-    files = {"candidate.py": source}
-    box = sandbox.Sandbox(_TARGET, limits, files=files, env=env)
-    try:
-        with box:
-            box.send(request)
-            trained, _ = box.receive()
-            if trained.get("trained"):
-                # The held-out inputs leave this process only now, after training is over.
-                box.send({"job": "outputs"}, {"inputs": held.inputs, "positions": held.positions})
-                header, arrays = box.receive()
-    except sandbox.SandboxError as e:
-        report = box.finish()
-        error = report.reason() or f"sandbox: {e}"
-        return EvalResult(error=error, timed_out=report.timed_out, extra=_output(report)), {}
-    report = box.finish()
-    if not trained.get("trained"):
-        return EvalResult(error=_failure(report, trained), extra=_output(report)), {}
-    if "error" in header:
-        return EvalResult(error=str(header["error"]), extra=_output(report)), {}
-    by_seed, error = score_logits(arrays.get("logits"), held, vocab)
+    rng: np.random.Generator,
+    param_budget: int | None,
+) -> tuple[EvalResult, list[dict]]:
+    """Trains in a worker, scores its logits on ``held`` here, verifies them in a second
+    worker; (result, per-seed nested parameters). Raises harness.JobFailed or BadReply."""
+    num_seeds = len(request["seeds"])
+    with programs.session(source) as session:
+        trained = session.ask({**request, "job": "train"}, training)
+        params = _returned_params(trained, num_seeds)
+        reported = {
+            name: trained.field(name, list) for name in ("final_train_loss", "learning_rate")
+        }
+        # The held-out inputs leave this process only now, once the parameters are fixed.
+        reply = session.ask(
+            {"job": "outputs"}, {"inputs": held.inputs, "positions": held.positions}, last=True
+        )
+        reply.only(["logits"])
+        logits = reply.array("logits", (*held.targets.shape, vocab))
+    output = session.output()
+    if param_budget is not None:
+        count = sum(a.size for n, a in params.items() if n.startswith("param:0:"))
+        if count > param_budget:
+            return EvalResult(
+                error=f"param_budget: the returned parameters hold {count:,} values, over the "
+                f"budget of {param_budget:,}",
+                extra=output,
+            ), []
+    by_seed, error = score_logits(logits, held, vocab)
     if error is not None:
-        return EvalResult(error=error, extra=_output(report)), {}
-    losses = trained.get("final_train_loss", {})
-    rates = trained.get("learning_rate", {})
+        return EvalResult(error=error, extra=output), []
+    error = _verify(programs, source, request, params, held, logits, vocab, rng)
+    if error is not None:
+        return EvalResult(error=error, extra=output), []
     metrics = {}
-    for i, seed in enumerate(seeds):
+    for i, seed in enumerate(request["seeds"]):
         loss, accuracy, per_group = by_seed[i]
         values = {**dict(zip(metric_names, (loss, accuracy), strict=True)), **per_group}
-        for name, reported in (("final_train_loss", losses), ("learning_rate", rates)):
-            value = reported.get(str(seed))
-            values[name] = float(value) if value is not None else math.nan
+        # What the worker says of its training (which learning rate it kept, at what loss): its
+        # word, recorded as such; the score above does not depend on it.
+        for name, per_seed in reported.items():
+            value = per_seed[i] if i < len(per_seed) else None
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            values[name] = float(value) if ok else math.nan
         metrics[seed] = values
-    params: dict[int, dict] = {}
-    for name, array in arrays.items():
-        if name.startswith("param:"):
-            _, seed, path = name.split(":", 2)
-            node = params.setdefault(int(seed), {})
-            *parents, leaf = [int(k) if k.isdigit() else k for k in path.split("/")]
-            for key in parents:  # nnx.to_pure_dict's nesting, list indices as ints
-                node = node.setdefault(key, {})
-            node[leaf] = array
-    return EvalResult(metrics=metrics, extra=_output(report)), params
+    return EvalResult(metrics=metrics, extra=output), [_nested(params, i) for i in range(num_seeds)]
 
 
-def _output(report: sandbox.Report) -> dict:
-    return {"output": report.output_tail()}
+def _verify(programs, source, request, params, held, logits, vocab, rng) -> str | None:
+    """None if, before every cut, the scored logits equal a fresh worker's on swapped
+    suffixes; else the reason "non-causal when scored: ..."."""
+    num_seeds = len(request["seeds"])
+    if held.shared:
+        swaps = [harness.SuffixSwap.draw(held.inputs[0], held.positions[0], rng)] * num_seeds
+    else:
+        swaps = [
+            harness.SuffixSwap.draw(held.inputs[i], held.positions[i], rng)
+            for i in range(num_seeds)
+        ]
+    inputs = np.stack([s.inputs for s in swaps])
+    positions = np.stack([s.positions for s in swaps])
+    with programs.session(source) as session:
+        reply = session.ask(
+            {**request, "job": "verify"},
+            {**params, "inputs": inputs, "positions": positions},
+            last=True,
+        )
+        reply.only(["logits"])
+        swapped = reply.array("logits", (num_seeds, int(positions[0].sum()), vocab))
+    for i, swap in enumerate(swaps):
+        change, window = swap.disagreement(logits[i], swapped[i], held.positions[i])
+        if not change <= CAUSAL_TOLERANCE:
+            return (
+                f"non-causal when scored: log-probabilities before a cut changed by {change:.3g} "
+                f"when the tokens after it were replaced (held-out window {window}, seed "
+                f"{request['seeds'][i]}): the outputs depend on later tokens"
+            )
+    return None
 
 
 def load_mixer(source: str):
@@ -178,33 +233,21 @@ def load_mixer(source: str):
 # ------------------------------------------------------------------ worker side
 
 
-def _load(path: str = "candidate.py"):
-    spec = importlib.util.spec_from_file_location("candidate", os.path.abspath(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _model_config(request: dict, mixer):
-    from search_spaces.linear_attention import model, program_api
-
-    m = request["model"]
-    program_api.configure(m["chunk_size"], m["impl"])
-    return model.ModelConfig(tuple(request["frame"].items()), **m, mixer=mixer)
-
-
-def _interface(request: dict) -> tuple[Any, list[list[str]]]:
-    """(the TokenMixer class, []) or (None, [[check, reason]])."""
+def _mixer_class(value) -> str | None:
     from flax import nnx
 
-    try:
-        module = _load()
-    except BaseException as e:  # the program's own error, whatever it is, is the reason
-        return None, [["import", sandbox.candidate_traceback(e)]]
-    mixer = getattr(module, ENTRY, None)
-    if not isinstance(mixer, type) or not issubclass(mixer, nnx.Module):
-        return None, [["interface", f"the program defines no class {ENTRY}(nnx.Module)"]]
-    return mixer, []
+    if not isinstance(value, type) or not issubclass(value, nnx.Module):
+        return f"the program defines no class {ENTRY}(nnx.Module)"
+    return None
+
+
+def _model_config(request: dict, model_request: dict | None = None):
+    from search_spaces.linear_attention import model, program_api
+
+    mixer = harness.entry(ENTRY, _mixer_class)
+    m = model_request or request["model"]
+    program_api.configure(m["chunk_size"], m["impl"])
+    return model.ModelConfig(tuple(request["frame"].items()), **m, mixer=mixer)
 
 
 def _mixer_shapes(cfg) -> str | None:
@@ -231,48 +274,96 @@ def _mixer_shapes(cfg) -> str | None:
     return None
 
 
-def _check(request: dict) -> list[list[str]]:
+def _check(request: dict, arrays: dict) -> tuple[dict, dict]:
     from search_spaces.linear_attention import checks
 
-    mixer, failures = _interface(request)
-    if failures:
-        return failures
-    cfg = _model_config(request, mixer)
+    del arrays
+    cfg = _model_config(request)
     budget, seq_len = request["checks"]["param_budget"], request["checks"]["seq_len"]
     try:
         if (bad := _mixer_shapes(cfg)) is not None:
-            return [["interface", bad]]
+            raise harness.ProgramFailure("interface", bad)
         found = [checks.check_param_budget(cfg, budget), checks.check_shapes(cfg, seq_len)]
         if not any(found):
             found.append(checks.check_causality(cfg, seq_len))
+            for stage in request["checks"]["stages"]:  # each stage's model at its batch
+                if found[-1] is not None:
+                    break
+                stage_cfg = _model_config(request, stage["model"])
+                found.append(
+                    checks.check_causality(stage_cfg, stage["seq_len"], batch=stage["batch"])
+                )
             found.append(checks.check_subquadratic(cfg, 4 * cfg.chunk_size))
+    except harness.ProgramFailure:
+        raise
     except Exception as e:
-        return [["interface", sandbox.candidate_traceback(e)]]
-    return [[f.check, f.reason] for f in found if f is not None]
+        from evolve_jax.evaluation import sandbox
+
+        raise harness.ProgramFailure("interface", sandbox.candidate_traceback(e)) from None
+    return {"failures": [[f.check, f.reason] for f in found if f is not None]}, {}
 
 
-def _train(request: dict):
-    """Per-seed SeedResults of genome-mode training, with the program's mixer."""
+def _train(state: dict, request: dict, arrays: dict) -> tuple[dict, dict]:
+    """Genome-mode training with the program's mixer, every seed; the parameters go back."""
     import jax
 
-    from search_spaces.linear_attention import data, train
+    from search_spaces.linear_attention import train
 
-    mixer, failures = _interface(request)
-    if failures:
-        raise RuntimeError(f"{failures[0][0]}: {failures[0][1]}")
-    cfg = _model_config(request, mixer)
-    seeds, task = request["seeds"], request["task"]
+    cfg = _model_config(request)
+    seeds = request["seeds"]
     budget = request["budget"]
     budget = train.TrainConfig(**{**budget, "learning_rates": tuple(budget["learning_rates"])})
-    # The worker's own held-out set is tiny: its numbers are not the ones recorded (the
-    # controller scores the worker's logits on its own held-out set).
+    # The worker's own held-out numbers are not recorded (the controller scores the logits).
     if request["task_kind"] == "mqar":
-        task = {**task, "num_pairs": tuple(task["num_pairs"]), "test_examples": 8}
-        mqar = train.MQARConfig(**task)
-        return cfg, train.train_mqar(cfg, mqar, budget, seeds, jax.devices())
-    corpus = data.load_corpus(request["corpus"] or None)
-    lm = train.ByteLMConfig(task["seq_len"], val_batches=1)
-    return cfg, train.train_byte_lm(cfg, lm, budget, seeds, jax.devices(), corpus)
+        task = {**request["task"], "num_pairs": tuple(request["task"]["num_pairs"])}
+        mqar = train.MQARConfig(**{**task, "test_examples": 8})
+        per_seed = train.train_mqar(cfg, mqar, budget, seeds, jax.devices())
+    else:
+        windows = arrays["windows"]
+        probe = (windows[0][:1, :, :-1].astype(np.int32), windows[0][:1, :, 1:].astype(np.int32))
+        per_seed = train.train_byte_lm_on(cfg, budget, seeds, jax.devices(), list(windows), probe)
+    errors = [r.error for r in per_seed if r.error]
+    if errors:
+        return {"error": errors[0]}, {}
+    state.update(cfg=cfg, params=[r.params for r in per_seed])
+    out = {}
+    for i, r in enumerate(per_seed):
+        out.update({f"param:{i}:{k}": v for k, v in _flat_params(r.params).items()})
+    header = {
+        name: [r.metrics[name] for r in per_seed] for name in ("final_train_loss", "learning_rate")
+    }
+    return header, out
+
+
+def _outputs(state: dict, request: dict, arrays: dict) -> tuple[dict, dict]:
+    del request
+    inputs, positions = arrays["inputs"], arrays["positions"]
+    logits = np.stack(
+        [
+            _logits_at(state["cfg"], params, inputs[i], positions[i])
+            for i, params in enumerate(state["params"])
+        ]
+    )
+    return {}, {"logits": logits}
+
+
+def _verify_job(request: dict, arrays: dict) -> tuple[dict, dict]:
+    """Logits of the returned parameters on the swapped windows (a fresh worker)."""
+    import jax
+    from flax import nnx
+
+    from search_spaces.linear_attention import model
+
+    cfg = _model_config(request)
+    inputs, positions = arrays.pop("inputs"), arrays.pop("positions")
+    logits = []
+    for i in range(len(request["seeds"])):
+        params = model.initializer(cfg)(jax.random.key(0))
+        prefix = f"param:{i}:"
+        flat = {k: v for k, v in arrays.items() if k.startswith(prefix)}
+        nnx.replace_by_pure_dict(params, _nested(flat, i))
+        logits.append(_logits_at(cfg, params, inputs[i], positions[i]))
+    return {}, {"logits": np.stack(logits)}
 
 
 def _logits_at(cfg, params, inputs_NT: np.ndarray, positions_NT: np.ndarray) -> np.ndarray:
@@ -300,47 +391,32 @@ def _flat_params(params) -> dict[str, np.ndarray]:
     }
 
 
-def worker(channel: sandbox.Channel) -> None:
-    """Sandbox target: one ``check`` or ``train`` request (see the module docstring)."""
-    request, _ = channel.receive()
-    if request["job"] == "check":
-        channel.send({"failures": _check(request)})
-        return
-    try:
-        cfg, per_seed = _train(request)
-    except Exception as e:
-        channel.send({"error": sandbox.candidate_traceback(e)})
-        return
-    errors = [r.error for r in per_seed if r.error]
-    if errors:
-        channel.send({"error": errors[0]})
-        return
-    seeds = request["seeds"]
-    reported = {
-        name: {str(s): r.metrics[name] for s, r in zip(seeds, per_seed, strict=True)}
-        for name in ("final_train_loss", "learning_rate")
-    }
-    channel.send({"trained": True, **reported})
-    _, arrays = channel.receive()
-    inputs, positions = arrays["inputs"], arrays["positions"]
-    logits = np.stack(
-        [_logits_at(cfg, r.params, inputs[i], positions[i]) for i, r in enumerate(per_seed)]
+def worker(channel) -> None:
+    """Sandbox target: the jobs in the module docstring."""
+    state: dict = {}
+    harness.serve(
+        channel,
+        {
+            "check": _check,
+            "train": functools.partial(_train, state),
+            "outputs": functools.partial(_outputs, state),
+            "verify": _verify_job,
+        },
     )
-    out = {"logits": logits}
-    if request.get("return_params"):
-        for seed, r in zip(seeds, per_seed, strict=True):
-            out.update({f"param:{seed}:{k}": v for k, v in _flat_params(r.params).items()})
-    channel.send({"outputs": True}, out)
 
 
-def held_out_mqar(task, seeds: Sequence[int]) -> HeldOut:
-    """Genome mode's MQAR test examples (``task`` a ``train.MQARConfig``) for each seed, split
-    into what is sent and what is kept."""
+# ------------------------------------------------------------------ held-out data
+
+
+def held_out_mqar(task, seeds: Sequence[int], split: int = 1) -> HeldOut:
+    """MQAR test examples (``task`` a ``train.MQARConfig``) for each seed, split into what is
+    sent and what is kept. ``split`` 1 is genome mode's test set; code mode passes a secret
+    one, so that a program cannot regenerate the examples and their answers from the seed."""
     from search_spaces.linear_attention import data, train
 
     inputs, masks, targets = [], [], []
     for seed in seeds:
-        per_pairs = train.mqar_examples(task, seed, 1, task.test_examples)
+        per_pairs = train.mqar_examples(task, seed, split, task.test_examples)
         seed_inputs = np.concatenate([g[0] for g in per_pairs])
         positions, sparse = (np.concatenate([g[i] for g in per_pairs]) for i in (1, 2))
         supervised = sparse != data.IGNORE_INDEX
@@ -370,4 +446,5 @@ def held_out_bytes(windows: tuple[np.ndarray, np.ndarray], seeds: Sequence[int])
         np.stack([inputs] * n),
         np.stack([mask] * n),
         np.stack([targets[mask].astype(np.int32)] * n),
+        shared=True,
     )

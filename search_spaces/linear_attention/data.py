@@ -20,7 +20,9 @@ Two procedures:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -211,6 +213,23 @@ def default_corpus_text() -> str:
             "install it (e.g. the python3 docs/stdlib package) or pass corpus_paths"
         ) from err
     return "".join(topics[key] for key in sorted(topics))
+
+
+def default_corpus_locations() -> list[str]:
+    """The ``pydoc_data`` directories of this interpreter and of the other Pythons in the usual
+    places: each holds the default corpus (or a version of it), so code mode hides them all."""
+    found = set()
+    try:
+        import pydoc_data
+
+        found.add(os.path.dirname(os.path.abspath(pydoc_data.__file__)))
+    except ImportError:
+        pass
+    prefixes = {sys.base_prefix, sys.prefix, "/usr", "/usr/local", "/opt"}
+    for prefix in prefixes:
+        for pattern in ("lib/python3*/pydoc_data", "lib64/python3*/pydoc_data"):
+            found.update(glob.glob(os.path.join(prefix, pattern)))
+    return sorted(os.path.realpath(p) for p in found if os.path.isdir(p))
 
 
 def _files_under(path: Path) -> list[Path]:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from evolve_jax import programs, storage
-from evolve_jax.evaluation import sandbox, workers
+from evolve_jax.evaluation import harness, sandbox, workers
 from evolve_jax.search_space import (
     CheckFailure,
     CodeSpec,
@@ -153,6 +154,13 @@ class Options:
                 f"{len(self.num_pairs)} numbers of pairs (num_pairs={self.num_pairs})"
             )
 
+    def corpus_locations(self) -> list[str]:
+        """Where the corpus's text lies on this machine: ``corpus`` paths, or every copy of
+        the default corpus's module that a sandbox could otherwise read."""
+        if self.corpus:
+            return [os.path.abspath(p) for p in self.corpus]
+        return data.default_corpus_locations()
+
     def load_corpus(self) -> np.ndarray:
         """The byte-LM corpus, checked to hold each byte-LM stage's training and validation
         windows."""
@@ -195,8 +203,12 @@ class LinearAttentionSpace(SearchSpace):
                 timeout_s=self.options.sandbox_timeout_s,
                 memory_bytes=int(self.options.sandbox_memory_gb * (1 << 30)),
             )
-            self._limits = limits
-            self._slots = workers.LazySlots(lambda: workers.Slots.for_jax(limits))
+            slots = workers.LazySlots(lambda: workers.Slots.for_jax(limits))
+            self._programs = harness.Programs(code_mode.TARGET, limits, slots.get)
+            # The corpus (and with it the held-out text) is out of every sandbox's sight.
+            sandbox.hide(*self.options.corpus_locations())
+            # MQAR's held-out examples come from a secret split (kept in the workdir by bind).
+            self._held_out_split = 2 + secrets.randbits(62)
 
     def _interface(self) -> str:
         g = genome.SEEDS[self.options.baseline]
@@ -269,10 +281,9 @@ class LinearAttentionSpace(SearchSpace):
     def check(self, candidate: genome.Genome) -> list[CheckFailure]:
         key = fingerprint(candidate)
         if key not in self._checked and self._code is not None:
-            with self._slots.get().acquire() as env:
-                self._checked[key] = code_mode.run_check(
-                    self._request("check", 0, ()), self._limits, env, candidate["source"]
-                )
+            self._checked[key] = self._programs.check(
+                candidate["source"], self._request("check", 0, ())
+            )
         if key not in self._checked:
             cfg = self.model_config(candidate)
             seq = self._check_seq_len()
@@ -301,7 +312,9 @@ class LinearAttentionSpace(SearchSpace):
         self, candidates: Sequence[genome.Genome], stage: int, seeds: Sequence[int], devices
     ) -> list[EvalResult]:
         if self._code is not None:
-            return [self._evaluate_program(c, stage, seeds) for c in candidates]
+            return harness.per_candidate(
+                lambda c: self._evaluate_program(c, stage, seeds), candidates
+            )
         o = self.options
         results = []
         for candidate in candidates:
@@ -354,6 +367,12 @@ class LinearAttentionSpace(SearchSpace):
 
     def bind(self, workdir: str) -> None:
         self._checkpoint_dir = storage.join(workdir, "checkpoints")
+        if self._code is not None:  # the same secret held-out split for a resumed run
+            path = storage.epath(storage.join(workdir, "held_out_split"))
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(str(self._held_out_split))
+            self._held_out_split = int(path.read_text())
 
     def cognition_seed(self) -> str:
         return os.path.join(os.path.dirname(__file__), "cognition.jsonl")
@@ -406,43 +425,59 @@ class LinearAttentionSpace(SearchSpace):
         """What a sandboxed worker needs: the stage's model, task and budget, resolved here."""
         o = self.options
         task, budget = self.stage_task(stage)
-        vocab, width = self._vocab_and_width(stage)
+
+        def model_of(stage):
+            vocab, width = self._vocab_and_width(stage)
+            return {
+                "vocab_size": vocab,
+                "chunk_size": o.chunk_size,
+                "impl": o.impl,
+                "width_multiplier": width,
+            }
+
+        probes = []  # causality at each stage's training batch and length, with its model
+        for s in range(len(self.describe().stages)):
+            s_task, s_budget = self.stage_task(s)
+            probes.append(
+                {"model": model_of(s), "seq_len": s_task.seq_len, "batch": s_budget.batch_size}
+            )
         return json.loads(json.dumps({
             "job": job,
             "stage": stage,
             "seeds": [int(s) for s in seeds],
             "frame": dict(genome.SEEDS[o.baseline]),
-            "model": {"vocab_size": vocab, "chunk_size": o.chunk_size, "impl": o.impl,
-                      "width_multiplier": width},
+            "model": model_of(stage),
             "task_kind": "mqar" if isinstance(task, train.MQARConfig) else "byte_lm",
             "task": dataclasses.asdict(task),
             "budget": dataclasses.asdict(budget),
-            "corpus": list(o.corpus),
-            "checks": {"param_budget": o.param_budget, "seq_len": self._check_seq_len()},
-            "return_params": bool(stage > 0 and o.checkpoint and self._checkpoint_dir),
+            "checks": {"param_budget": o.param_budget, "seq_len": self._check_seq_len(),
+                       "stages": probes},
         }))  # fmt: skip
 
     def _evaluate_program(self, candidate, stage: int, seeds: Sequence[int]) -> EvalResult:
-        """Trains a program in a sandboxed worker; the metrics are computed here."""
+        """Trains a program in a sandboxed worker; the metrics are computed and verified here."""
         start = time.perf_counter()
-        task, _ = self.stage_task(stage)
+        task, budget = self.stage_task(stage)
         vocab, _ = self._vocab_and_width(stage)
         if isinstance(task, train.MQARConfig):
-            held = code_mode.held_out_mqar(task, seeds)
-            names = ("mqar_loss", "mqar_accuracy")
+            held = code_mode.held_out_mqar(task, seeds, self._held_out_split)
+            names, training = ("mqar_loss", "mqar_accuracy"), {}
         else:
             held = code_mode.held_out_bytes(self.validation_windows(stage), seeds)
             names = ("val_nats", "val_byte_accuracy")
-        with self._slots.get().acquire() as env:
-            result, params = code_mode.run_training(
-                self._request("train", stage, seeds), self._limits, env, candidate["source"],
-                held, vocab, names,
-            )  # fmt: skip
+            windows = [train.byte_lm_training_windows(self._corpus, task, budget, s) for s in seeds]
+            training = {"windows": np.stack(windows)}
+        result, params = code_mode.train_and_score(
+            self._programs, candidate["source"], self._request("train", stage, seeds), training,
+            held, vocab, names, np.random.default_rng(secrets.randbits(128)),
+            self.options.param_budget if stage == 0 else None,
+        )  # fmt: skip
         if result.error is None and names[0] == "val_nats":
             for values in result.metrics.values():
                 values["val_bpb"] = values.pop("val_nats") / math.log(2)
-        if result.error is None and stage > 0 and params:
-            self._save(candidate, stage, seeds, [params[int(s)] for s in seeds])
+        o = self.options
+        if result.error is None and stage > 0 and o.checkpoint and self._checkpoint_dir:
+            self._save(candidate, stage, seeds, params)
         logging.info(
             "stage %d: trained program %s in %.0f s: %s", stage, fingerprint(candidate)[:8],
             time.perf_counter() - start, result.error or dict(result.metrics),

@@ -317,6 +317,22 @@ def evaluate(lm: nnx.Module, inputs_NBT, targets_NBT) -> tuple[float, float]:
     return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
 
 
+def byte_lm_training_windows(
+    corpus: np.ndarray, task: ByteLMConfig, train: TrainConfig, seed: int
+) -> np.ndarray:
+    """Seed ``seed``'s training batches as byte windows [steps, B, T + 1] (uint8): each step's
+    inputs are ``[..., :-1]`` and its targets ``[..., 1:]``. Code mode sends these to a worker,
+    which never reads the corpus."""
+    batches = data.byte_lm_dataset(
+        corpus, seq_len=task.seq_len, batch_size=train.batch_size, seed=seed, split="train"
+    )
+    windows = []
+    for i in range(train.steps):
+        batch = batches[i]
+        windows.append(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
+    return np.stack(windows).astype(np.uint8)
+
+
 def train_byte_lm(
     cfg: model.ModelConfig,
     task: ByteLMConfig,
@@ -326,16 +342,27 @@ def train_byte_lm(
     corpus: np.ndarray,
 ) -> list[SeedResult]:
     """Trains one architecture on byte-level LM; reports validation bits per byte."""
-    val_inputs, val_targets = byte_lm_validation(corpus, task, train.batch_size)
-    streams = []
-    for seed in seeds:
-        batches = data.byte_lm_dataset(
-            corpus, seq_len=task.seq_len, batch_size=train.batch_size, seed=seed, split="train"
-        )
-        take = [batches[i] for i in range(train.steps)]
-        inputs = np.stack([b["inputs"] for b in take])
-        targets = np.stack([b["targets"] for b in take])
-        streams.append((inputs, None, targets, val_inputs, None, val_targets))
+    windows = [byte_lm_training_windows(corpus, task, train, seed) for seed in seeds]
+    validation = byte_lm_validation(corpus, task, train.batch_size)
+    return train_byte_lm_on(cfg, train, seeds, devices, windows, validation)
+
+
+def train_byte_lm_on(
+    cfg: model.ModelConfig,
+    train: TrainConfig,
+    seeds: Sequence[int],
+    devices: Sequence[Any],
+    windows: Sequence[np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+) -> list[SeedResult]:
+    """``train_byte_lm`` on given data: per seed, windows [steps, B, T + 1]; held-out
+    (inputs, targets) [N, B, T]."""
+    val_inputs, val_targets = validation
+    streams = [
+        (w[..., :-1].astype(np.int32), None, w[..., 1:].astype(np.int32), val_inputs, None,
+         val_targets)
+        for w in windows
+    ]  # fmt: skip
     results = evaluate_population(_trainer(cfg, train), _runs(cfg, seeds, train, streams), devices)
     return _finish(
         results,
