@@ -149,7 +149,7 @@ class Reply:
         if value is None and name not in self.header:
             raise BadReply(f"reply: no field {name!r}")
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds)
             raise BadReply(f"reply: field {name!r} is a {type(value).__name__}, not {wanted}")
         return value
@@ -178,7 +178,7 @@ class Reply:
             raise BadReply(f"outputs: {name!r} has dtype {array.dtype}, expected {wanted}")
         if shape is not None and (
             array.ndim != len(shape)
-            or any(want is not None and got != want for got, want in zip(array.shape, shape))
+            or any(w is not None and g != w for g, w in zip(array.shape, shape, strict=True))
         ):
             expected = ", ".join("*" if s is None else str(s) for s in shape)
             raise BadReply(f"outputs: {name!r} has shape {array.shape}, expected ({expected})")
