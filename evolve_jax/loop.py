@@ -285,13 +285,15 @@ class ResearchLoop:
             return node
         siblings.append((proposal, score))
         if implausible is not None:
+            remeasured = self.config.promote_top_k > 0 and len(self.task.stages) > 1
             logging.warning(
                 "step %d slot %d | %s (node %d) flagged implausible: %s %.4g against the best "
-                "%.4g (node %d), a relative gain of %.3g > %.3g; kept out of parent selection "
-                "until re-measured ok at stage 1",
+                "%.4g (node %d), a relative gain of %.3g > %.3g; kept out of parent selection %s",
                 step, slot, node.name, node.id, implausible["metric"], implausible["value"],
                 implausible["best"], implausible["best_node"], implausible["gain"],
                 implausible["threshold"],
+                "until re-measured ok at stage 1" if remeasured
+                else "for good (no promotion to a costlier stage re-measures it)",
             )  # fmt: skip
         self._log(step, slot, node)
         return node
