@@ -50,19 +50,21 @@ BUDGETS = {
 
 
 class SyntheticSpace(LinearAttentionSpace):
-    """The linear-attention space with training replaced by hash-derived metrics."""
+    """The linear-attention space with training replaced by hash-derived metrics: each metric of
+    the stage (its name and direction from ``describe()``), a value in a plausible range."""
 
     def evaluate(self, candidates, stage, seeds, devices):
+        metrics_of_stage = self.describe().stage_metrics(stage)
         results = []
         for candidate in candidates:
             metrics = {}
             for seed in seeds:
                 h = hashlib.sha256(f"{json.dumps(candidate, sort_keys=True)}{seed}".encode())
                 u = int.from_bytes(h.digest()[:4], "little") / 2**32
-                if stage == 0:
-                    metrics[seed] = {"mqar_accuracy": 0.2 + 0.6 * u, "mqar_loss": 3.0 - 2 * u}
-                else:
-                    metrics[seed] = {"val_bpb": 2.5 - u, "val_byte_accuracy": 0.3 + 0.2 * u}
+                metrics[seed] = {
+                    m.name: (2.5 - u) if m.direction == "min" else (0.2 + 0.6 * u)
+                    for m in metrics_of_stage
+                }
             results.append(EvalResult(metrics=metrics))
         return results
 

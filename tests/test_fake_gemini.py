@@ -1,4 +1,5 @@
-"""The real google-genai SDK against evolve_jax/testing/fake_gemini.py: wire format, errors, retries."""
+"""The real google-genai SDK against the fake Gemini server (evolve_jax/testing/fake_gemini.py):
+wire format, errors, retries."""
 
 import json
 import math

@@ -299,9 +299,11 @@ def _kill_at(monkeypatch, label):
 def test_a_resumed_step_costs_and_records_what_the_uninterrupted_one_did(
     tmp_path, server, prices, monkeypatch
 ):
-    whole = _run(_config(tmp_path, server, prices, "whole", steps=1))
-    config = _config(tmp_path, server, prices, "killed", steps=1)
-    undo = _kill_at(monkeypatch, "1/1")  # slot 0 of step 1 committed, slots 1 and 2 not
+    whole = _run(_config(tmp_path, server, prices, "whole", steps=2))
+    config = _config(tmp_path, server, prices, "killed", steps=2)
+    # Step 1 done (its lessons written), slot 0 of step 2 committed, slots 1 and 2 not: the
+    # resumed run replays every call of both steps, the second time with step 1's lessons in.
+    undo = _kill_at(monkeypatch, "2/1")
     with pytest.raises(_Killed):
         _run(config)
     undo()

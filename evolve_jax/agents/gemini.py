@@ -251,7 +251,7 @@ def make_gemini(env: AgentEnv) -> AgentTrio:
         researcher=researcher,
         engineer=engineer,
         analyzer=GeminiAnalyzer(shared, env.cognition, env.direction, env.run_name),
-        cost=Meter(client.ledger),
+        cost=Meter(client.ledger, embedder),
     )
 
 

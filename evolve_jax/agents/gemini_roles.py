@@ -112,10 +112,15 @@ def describe_node(node: Node, analysis_chars: int = ANALYSIS_CHARS) -> str:
 
 
 class Meter(CostMeter):
-    """Slot labels are "step/slot"; calls of a whole step are charged to "step/step/<what>"."""
+    """Slot labels are "step/slot"; calls of a whole step are charged to "step/step/<what>".
 
-    def __init__(self, ledger: llm_lib.Ledger):
+    Taking a step's usage ends that step: the embedder's calls without a label count as the
+    next step's from then on, so their record is keyed by the step that made them.
+    """
+
+    def __init__(self, ledger: llm_lib.Ledger, embedder: llm_lib.RecordedEmbedder | None = None):
         self.ledger = ledger
+        self.embedder = embedder
 
     def take_slot(self, step, slot):
         return self.ledger.take(f"{step}/{slot}").to_json()
@@ -125,6 +130,8 @@ class Meter(CostMeter):
         # What is left under this step was charged to slots recorded by an earlier process
         # (their designs are recomputed, from the record, on resume): already in their nodes.
         self.ledger.take_prefix(f"{step}/")
+        if self.embedder is not None:
+            self.embedder.step = step + 1
         return usage.to_json()
 
 

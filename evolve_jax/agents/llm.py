@@ -486,8 +486,9 @@ class LLM:
 class RecordedEmbedder(Embedder):
     """An Embedder whose every call's outcome is in the call record, so a replay is exact.
 
-    A call is named by its label (the slot or step it serves), its texts, and how many times
-    this process made the same call before. Its record holds what it was charged (the texts the
+    A call is named by its label (the slot or step it serves; a call without one, such as the
+    cognition base's, by the step under way, ``step``), its texts, and how many times this
+    process made the same call before. Its record holds what it was charged (the texts the
     embedding store did not hold yet, priced) or its failure. A recorded call is answered from
     the record: the same charge to the ledger (under ``charge_label``), the same failure, and the
     vectors from the store, with no network call. A call that fails transiently (408, 429,
@@ -502,6 +503,7 @@ class RecordedEmbedder(Embedder):
         self._made: collections.Counter[str] = collections.Counter()
         self._lock = threading.RLock()
         self._usage: Usage | None = None  # what the call in progress has cost; None: replayed
+        self.step = 0  # the step under way (the gemini backend's Meter moves it on)
 
     def _fetch(self, texts: list[str]) -> np.ndarray:
         vectors, usage = self.llm.embed_texts(texts)
@@ -512,8 +514,8 @@ class RecordedEmbedder(Embedder):
     def embed(self, texts: Sequence[str], label: str = "") -> np.ndarray:
         texts = list(texts)
         request = {
-            "embed": self.model, "dims": self.dims, "task": self.task, "label": label,
-            "texts": texts,
+            "embed": self.model, "dims": self.dims, "task": self.task,
+            "label": label or f"{self.step}/step", "texts": texts,
         }  # fmt: skip
         with self._lock:  # calls are counted, and their usage kept apart, one at a time
             name = call_key(request)
