@@ -176,6 +176,31 @@ def test_schema_invalid_genome_is_asked_again_with_the_validation_error(tmp_path
     assert "shape 'triangle' is not one of" in _turns(asks[1])[-1]
 
 
+def test_an_answer_the_space_cannot_validate_is_asked_again_not_a_crash(tmp_path, server, prices):
+    # The toy's validate raises TypeError (not GenomeError) for a null coordinate.
+    odd = {"name": "odd", "motivation": "m", "candidate": {"x": [None, 1, 2, 3], "shape": "bowl"}}
+    server.enqueue(text=json.dumps(odd), model=RESEARCHER)
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))
+    node = _slot(summary, 1, 0)
+    assert node.ok and node.stats["design"]["calls"] == 2
+    assert "the answer could not be checked (TypeError" in node.stats["design"]["rejected"][0]
+
+
+def test_a_repair_the_space_cannot_validate_is_a_recorded_attempt_not_a_crash(
+    tmp_path, server, prices
+):
+    broken = {"name": "b", "motivation": "m", "candidate": {"x": [1, 1, 1, 1], "shape": "broken"}}
+    server.enqueue(text=json.dumps(broken), model=RESEARCHER)
+    odd = {"diagnosis": "d", "candidate": {"x": [None, 1, 1, 1], "shape": "bowl"}}
+    server.enqueue(text=json.dumps(odd), model="fake-engineer")
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1,
+                           max_repairs=1))  # fmt: skip
+    node = _slot(summary, 1, 0)
+    [attempt] = node.stats["repair_attempts"]
+    assert "the candidate could not be validated (TypeError" in attempt["error"]
+    assert node.status == "failed" and "non-finite metric" in node.reason
+
+
 def test_rate_limit_then_success_is_retried_by_the_sdk(tmp_path, server, prices):
     server.enqueue(status=429, model=RESEARCHER)
     summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=1))

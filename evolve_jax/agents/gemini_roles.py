@@ -425,6 +425,14 @@ class GeminiEngineer(RuleEngineer):
                 raise llm_lib.AnswerError("'candidate' is not a JSON object")
             if fingerprint(candidate) == fingerprint(genome):
                 raise llm_lib.AnswerError("the candidate came back unchanged")
+            try:
+                self.space.validate(candidate)
+            except GenomeError:
+                pass  # the next check's reason, and the next repair's (RuleEngineer.prepare)
+            except Exception as e:  # anything else the answer breaks is its reason, not a crash
+                raise llm_lib.AnswerError(
+                    printable(f"the candidate could not be validated ({type(e).__name__}: {e})")
+                ) from e
         except (llm_lib.LLMError, llm_lib.AnswerError) as e:
             attempts.append({"reason": reason, "by": "model", "error": str(e)})
             return None
