@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,7 +169,9 @@ def train_and_score(
     by_seed, error = score_logits(logits, held, vocab)
     if error is not None:
         return EvalResult(error=error, extra=output), []
+    start = time.perf_counter()
     error = _verify(programs, source, request, params, held, logits, vocab, rng)
+    output = {**output, "verification_s": time.perf_counter() - start}
     if error is not None:
         return EvalResult(error=error, extra=output), []
     metrics = {}

@@ -479,8 +479,9 @@ class LinearAttentionSpace(SearchSpace):
         if result.error is None and stage > 0 and o.checkpoint and self._checkpoint_dir:
             self._save(candidate, stage, seeds, params)
         logging.info(
-            "stage %d: trained program %s in %.0f s: %s", stage, fingerprint(candidate)[:8],
-            time.perf_counter() - start, result.error or dict(result.metrics),
+            "stage %d: trained program %s in %.0f s (%.0f s of it verifying): %s", stage,
+            fingerprint(candidate)[:8], time.perf_counter() - start,
+            result.extra.get("verification_s", 0.0), result.error or dict(result.metrics),
         )  # fmt: skip
         return result
 
