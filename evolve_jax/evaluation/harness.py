@@ -6,7 +6,7 @@ the requests it sends, and how it scores the replies. This module does the rest.
 
 * Worker side: ``load_program`` loads the program from its file (the working dir is never on
   ``sys.path``, so a file the program writes cannot stand in for a module); ``serve`` answers
-  one request by its ``job``, or with the program's traceback.
+  requests by their ``job`` (with the program's traceback if it raises) until the last one.
 * Controller side: ``Programs`` runs a space's worker on a program in a sandbox lent by
   ``workers.Slots``; ``Reply`` validates what comes back (a field or an array that is missing,
   of the wrong type, shape or dtype, or not finite is a ``BadReply`` naming it);
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -47,8 +48,14 @@ _START_ATTEMPTS = 3  # a sandbox that cannot start (fork, disk) is infrastructur
 
 
 def load_program(path: str = PROGRAM_FILE) -> types.ModuleType:
-    """The program's module, executed from ``path`` under the name ``candidate``."""
-    spec = importlib.util.spec_from_file_location("candidate", os.path.abspath(path))
+    """The program's module, executed from ``path`` under the name ``candidate``; once per
+    path in a process, whatever the jobs that ask for it."""
+    return _load(os.path.abspath(path))
+
+
+@functools.cache
+def _load(path: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("candidate", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
