@@ -34,7 +34,7 @@ from evolve_jax.agents.llm import Prices, Usage
 from evolve_jax.config import LLMConfig, RunConfig
 from evolve_jax.sampling import SamplerConfig
 from evolve_jax.search_space import EvalResult
-from evolve_jax.testing.fake_gemini import FakeGemini
+from evolve_jax.testing.fake_gemini import FakeGemini, answer_for_analyzer_or_judge
 from search_spaces.linear_attention import genome
 from search_spaces.linear_attention.space import LinearAttentionSpace
 
@@ -81,17 +81,10 @@ ROLE_PREFIXES = (
 def respond_other(system: str, prompt: str) -> str:
     """The Analyzer's, the lessons' and the judge's answers: short, fixed-shape JSON (the same
     answers as the test suite's fake responder gives these roles)."""
-    digest = hashlib.sha256(prompt.encode()).digest()
-    if system.startswith("You are the Analyzer of an automated research loop. Given"):
-        return json.dumps({"analysis": f"analysis {digest[0]}"})
-    if system.startswith("You are the Analyzer"):
-        return json.dumps(
-            {"lessons": [{"title": "Bowls near the target win", "content": "Scores rise.",
-                          "tags": ["bowl"], "nodes": [3]}]}
-        )  # fmt: skip
-    if system.startswith("You are a reviewer"):
-        return json.dumps({"score": 7, "reason": "sound"})
-    raise ValueError(f"unexpected prompt: {system[:60]}")
+    answer = answer_for_analyzer_or_judge(system, hashlib.sha256(prompt.encode()).digest())
+    if answer is None:
+        raise ValueError(f"unexpected prompt: {system[:60]}")
+    return answer
 
 
 def respond(request: dict) -> str:

@@ -52,3 +52,20 @@ def pytest_sessionfinish(session, exitstatus):
     if alive:
         names = ", ".join(sorted(alive))
         print(f"\nthreads alive at the end of the tests: {names}", file=sys.stderr)
+
+
+class Crash(Exception):
+    """Raised by ``crash_at_append``: a process that died between two appends."""
+
+
+def crash_at_append(loop, after: int) -> None:
+    """Makes ``loop``'s history raise Crash instead of its append number ``after`` (0-based)."""
+    append, calls = loop.history.append, []
+
+    def crashing_append(**fields):
+        if len(calls) == after:
+            raise Crash
+        calls.append(1)
+        return append(**fields)
+
+    loop.history.append = crashing_append

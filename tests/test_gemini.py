@@ -23,7 +23,7 @@ from evolve_jax.memory.history import History
 from evolve_jax.report import data as report_data
 from evolve_jax.sampling import SamplerConfig
 from evolve_jax.search_space import fingerprint
-from evolve_jax.testing.fake_gemini import GENERATE, FakeGemini
+from evolve_jax.testing.fake_gemini import GENERATE, FakeGemini, answer_for_analyzer_or_judge
 from tests.conftest import TOY, run_cli
 from tests.test_loop import _run_until
 from tests.toy_space import ToySpace
@@ -63,16 +63,10 @@ def respond(request) -> str:
         if candidate.get("shape") == "broken":
             candidate["shape"] = "bowl"
         return json.dumps({"diagnosis": "clipped and unbroken", "candidate": candidate})
-    if system.startswith("You are the Analyzer of an automated research loop. Given"):
-        return json.dumps({"analysis": f"analysis {digest[0]}"})
-    if system.startswith("You are the Analyzer"):
-        return json.dumps(
-            {"lessons": [{"title": "Bowls near the target win", "content": "Scores rise.",
-                          "tags": ["bowl"], "nodes": [3]}]}
-        )  # fmt: skip
-    if system.startswith("You are a reviewer"):
-        return json.dumps({"score": 7, "reason": "sound"})
-    raise AssertionError(f"unexpected prompt: {system[:60]}")
+    answer = answer_for_analyzer_or_judge(system, digest)
+    if answer is None:
+        raise AssertionError(f"unexpected prompt: {system[:60]}")
+    return answer
 
 
 @pytest.fixture

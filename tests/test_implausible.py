@@ -19,7 +19,7 @@ from evolve_jax.memory.history import History
 from evolve_jax.report import data
 from evolve_jax.sampling import SAMPLERS, SamplerConfig
 from evolve_jax.search_space import EvalResult
-from tests.conftest import TOY
+from tests.conftest import TOY, Crash, crash_at_append
 from tests.toy_space import ToySpace
 
 # Stage 0 says -0.01 (a gain near 1 over the ridge's -3.92); the costlier stage, an independent
@@ -215,10 +215,6 @@ def test_earlier_slots_of_the_same_step_count_as_known(tmp_path):
     assert after_plain.candidate == STEP and "implausible" not in after_plain.stats
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("crash_after", [3, 6])
 def test_a_resumed_run_makes_the_same_decisions(tmp_path, crash_after):
     """A crash after the k-th committed node (the flagged one among them, or not) resumes to
@@ -227,16 +223,8 @@ def test_a_resumed_run_makes_the_same_decisions(tmp_path, crash_after):
     sampling = SamplerConfig(name="ucb1")
     config = _config(tmp_path / "crashed", sampler=sampling)
     loop = _loop(config, Exploitable(), injected)
-    append, calls = loop.history.append, []
-
-    def crashing_append(**fields):
-        if len(calls) == crash_after:
-            raise _Crash
-        calls.append(1)
-        return append(**fields)
-
-    loop.history.append = crashing_append
-    with pytest.raises(_Crash):
+    crash_at_append(loop, crash_after)
+    with pytest.raises(Crash):
         loop.run()
     resumed = _loop(config, Exploitable(), injected).run()
     expected = _loop(_config(tmp_path / "ref", sampler=sampling), Exploitable(), injected).run()

@@ -15,7 +15,7 @@ from evolve_jax.config import RunConfig
 from evolve_jax.loop import ResearchLoop, run, same_history
 from evolve_jax.memory.history import History
 from evolve_jax.sampling import SAMPLERS, SamplerConfig
-from tests.conftest import REPO, TOY, run_cli
+from tests.conftest import REPO, TOY, Crash, crash_at_append, run_cli
 from tests.toy_space import ToySpace
 
 
@@ -293,26 +293,13 @@ def test_sigkill_mid_step_mid_promotion_mid_migration_then_resume_matches(tmp_pa
     assert {k: r["score"] for k, r in final["stages"].items()} == ref_stages
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("crash_after", [1, 4, 5, 7, 10])
 def test_crash_between_any_two_appends_then_resume_matches(tmp_path, crash_after):
     """A crash after the k-th committed node (mid-step included) resumes to the same history."""
     config = _config(str(tmp_path / "crashed"), steps=3, samples_per_step=3)
     loop = ResearchLoop(config, ToySpace())
-    append = loop.history.append
-    calls = []
-
-    def crashing_append(**fields):
-        if len(calls) == crash_after:
-            raise _Crash
-        calls.append(1)
-        return append(**fields)
-
-    loop.history.append = crashing_append
-    with pytest.raises(_Crash):
+    crash_at_append(loop, crash_after)
+    with pytest.raises(Crash):
         loop.run()
     assert len(History(config.workdir).nodes()) == crash_after
     resumed = run(config, ToySpace())

@@ -38,6 +38,22 @@ from urllib.parse import parse_qs
 GENERATE = "generateContent"
 EMBED = "batchEmbedContents"
 
+
+def answer_for_analyzer_or_judge(system: str, digest: bytes) -> str | None:
+    """A fixed-shape answer for the Analyzer (an analysis, or lessons) and the judge, chosen by
+    the role's system instruction, varied by ``digest``; None for any other role."""
+    if system.startswith("You are the Analyzer of an automated research loop. Given"):
+        return json.dumps({"analysis": f"analysis {digest[0]}"})
+    if system.startswith("You are the Analyzer"):
+        return json.dumps(
+            {"lessons": [{"title": "Bowls near the target win", "content": "Scores rise.",
+                          "tags": ["bowl"], "nodes": [3]}]}
+        )  # fmt: skip
+    if system.startswith("You are a reviewer"):
+        return json.dumps({"score": 7, "reason": "sound"})
+    return None
+
+
 _ROUTE = re.compile(rf"/(v1\w*)/models/([^/:]+):({GENERATE}|{EMBED})")
 _WORD = re.compile(r"\w+")
 
