@@ -17,15 +17,6 @@ import time
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "where to write the outcomes as JSON")
-_ONLY = flags.DEFINE_list("only", [], "run just these programs")
-_COST = flags.DEFINE_integer(
-    "cost",
-    0,
-    "instead: evaluate the DeltaNet seed this many times at the default stage 0 and "
-    "time the scoring verification",
-)
-
 # Tiny stage-0 settings: a few seconds of training per program on 2 CPU cores.
 TINY = {
     "mode": "code", "seeds": "deltanet", "short_lm_steps": "40", "short_lm_batch": "4",
@@ -245,6 +236,18 @@ def verification_cost(repeats: int) -> dict:
     return {"settings": "linear_attention defaults, mode=code, seeds 0 and 1", "runs": runs}
 
 
+def _define_flags():
+    """The command line's flags, defined only when this runs as a program: the tests import
+    the programs, next to other benchmarks that define flags of the same names."""
+    out = flags.DEFINE_string("out", None, "where to write the outcomes as JSON")
+    only = flags.DEFINE_list("only", [], "run just these programs")
+    cost = flags.DEFINE_integer(
+        "cost", 0, "instead: evaluate the DeltaNet seed this many times at the default stage 0 "
+        "and time the scoring verification",
+    )  # fmt: skip
+    return out, only, cost
+
+
 def main(argv):
     del argv
     from search_spaces.linear_attention.space import LinearAttentionSpace
@@ -273,4 +276,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _OUT, _ONLY, _COST = _define_flags()
     app.run(main)

@@ -23,6 +23,7 @@ from evolve_jax.agents.gemini_roles import (
     GeminiEngineer,
     GeminiResearcher,
     checked,
+    program_reason,
     show,
 )
 from evolve_jax.config import EDIT_KINDS
@@ -110,7 +111,10 @@ class CodeResearcher(GeminiResearcher):
         )
         failures = [n for n in self.view if not n.ok][-6:]
         variable["failures"] = (
-            "\n".join(f"- {n.name}: {n.status}: {n.reason}" for n in failures) or "none"
+            "\n".join(
+                f"- {n.name}: {n.status}: {program_reason(n.reason, n.candidate)}" for n in failures
+            )
+            or "none"
         )
         return variable
 
@@ -185,9 +189,10 @@ class CodeEngineer(GeminiEngineer):
             {"task": self.shared.task, **self.static},
             {
                 "candidate": show(genome),
-                "failure": reason,
+                "failure": program_reason(reason, genome),
                 "attempts": "\n".join(
-                    f"- {a.get('reason')}: {a.get('diagnosis') or a.get('error')}" for a in attempts
+                    f"- {program_reason(a.get('reason'), genome)}: "
+                    f"{a.get('diagnosis') or a.get('error')}" for a in attempts
                 ) or "none",
             },
             self.shared.config.prompt_budget_tokens,
