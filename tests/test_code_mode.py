@@ -417,6 +417,8 @@ def test_code_mode_stops_where_sandboxes_get_no_filesystem_of_their_own(
 
     monkeypatch.setattr(sandbox_module, "isolation_support", lambda: {"fs_private": False})
     monkeypatch.setattr(loop, "run", started)
+    # The driver appends to XLA_FLAGS (--deterministic): restored after this test.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     argv = [
         "--search_space=circle_packing", f"--workdir={tmp_path}/w", "--space_opt=mode=code",
         "--agents=gemini", f"--prices_file={prices}", f"--researcher_model={RESEARCHER}",
