@@ -139,3 +139,23 @@ def test_a_check_reply_that_is_not_pairs_of_strings_is_a_sandbox_failure():
     )
     [failure] = programs.check("x = 1\n", {})
     assert failure.check == "sandbox" and "not [check, reason]" in failure.reason
+
+
+def test_a_sandbox_that_will_not_start_is_tried_again_then_named_infrastructure(monkeypatch):
+    starts = []
+
+    def no_fork(self):
+        starts.append(1)
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(sandbox.Sandbox, "__enter__", no_fork)
+    monkeypatch.setattr(harness.time, "sleep", lambda s: None)
+    programs = harness.Programs("x.y:z", sandbox.Limits(), lambda: workers.Slots([{}], "one"))
+
+    def evaluate(candidate):
+        with programs.session("x = 1\n"):
+            raise AssertionError("never started")
+
+    [result] = harness.per_candidate(evaluate, ["c"])
+    assert len(starts) == 3
+    assert result.error.startswith("infrastructure: no sandbox started in 3 attempts")

@@ -127,6 +127,10 @@ class BadReply(ValueError):
     """A reply the controller refuses; the message, naming the field, is the node's reason."""
 
 
+class InfrastructureError(RuntimeError):
+    """The machine failed the evaluation (no sandbox could start), not the program."""
+
+
 class JobFailed(Exception):
     """A job that ended without a usable reply: the program's error, or what the sandbox saw."""
 
@@ -286,7 +290,9 @@ class Programs:
                 return box
             except OSError as e:  # the machine's (fork, disk), not the program's
                 if attempt + 1 == _START_ATTEMPTS:
-                    raise
+                    raise InfrastructureError(
+                        f"infrastructure: no sandbox started in {_START_ATTEMPTS} attempts: {e}"
+                    ) from e
                 _log.warning("sandbox did not start (%s); trying again", e)
                 time.sleep(2.0**attempt)
         raise AssertionError("unreachable")
@@ -316,7 +322,8 @@ def per_candidate(
     evaluate: Callable[[Any], EvalResult], candidates: Sequence[Any]
 ) -> list[EvalResult]:
     """``evaluate`` for each candidate, whatever goes wrong with one of them staying its own:
-    a JobFailed or BadReply is that candidate's failure with its reason; any other exception
+    a JobFailed or BadReply is that candidate's failure with its reason; a sandbox that would
+    not start is recorded as "infrastructure: ..." (it is not re-dealt yet); any other exception
     is logged as a harness error and recorded as that candidate's failure."""
     results = []
     for candidate in candidates:
@@ -325,7 +332,7 @@ def per_candidate(
         except JobFailed as e:
             extra = {"output": e.report.output_tail()} if e.report else {}
             results.append(EvalResult(error=e.reason, timed_out=e.timed_out, extra=extra))
-        except BadReply as e:
+        except (BadReply, InfrastructureError) as e:
             results.append(EvalResult(error=str(e)))
         except Exception as e:
             _log.exception("harness error on one candidate")
