@@ -129,6 +129,15 @@ class RunConfig:
                 f"implausible_gain must be a number > 0 (inf turns the check off), "
                 f"got {self.implausible_gain}"
             )
+        # Evaluation seeds are seed * 1000 + i (eval_seed_list); a JAX PRNG key keeps 32 bits of
+        # its seed and numpy's generators refuse negative seeds, so every one must be in
+        # [0, 2**32).
+        max_seed = (2**32 - self.eval_seeds) // 1000
+        if not (isinstance(self.seed, int) and 0 <= self.seed <= max_seed):
+            raise ValueError(
+                f"seed must be an integer from 0 to {max_seed} (the evaluation seeds "
+                f"seed*1000+i must be in [0, 2**32)), got {self.seed}"
+            )
         if self.budget_usd is not None and self.budget_usd < 0:
             raise ValueError(f"budget_usd must be >= 0, got {self.budget_usd}")
         if not self.workdir:

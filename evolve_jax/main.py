@@ -21,7 +21,11 @@ _SEARCH_SPACE = flags.DEFINE_string(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the history lives: a path or gs:// URL.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Evolution steps after the seed step.", lower_bound=0)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random draw; same flags + seed = same run.")
+_SEED = flags.DEFINE_integer(
+    "seed", 0,
+    "Seed of every random draw; same flags + seed = same run. From 0 to 4294967 (the evaluation "
+    "seeds, seed*1000+i, must be below 2**32).",
+)  # fmt: skip
 _SAMPLER = flags.DEFINE_enum("sampler", "ucb1", list(SAMPLERS), "Parent sampler.")
 _NUM_REFERENCES = flags.DEFINE_integer(
     "num_references", 2, "Reference nodes shown with each parent.", lower_bound=0

@@ -170,6 +170,9 @@ def test_cli_runs_and_history_prints_json_lines(tmp_path):
         (("--implausible_gain=0",), "implausible_gain must be a number > 0"),
         (("--implausible_gain=nan",), "implausible_gain must be a number > 0"),
         (("--implausible_gain=much",), "flag --implausible_gain=much"),
+        (("--seed=-5",), "seed must be an integer from 0 to 4294967"),
+        (("--seed=4294968",), "seed must be an integer from 0 to 4294967"),
+        (("--seed=4294967", "--eval_seeds=1000"), "seed must be an integer from 0 to 4294966"),
     ],
 )
 def test_bad_flags_fail_before_any_work_with_one_line(tmp_path, args, message):
