@@ -174,11 +174,25 @@ def test_an_open_history_makes_each_candidate_view_once(workdir, monkeypatch):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_a_workdir_without_history_still_gets_a_page(tmp_path):
-    workdir = str(tmp_path / "nothing")
-    result = run_cli("evolve_jax.report", f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr
-    payload = _payload_of(_read(os.path.join(workdir, "report.html")))
+def test_a_workdir_without_history_gets_one_line_and_nothing_is_created(tmp_path):
+    for name, made in (("typo", []), ("empty", ["empty"]), ("bare", ["bare", "bare/history"])):
+        for path in made:
+            os.mkdir(tmp_path / path)
+        workdir = str(tmp_path / name)
+        result = run_cli("evolve_jax.report", f"--workdir={workdir}")
+        assert result.returncode == 2, result.stderr
+        assert "no report written" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not os.path.exists(os.path.join(workdir, "report.html"))
+    # Nor does the history CLI create anything there.
+    typo = str(tmp_path / "typo")
+    listing = run_cli("evolve_jax.history", f"--workdir={typo}")
+    assert listing.returncode == 1 and listing.stdout == ""
+    assert listing.stderr.strip() == f"error: no experiment history under {typo!r}"
+    assert sorted(os.listdir(tmp_path)) == ["bare", "empty"]  # the mistyped one is not made
+    assert os.listdir(tmp_path / "bare" / "history") == []
+    # The page itself, asked for such a workdir from Python, says there is nothing to show.
+    payload = data.collect(str(tmp_path / "typo"), live=False)
     assert payload["nodes"] is None
     assert any("Nothing to show" in n and "no experiment history" in n for n in payload["notices"])
 
