@@ -8,7 +8,8 @@
 # installs the extra into an existing one (such as the CPU install the README's first command
 # makes) when JAX's CUDA plugin is not there. Then runs the flagfile (configs/gpu.flags sets
 # --platform=gpu, so a run that finds no GPU stops with one line instead of training on the
-# CPU). --dry-run prints each command instead of running it. Re-running resumes the search.
+# CPU). A --flagfile that does not exist stops it with one line before anything is installed.
+# --dry-run prints each command instead of running it. Re-running resumes the search.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,8 @@ run() {
     "$@"
   fi
 }
+
+[[ -f "$flagfile" ]] || { echo "error: --flagfile=$flagfile does not exist" >&2; exit 2; }
 
 install=(.venv/bin/pip install -q -c constraints.txt -e ".[cuda]")
 if [[ ! -x .venv/bin/python ]]; then

@@ -8,7 +8,9 @@
 # --workdir=... --distributed=on` with one task per node, and submits it with sbatch. JAX reads
 # the job's layout from Slurm's environment and joins the tasks into one job: task 0 runs the
 # agents and records the history, every task evaluates its share of each step's candidates on
-# its node's GPUs (evolve_jax/evaluation/cluster.py). DIR must be shared by the nodes (a
+# all its node's GPUs (evolve_jax/evaluation/cluster.py). The script exports
+# JAX_LOCAL_DEVICE_IDS=0,...,GPUS-1: without it JAX's Slurm detection gives each task only the
+# GPU numbered by its SLURM_LOCALID, GPU 0 here, and the node's other GPUs would sit idle. DIR must be shared by the nodes (a
 # network filesystem or gs://). It expects .venv with the cuda extra on that shared checkout
 # (launch/local_gpus.sh --dry-run shows how to make it). --dry-run prints the batch script and
 # the sbatch command instead of submitting.
@@ -36,6 +38,17 @@ if [[ ! "$nodes" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: --nodes must be a positive integer (see the header of $0)" >&2
   exit 2
 fi
+if [[ ! "$gpus_per_node" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: --gpus-per-node=$gpus_per_node must be a positive integer" >&2
+  exit 2
+fi
+# Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (or unlimited).
+shopt -s nocasematch
+if [[ ! "$time_limit" =~ ^([0-9]+(:[0-9]+){0,2}|[0-9]+-[0-9]+(:[0-9]+){0,2}|unlimited|infinite)$ ]]; then
+  echo "error: --time=$time_limit is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)" >&2
+  exit 2
+fi
+shopt -u nocasematch
 [[ -n "$workdir" ]] || { echo "error: --workdir is required (see the header of $0)" >&2; exit 2; }
 [[ -f "$flagfile" ]] || { echo "error: --flagfile=$flagfile does not exist" >&2; exit 2; }
 
@@ -50,6 +63,7 @@ script="#!/usr/bin/env bash
 ${partition:+#SBATCH --partition=$partition
 }#SBATCH --output=evolve_jax-%j.log
 cd $(printf '%q' "$PWD")
+export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus_per_node - 1)))
 srun $(printf '%q ' "${main[@]}")"
 
 if ((dry_run)); then
