@@ -91,6 +91,9 @@ class ResearchLoop:
         self._evaluated = 0  # candidates evaluated by this process (for the ETA)
         self._primary: dict[int, float | None] = {}  # node id -> stage-0 primary metric mean
         self._remaining = 0
+        # (step, slot) -> node id of this run's slots filled by a node since quarantined
+        # (History.quarantine): claimed, so never redone; the node is left out.
+        self._quarantined: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -324,7 +327,11 @@ class ResearchLoop:
         seeds = list(self.space.seeds().items())
         self.history.refresh()
         mine = self._mine()
-        todo = [slot for slot in range(len(seeds)) if (0, slot) not in mine]
+        todo = [
+            slot
+            for slot in range(len(seeds))
+            if (0, slot) not in mine and (0, slot) not in self._quarantined
+        ]
         if not todo:
             return
         baseline = self.space.baseline()
@@ -369,7 +376,11 @@ class ResearchLoop:
         cfg = self.config
         self.history.refresh()
         mine = self._mine()
-        todo = [s for s in range(cfg.samples_per_step) if (step, s) not in mine]
+        todo = [
+            s
+            for s in range(cfg.samples_per_step)
+            if (step, s) not in mine and (step, s) not in self._quarantined
+        ]
         view = self._view(step)
         pool = [n for n in view if sampleable(n)]  # flagged nodes wait for re-measurement
         if not pool:
@@ -612,8 +623,17 @@ class ResearchLoop:
         self._describe_run()
         self.history.refresh()
         mine = self._mine()
+        quarantined = self.history.quarantined()
+        if quarantined:
+            claims = self.history.slot_claims(cfg.run_name)
+            self._quarantined = {k: i for k, i in claims.items() if i in quarantined}
+            for (step, slot), node_id in sorted(self._quarantined.items()):
+                logging.warning(
+                    "node %d (step %d slot %d) is quarantined (quarantine/%010d): left out, and "
+                    "its slot is not redone", node_id, step, slot, node_id,
+                )  # fmt: skip
         total = len(self.space.seeds()) + cfg.steps * cfg.samples_per_step
-        self._remaining = total - len(mine)
+        self._remaining = total - len(mine) - len(self._quarantined)
         if mine:
             logging.info(
                 "resuming %r: %d of %d nodes already recorded", cfg.run_name, len(mine), total
@@ -639,6 +659,10 @@ class ResearchLoop:
         text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)
         if self.agents.cost is not None:
             text += "\n" + report.cost_line(nodes, self.history, cfg.run_name, cfg.budget_usd)
+        if quarantined:
+            ids = ", ".join(map(str, quarantined))
+            text += f"\nquarantined, left out: node(s) {ids} (python -m evolve_jax.history "
+            text += f"--workdir={cfg.workdir} --quarantined)"
         report.save(cfg.workdir, text)
         return RunSummary(cfg.workdir, nodes, self._best(), self.direction, text)
 

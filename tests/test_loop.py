@@ -14,6 +14,7 @@ from evolve_jax import report
 from evolve_jax.config import RunConfig
 from evolve_jax.loop import ResearchLoop, run, same_history
 from evolve_jax.memory.history import History
+from evolve_jax.report import data
 from evolve_jax.sampling import SAMPLERS, SamplerConfig
 from tests.conftest import REPO, TOY, Crash, crash_at_append, run_cli
 from tests.toy_space import ToySpace
@@ -340,3 +341,45 @@ def test_compilation_cache_dir_keeps_the_compiled_programs(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert cache.is_dir() and any(cache.iterdir())
+
+
+def test_a_corrupt_node_is_quarantined_and_the_run_goes_on(tmp_path):
+    workdir = str(tmp_path / "q")
+    run(_config(workdir, steps=1), ToySpace())  # nodes 0-2 seeds, 3-5 step 1
+    history = History(workdir)
+    history.kvstore.write(b"nodes/0000000004", b"\x00{not json").result()
+    # The driver refuses, naming the node and the command that sets it aside.
+    refused = run_cli("evolve_jax.main", *_main_args(workdir, "--steps=2", "--samples_per_step=3"))
+    assert refused.returncode == 1
+    error = refused.stderr.strip().splitlines()[-1]
+    assert "nodes/0000000004" in error and "node 4 cannot be read" in error
+    command = f"python -m evolve_jax.history --workdir={workdir} --quarantine=4"
+    assert error.endswith(command)
+    done = run_cli(*command.split()[2:])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "node 4 quarantined: its record is now quarantine/0000000004"
+    again = run_cli(*command.split()[2:])
+    assert again.returncode == 1 and "quarantined already" in again.stderr
+    # The same command now resumes: the quarantined slot is not redone, step 2 runs.
+    resumed = run_cli("evolve_jax.main", *_main_args(workdir, "--steps=2", "--samples_per_step=3"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "node 4 (step 1 slot 1) is quarantined" in resumed.stderr
+    assert "quarantined, left out: node(s) 4" in resumed.stdout
+    nodes = History(workdir, create=False).nodes()
+    assert [n.id for n in nodes] == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert [(n.origin["step"], n.origin["slot"]) for n in nodes[3:]] == [
+        (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)
+    ]  # fmt: skip
+    assert all(4 not in n.parents for n in nodes)
+    assert History(workdir).slot_claims("main")[(1, 1)] == 4
+    # Kept, listed by the CLI, said by the report.
+    listing = run_cli("evolve_jax.history", f"--workdir={workdir}")
+    listed = [json.loads(line)["id"] for line in listing.stdout.splitlines()]
+    assert listed == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert "quarantined, left out: node(s) 4" in listing.stderr
+    kept = run_cli("evolve_jax.history", f"--workdir={workdir}", "--quarantined")
+    assert json.loads(kept.stdout) == {
+        "id": 4, "key": "quarantine/0000000004", "record": "\x00{not json"
+    }  # fmt: skip
+    notices = data.collect(workdir, live=False)["notices"]
+    assert any(n.startswith("Node 4 is quarantined") for n in notices)

@@ -1,6 +1,6 @@
 """The experiment history: an append-only TensorStore OCDBT key-value store.
 
-Layout (all values JSON):
+Layout (all values JSON, but for a quarantined record, kept as it was):
   meta                          written once: format, search space, score direction
   counters/next_node            next node id, advanced by compare-and-swap
   nodes/<id:010d>               one node, written once, in the same atomic transaction as
@@ -10,11 +10,14 @@ Layout (all values JSON):
   leases/<run>                  which process drives a run, renewed while it lives (lease.py)
   stages/<id:010d>/<stage:02d>  a promoted node's result at a costlier stage, written once
   records/<kind>/<key>          other write-once records (island migrations, lessons, ...)
+  quarantine/<id:010d>          a node's record, bytes as they were, moved out of nodes/ by
+                                ``History.quarantine`` (the history CLI's --quarantine=ID), for
+                                one that cannot be read; its id and slot stay taken
 
-Nothing but a lease is ever rewritten, so an append costs the same at node 100 and node 100,000,
-a killed writer leaves either a whole node or none, and writers in several processes (or hosts
-sharing a gs:// workdir) only ever race on the counter, which they retry, and on a slot, which
-the loser gives up.
+Nothing but a lease is ever rewritten, and nothing but a quarantined node's key is ever
+deleted, so an append costs the same at node 100 and node 100,000, a killed writer leaves either
+a whole node or none, and writers in several processes (or hosts sharing a gs:// workdir) only
+ever race on the counter, which they retry, and on a slot, which the loser gives up.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ _NODE_PREFIX = b"nodes/"
 _STAGE_PREFIX = b"stages/"
 _COUNTER = b"counters/next_node"
 _SLOT_PREFIX = b"slots/"
+_QUARANTINE_PREFIX = b"quarantine/"
 _MAX_CAS_ATTEMPTS = 10_000
 
 
@@ -45,7 +49,11 @@ class HistoryError(RuntimeError):
 
 
 class CorruptRecordError(HistoryError):
-    """A stored value cannot be decoded; the message names its key."""
+    """A stored value cannot be decoded; the message names its key (``key``)."""
+
+    def __init__(self, message: str, key: bytes | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class SlotTaken(HistoryError):
@@ -119,6 +127,10 @@ def worst_score(direction: str) -> float:
 
 def _node_key(node_id: int) -> bytes:
     return b"%s%010d" % (_NODE_PREFIX, node_id)
+
+
+def _quarantine_key(node_id: int) -> bytes:
+    return b"%s%010d" % (_QUARANTINE_PREFIX, node_id)
 
 
 def _stage_key(node_id: int, stage: int) -> bytes:
@@ -219,7 +231,7 @@ class History:
         except json.JSONDecodeError as e:
             error = e
         raise CorruptRecordError(
-            f"corrupted record {key.decode()!r} in {self._kv.base.url}: {error}"
+            f"corrupted record {key.decode()!r} in {self._kv.base.url}: {error}", key
         ) from error
 
     def _read_json(self, key: bytes) -> Any:
@@ -243,13 +255,16 @@ class History:
     def _node_from_json(self, key: bytes, record: Mapping[str, Any]) -> Node:
         fields = {f.name for f in dataclasses.fields(Node)} - {"stages"}
         if not isinstance(record, Mapping):
-            raise CorruptRecordError(f"corrupted record {key.decode()!r}: not a JSON object")
+            raise CorruptRecordError(f"corrupted record {key.decode()!r}: not a JSON object", key)
         missing = {"id", "parents", "name", "status", "candidate"} - set(record)
         if missing:
             raise CorruptRecordError(
-                f"corrupted record {key.decode()!r}: missing fields {sorted(missing)}"
+                f"corrupted record {key.decode()!r}: missing fields {sorted(missing)}", key
             )
-        node = Node(**{k: v for k, v in record.items() if k in fields})
+        try:
+            node = Node(**{k: v for k, v in record.items() if k in fields})
+        except TypeError as e:
+            raise CorruptRecordError(f"corrupted record {key.decode()!r}: {e}", key) from e
         if node.score is None:
             node.score = worst_score(self.direction)
         return node
@@ -262,12 +277,16 @@ class History:
         )
         keys = sorted(self._kv.list(key_range).result())
         fresh = []
-        for key, record in self._read_many(keys):
+        try:
+            pairs = self._read_many(keys)
+        except CorruptRecordError as e:
+            raise self._unreadable_node(e) from e
+        for key, record in pairs:
             try:
                 node = self._node_from_json(key, record)
-            except (CorruptRecordError, TypeError) as e:
+            except CorruptRecordError as e:
                 if not self.salvage:
-                    raise
+                    raise self._unreadable_node(e) from e
                 self.problems[key.decode()] = str(e)
                 continue
             self._nodes[node.id] = node
@@ -277,6 +296,64 @@ class History:
         if fresh:
             self._load_stages(fresh)
         return fresh
+
+    def _unreadable_node(self, error: CorruptRecordError) -> CorruptRecordError:
+        """``error`` with the way on: the command that quarantines the node."""
+        node_id = int(error.key[len(_NODE_PREFIX) :])
+        return CorruptRecordError(
+            f"{error}; node {node_id} cannot be read. To go on without it (its record kept under "
+            f"{_quarantine_key(node_id).decode()}, its slot not redone), run: python -m "
+            f"evolve_jax.history --workdir={self.workdir} --quarantine={node_id}",
+            error.key,
+        )
+
+    def quarantine(self, node_id: int) -> str:
+        """Moves node ``node_id``'s record, whatever its bytes, from ``nodes/`` to
+        ``quarantine/`` in one atomic transaction; returns the new key. Nothing else changes:
+        the id is not allocated again, the (run, step, slot) it filled stays claimed (a
+        resumed run does not redo it), its stage results stay where they are. Readers skip it
+        from then on; ``quarantined`` lists it."""
+        key, dest = _node_key(node_id), _quarantine_key(node_id)
+        read = self._kv.read(key).result()
+        if read.state != "value":
+            if self._kv.read(dest).result().state == "value":
+                raise HistoryError(f"node {node_id} is quarantined already ({dest.decode()})")
+            raise HistoryError(f"no node {node_id} in the history under {self.workdir!r}")
+        try:
+            with ts.Transaction(atomic=True) as txn:
+                kv = self._kv.with_transaction(txn)
+                kv.write(dest, read.value, if_equal=storage.ABSENT)
+                kv.write(key, None, if_equal=read.stamp.generation)
+        except ValueError as e:
+            raise HistoryError(f"could not quarantine node {node_id}: {e}") from e
+        self._nodes.pop(node_id, None)
+        return dest.decode()
+
+    def quarantined(self) -> dict[int, bytes]:
+        """Quarantined node id -> its record's bytes, as they were in ``nodes/``."""
+        keys = sorted(
+            self._kv.list(
+                ts.KvStore.KeyRange(inclusive_min=_QUARANTINE_PREFIX, exclusive_max=b"quarantine0")
+            ).result()
+        )
+        futures = [self._kv.read(k) for k in keys]
+        return {
+            int(k[len(_QUARANTINE_PREFIX) :]): f.result().value
+            for k, f in zip(keys, futures, strict=True)
+        }
+
+    def slot_claims(self, run: str) -> dict[tuple[int, int], int]:
+        """(step, slot) -> the id of the node that filled it, for every slot ``run`` claimed."""
+        prefix = _SLOT_PREFIX + run.encode() + b"/"
+        keys = self._kv.list(
+            ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=prefix[:-1] + b"0")
+        ).result()
+        futures = [(k, self._kv.read(k)) for k in sorted(keys)]
+        claims = {}
+        for key, future in futures:
+            step, slot = key[len(prefix) :].split(b"/")
+            claims[(int(step), int(slot))] = int(future.result().value)
+        return claims
 
     def refresh_stages(self) -> None:
         """Re-reads promoted-stage results of every loaded node."""

@@ -260,6 +260,12 @@ def collect(
         return payload
     for key, problem in sorted(history.problems.items())[:MAX_NOTICES]:
         payload["notices"].append(f"Record {key}: {problem}")
+    for node_id in history.quarantined():
+        payload["notices"].append(
+            f"Node {node_id} is quarantined (its record is kept as it was under "
+            f"quarantine/{node_id:010d}; python -m evolve_jax.history --quarantined prints it): "
+            "it is left out here."
+        )
     if live is None:
         live = bool(live_runs(history))
     task, run_record = task_of(history, nodes)
