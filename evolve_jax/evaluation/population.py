@@ -1,8 +1,10 @@
-"""Population batching: one candidate per slot of a leading axis, sharded over every device.
+"""Population batching: one run per slot of a leading axis, sharded over the devices given.
 
-A population of P candidates (their parameters stacked on axis 0) is padded to a multiple of
-the device count, laid out over a 1-D mesh named ``pop`` and mapped with ``jax.shard_map`` of a
-``vmap``-ed per-candidate function: each device evaluates its slice, with no communication.
+A population of P runs (in the linear-attention space, one candidate's seeds times learning
+rates, their parameters stacked on axis 0) is padded to a multiple of the device count, laid
+out over a 1-D mesh named ``pop`` and mapped with ``jax.shard_map`` of a ``vmap``-ed per-run
+function: each device evaluates its slice, with no communication. The devices are one group of
+a host's (``layout.py``): other groups evaluate other candidates at the same time.
 """
 
 from __future__ import annotations
