@@ -10,7 +10,7 @@ import time
 import pytest
 
 from evolve_jax.memory.history import History
-from evolve_jax.memory.lease import Lease, RunIsLive
+from evolve_jax.memory.lease import Lease, LeaseLost, RunIsLive
 from tests.conftest import REPO, TOY
 
 
@@ -68,6 +68,67 @@ def test_renewal_keeps_a_lease_fresh_and_a_replaced_holder_learns_it(workdir):
         time.sleep(0.05)
     lease.release()
     assert lease.lost and _stored(history)["token"] == "successor"
+    with pytest.raises(LeaseLost, match="run 'main' lost its lease: process 1 on elsewhere took"):
+        lease.check("step 3")
+
+
+class _FlakyStore:
+    """The history's store, whose next ``failures`` writes raise a storage error."""
+
+    def __init__(self, kv):
+        self._kv, self.failures, self.writes = kv, 0, 0
+
+    def write(self, *args, **kwargs):
+        self.writes += 1
+        if self.failures:
+            self.failures -= 1
+            raise ValueError("UNAVAILABLE: injected storage error")
+        return self._kv.write(*args, **kwargs)
+
+    def read(self, *args, **kwargs):
+        return self._kv.read(*args, **kwargs)
+
+
+def _wait(condition, timeout=5.0):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_renewal_that_fails_transiently_is_retried_and_keeps_the_lease(workdir):
+    history = History(workdir)
+    lease = Lease(history, "main", renew_every=0.05, stale_after=1.0)
+    lease._kv = store = _FlakyStore(lease._kv)
+    lease.acquire()
+    store.failures = 1  # the next renewal's write fails
+    writes = store.writes
+    assert _wait(lambda: store.writes >= writes + 1 and not store.failures)
+    failed_at = time.time()
+    assert _wait(lambda: _stored(history)["renewed"] > failed_at)  # renewed again since
+    lease.check("step 1")  # not lost
+    lease.release()
+    assert not lease.lost and _stored(history) is None
+
+
+def test_a_renewal_failing_until_the_lease_is_stale_loses_it_naming_why(workdir):
+    history = History(workdir)
+    lease = Lease(history, "main", renew_every=0.05, stale_after=0.5)
+    lease._kv = store = _FlakyStore(lease._kv)
+    lease.acquire()
+    store.failures, writes, started = 10**9, store.writes, time.time()
+    assert _wait(lambda: lease.lost)
+    assert time.time() - started >= 0.45  # not before the lease went stale
+    # Retried after 0.005, 0.01, 0.02, 0.04 s, then every 0.05 s: not in a busy loop.
+    assert 5 <= store.writes - writes <= 20
+    with pytest.raises(
+        LeaseLost,
+        match=r"run 'main' lost its lease: its renewal has failed for 0.5 s, after which another "
+        r"process may take it \(last error: UNAVAILABLE: injected storage error\)\. This "
+        r"process stopped before step 2",
+    ):
+        lease.check("step 2")
+    lease.release()
 
 
 def test_same_command_twice_on_one_workdir_runs_once_and_refuses_once(tmp_path):

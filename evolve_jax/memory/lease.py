@@ -12,7 +12,16 @@ killed run is therefore restarted with the same command at once on the same host
 
 Every write is a compare-and-swap on the key's generation, so of two processes taking a free
 lease exactly one succeeds, and a holder that was presumed dead and replaced learns it at its
-next renewal (``lost``) instead of overwriting its successor.
+next renewal instead of overwriting its successor.
+
+A renewal that fails with a storage error is retried after 1/10 of ``renew_every``, then after
+twice as long each time, at most ``renew_every``, the last retry coming when the lease goes
+stale. The lease is lost (``lost``, and ``reason`` says why) when another holder's record is
+found in its place, or when no renewal has succeeded for ``stale_after`` seconds, after which
+another process may take it; renewal then stops. The holder reads it with ``check``, which
+raises ``LeaseLost`` naming the run and why; the loop calls it before each step and before
+each commit. A takeover between a check and the commit after it is left to the slot claim
+(history.py): each (run, step, slot) is committed once, by whichever process commits first.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ from evolve_jax.memory.history import History, HistoryError
 
 class RunIsLive(HistoryError):
     """Another live process holds the run's lease; the message names it."""
+
+
+class LeaseLost(HistoryError):
+    """This process no longer holds the run's lease; the message names the run and why."""
 
 
 def _process_exists(pid: int) -> bool:
@@ -93,7 +106,9 @@ class Lease:
         self._generation: bytes | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed = 0.0  # time.time() of the last write of the lease that succeeded
         self.lost = False
+        self.reason: str | None = None  # why the lease was lost
 
     def _record(self) -> bytes:
         return json.dumps({**self.holder, "renewed": time.time()}, sort_keys=True).encode()
@@ -118,24 +133,76 @@ class Lease:
                 expected = current.stamp.generation
             else:
                 expected = storage.ABSENT
-            stamp = self._kv.write(self._key, self._record(), if_equal=expected).result()
+            record = self._record()
+            stamp = self._kv.write(self._key, record, if_equal=expected).result()
             if stamp.generation:  # empty: another process wrote first; look again
                 self._generation = stamp.generation
+                self._renewed = json.loads(record)["renewed"]
                 break
         self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.renew_every):
-            stamp = self._kv.write(self._key, self._record(), if_equal=self._generation).result()
-            if not stamp.generation:
-                self.lost = True
-                logging.error(
-                    "lost the lease of run %r to another process: its slots are refused to us",
-                    self.run,
-                )
+        delay, retry = self.renew_every, 0.0
+        while not self._stop.wait(delay):
+            try:
+                held = self._renew_once()
+            except Exception as e:  # a storage error: retried until the lease goes stale
+                stale_in = self._renewed + self.stale_after - time.time()
+                if stale_in <= 0:
+                    self._lose(
+                        f"its renewal has failed for {self.stale_after:g} s, after which "
+                        f"another process may take it (last error: {e})"
+                    )
+                    return
+                retry = min(retry * 2 or self.renew_every / 10, self.renew_every)
+                delay = min(retry, stale_in)
+                logging.warning(
+                    "could not renew the lease of run %r (%s); retrying in %.1f s", self.run, e,
+                    delay,
+                )  # fmt: skip
+                continue
+            if not held:
                 return
+            delay, retry = self.renew_every, 0.0
+
+    def _renew_once(self) -> bool:
+        """Renews the lease once; False if another holder has it (then it is lost)."""
+        record = self._record()
+        stamp = self._kv.write(self._key, record, if_equal=self._generation).result()
+        if stamp.generation:
             self._generation = stamp.generation
+            self._renewed = json.loads(record)["renewed"]
+            return True
+        current = self._kv.read(self._key).result()
+        if current.state != "value":
+            self._lose("its record was deleted by another process")
+            return False
+        holder = json.loads(current.value)
+        if holder.get("token") == self.holder["token"]:
+            # An earlier write of ours landed though it reported an error: still ours.
+            self._generation = current.stamp.generation
+            self._renewed = holder.get("renewed", self._renewed)
+            return True
+        self._lose(
+            f"process {holder.get('pid')} on {holder.get('host')} took it over, this process "
+            "presumed dead"
+        )
+        return False
+
+    def _lose(self, reason: str) -> None:
+        self.reason = reason
+        self.lost = True
+        logging.error("lost the lease of run %r: %s", self.run, reason)
+
+    def check(self, before: str) -> None:
+        """Raises LeaseLost, naming the run, why, and ``before`` (what is not done), if the
+        lease is lost."""
+        if self.lost:
+            raise LeaseLost(
+                f"run {self.run!r} lost its lease: {self.reason}. This process stopped before "
+                f"{before}"
+            )
 
     def release(self) -> None:
         """Stops renewing and deletes the lease if this process still holds it."""
