@@ -94,6 +94,13 @@ class ResearchLoop:
         # (step, slot) -> node id of this run's slots filled by a node since quarantined
         # (History.quarantine): claimed, so never redone; the node is left out.
         self._quarantined: dict[tuple[int, int], int] = {}
+        self._lease: Lease | None = None  # the run's lease, held while run() runs
+
+    def _check_lease(self, before: str) -> None:
+        """Raises LeaseLost (naming the run, why, and ``before``) if this process has lost the
+        run's lease: another process drives the run now, or may."""
+        if self._lease is not None:
+            self._lease.check(before)
 
     # ------------------------------------------------------------------ helpers
 
@@ -258,6 +265,7 @@ class ResearchLoop:
         if self.agents.cost is not None:
             stats["llm"] = self.agents.cost.take_slot(step, slot)
             self._spent += stats["llm"]["usd"]
+        self._check_lease(f"committing step {step} slot {slot}")
         try:
             node = self.history.append(
                 parents=list(proposal.parents),
@@ -536,6 +544,7 @@ class ResearchLoop:
                 if fitness is None:
                     fitness = Fitness(self.task.stage_metrics(stage), baseline=outcome.metrics)
                 outcome, score, stats = self._score(outcome, fitness)
+                self._check_lease(f"recording node {node.id}'s result at stage {stage}")
                 self.history.add_stage_result(
                     node.id,
                     stage,
@@ -565,12 +574,16 @@ class ResearchLoop:
                     )  # fmt: skip
 
     def run(self) -> RunSummary:
-        """Runs (or resumes) the search, holding the run's lease throughout (lease.py)."""
-        with Lease(self.history, self.config.run_name):
+        """Runs (or resumes) the search, holding the run's lease throughout (lease.py); raises
+        LeaseLost at the first check (before a step, a commit, the report) after losing it."""
+        with Lease(self.history, self.config.run_name) as lease:
+            self._lease = lease
             try:
                 return self._run()
             finally:  # ended, well or not: the page stops reloading itself
-                self._write_page(live=False)
+                self._lease = None
+                if not lease.lost:  # else the page is the new holder's to write
+                    self._write_page(live=False)
 
     def _describe_run(self) -> None:
         """Records once what the report needs beyond the nodes: how each stage is measured,
@@ -651,9 +664,11 @@ class ResearchLoop:
                     self._spent, cfg.budget_usd, step,
                 )  # fmt: skip
                 break
+            self._check_lease(f"step {step}")
             self.evolve_step(step)
             self.promote(step)
             self._write_page(live=True)
+        self._check_lease("writing the run's report")
         nodes = self.history.nodes()
         self.history.refresh_stages()
         text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)

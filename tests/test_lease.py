@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -155,3 +157,108 @@ def test_same_command_twice_on_one_workdir_runs_once_and_refuses_once(tmp_path):
     slots = [(n.origin["run"], n.origin["step"], n.origin["slot"]) for n in nodes]
     assert len(slots) == len(set(slots)) == 3 + 6 * 4
     assert History(workdir).kvstore.read(b"leases/main").result().state == "missing"
+
+
+# Runs the driver (evolve_jax.main, arguments from the command line) with the patches in
+# PATCH, which sees `loop`, `history` and `lease` (the modules) and the environment.
+_DRIVER = textwrap.dedent(
+    """
+    import json, os, runpy, sys, time
+    from evolve_jax import loop
+    from evolve_jax.memory import history, lease
+    exec(os.environ["PATCH"])
+    sys.argv = ["evolve_jax.main", *sys.argv[1:]]
+    runpy.run_module("evolve_jax.main", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def _drivers(workdir, patch, count, *args):
+    command = [
+        sys.executable, "-c", _DRIVER, f"--search_space={TOY}", f"--workdir={workdir}", *args
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", PATCH=textwrap.dedent(patch))
+    procs = [
+        subprocess.Popen(
+            command, cwd=REPO, env=dict(env, TAG=str(i)), stderr=subprocess.PIPE, text=True
+        )
+        for i in range(count)
+    ]
+    return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+
+
+def test_a_driver_whose_lease_is_taken_over_stops_at_its_next_check_with_one_line(workdir):
+    """Another process takes the lease just after the driver committed step 1 slot 0 (as one
+    that presumed it dead would): the driver stops before its next commit, exit 1."""
+    patch = """
+        leases = []
+        def short_lease(*args, **kwargs):
+            leases.append(lease.Lease(*args, renew_every=0.05, stale_after=1.0, **kwargs))
+            return leases[-1]
+        loop.Lease = short_lease
+        append = history.History.append
+        def append_then_be_replaced(self, **fields):
+            node = append(self, **fields)
+            if fields["origin"] == {"run": "main", "step": 1, "slot": 0}:
+                successor = {"host": "elsewhere", "pid": 7, "token": "successor",
+                             "renewed": time.time()}
+                self.kvstore.write(b"leases/main", json.dumps(successor).encode()).result()
+                deadline = time.time() + 30
+                while not leases[0].lost and time.time() < deadline:
+                    time.sleep(0.01)
+            return node
+        history.History.append = append_then_be_replaced
+    """
+    [(code, err)] = _drivers(workdir, patch, 1, "--steps=3", "--samples_per_step=3")
+    assert code == 1, err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert line == (
+        "error: run 'main' lost its lease: process 7 on elsewhere took it over, this process "
+        "presumed dead. This process stopped before committing step 1 slot 1"
+    )
+    nodes = History(workdir).nodes()  # the 3 seeds and step 1 slot 0, nothing after
+    assert [(n.origin["step"], n.origin["slot"]) for n in nodes] == [
+        (0, 0), (0, 1), (0, 2), (1, 0)
+    ]  # fmt: skip
+    assert _stored(History(workdir))["token"] == "successor"  # left to its holder
+
+
+def test_two_drivers_without_the_lease_commit_each_slot_once(workdir):
+    """With the lease bypassed, two drivers of the same command both design and evaluate every
+    slot of step 1 (each waits for the other before its first commit of it), and race to
+    commit them: the slot claim refuses the second writer of each, whose log names the node
+    that stands, and each (run, step, slot) is committed once."""
+    patch = """
+        class NoLease:  # taken and held whatever else holds the run
+            lost = False
+            def __init__(self, *args, **kwargs): pass
+            def __enter__(self): return self
+            def __exit__(self, *exc): pass
+            def check(self, before): pass
+        loop.Lease = NoLease
+        append = history.History.append
+        def append_after_the_other(self, **fields):
+            barrier = os.path.join(self.workdir, "..", "barrier")
+            if fields["origin"]["step"] == 1 and not os.path.exists(barrier + os.environ["TAG"]):
+                open(barrier + os.environ["TAG"], "w").close()
+                deadline = time.time() + 120
+                while not all(os.path.exists(barrier + t) for t in "01"):
+                    assert time.time() < deadline, "the other driver never reached step 1"
+                    time.sleep(0.01)
+            return append(self, **fields)
+        history.History.append = append_after_the_other
+    """
+    results = _drivers(workdir, patch, 2, "--steps=2", "--samples_per_step=3")
+    assert [code for code, _ in results] == [0, 0], results
+    nodes = History(workdir).nodes()
+    slots = [(n.origin["run"], n.origin["step"], n.origin["slot"]) for n in nodes]
+    assert len(slots) == len(set(slots)) == 3 + 2 * 3
+    refused = re.findall(
+        r"step (\d+) slot (\d+): slots/main/\d+/\d+ is already node (\d+); keeping it",
+        "".join(err for _, err in results),
+    )
+    assert {(int(step), int(slot)) for step, slot, _ in refused if step == "1"} == {
+        (1, 0), (1, 1), (1, 2)
+    }  # fmt: skip
+    for step, slot, node_id in refused:  # the first writer's node stands
+        assert nodes[int(node_id)].origin == {"run": "main", "step": int(step), "slot": int(slot)}
