@@ -334,7 +334,10 @@ class LinearAttentionSpace(SearchSpace):
                 results.append(EvalResult(error=errors[0]))
                 continue
             if stage > 0 and o.checkpoint and self._checkpoint_dir:
-                self._save(candidate, stage, seeds, [r.params for r in per_seed])
+                failed = self._save(candidate, stage, seeds, [r.params for r in per_seed])
+                if failed:
+                    results.append(EvalResult(error=failed))
+                    continue
             metrics = {s: r.metrics for s, r in zip(seeds, per_seed, strict=True)}
             results.append(EvalResult(metrics=metrics))
             # Progress while a step trains (the loop reports candidates once the step is done).
@@ -477,7 +480,9 @@ class LinearAttentionSpace(SearchSpace):
                 values["val_bpb"] = values.pop("val_nats") / math.log(2)
         o = self.options
         if result.error is None and stage > 0 and o.checkpoint and self._checkpoint_dir:
-            self._save(candidate, stage, seeds, params)
+            failed = self._save(candidate, stage, seeds, params)
+            if failed:
+                result = EvalResult(error=failed, extra=result.extra)
         logging.info(
             "stage %d: trained program %s in %.0f s (%.0f s of it verifying): %s", stage,
             fingerprint(candidate)[:8], time.perf_counter() - start,
@@ -485,16 +490,24 @@ class LinearAttentionSpace(SearchSpace):
         )  # fmt: skip
         return result
 
-    def _save(self, candidate, stage: int, seeds: Sequence[int], params: list) -> None:
+    def _save(self, candidate, stage: int, seeds: Sequence[int], params: list) -> str | None:
+        """Checkpoints a trained candidate; None, or (logged) why it could not, which becomes
+        this candidate's error and no one else's."""
         from search_spaces.linear_attention import checkpoints
 
-        checkpoints.save(
-            storage.join(self._checkpoint_dir, fingerprint(candidate)),
-            candidate,
-            stage,
-            {int(s): p for s, p in zip(seeds, params, strict=True)},
-            json.loads(json.dumps(dataclasses.asdict(self.options))),
-        )
+        try:
+            checkpoints.save(
+                storage.join(self._checkpoint_dir, fingerprint(candidate)),
+                candidate,
+                stage,
+                {int(s): p for s, p in zip(seeds, params, strict=True)},
+                json.loads(json.dumps(dataclasses.asdict(self.options))),
+            )
+        except Exception as e:
+            failed = f"checkpoint not saved: {type(e).__name__}: {e}"
+            logging.error("stage %d: %s %s", stage, fingerprint(candidate)[:8], failed)
+            return failed
+        return None
 
 
 def make(**options: Any) -> LinearAttentionSpace:
