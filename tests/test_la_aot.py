@@ -19,11 +19,21 @@ def test_memory_analysis_counts_the_training_data_held_by_the_program():
         LinearAttentionSpace(**{**TINY, "lm_steps": "8"}), "deltanet", 1, 1, devices
     )
     assert small["runs"] == 1 and small["bytes_per_device"] > small["argument_bytes"] > 0
-    # 4 more steps of inputs and targets, [batch 2, length 32] int32 each, for the one run.
-    assert longer["argument_bytes"] - small["argument_bytes"] == 4 * 2 * 32 * 4 * 2
-    # Two seeds over two devices: one run each, the same program size per device.
+    # 4 more steps of byte windows, [batch 2, length 32 + 1] uint8 (targets are the inputs
+    # shifted by one), once for the seed.
+    assert longer["argument_bytes"] - small["argument_bytes"] == 4 * 2 * 33
+    # Two learning rates: two runs, the data still once: only the runs' parameters double.
+    rates = aot.analyse(
+        LinearAttentionSpace(**{**TINY, "lm_learning_rates": "1e-3,3e-3"}), "deltanet", 1, 1,
+        devices,
+    )  # fmt: skip
+    data = 4 * 2 * 33 + 4 * 2 * 33  # training and held-out windows (4 held-out batches)
+    per_run = small["argument_bytes"] - data
+    assert rates["runs"] == 2 and rates["argument_bytes"] == 2 * per_run + data
+    # Two seeds over two devices: one run each; every device holds both seeds' windows.
     pair = aot.analyse(LinearAttentionSpace(**TINY), "deltanet", 1, 2, jax.local_devices()[:2])
-    assert pair["runs_per_device"] == 1 and pair["argument_bytes"] == small["argument_bytes"]
+    assert pair["runs_per_device"] == 1
+    assert pair["argument_bytes"] == small["argument_bytes"] + 4 * 2 * 33
 
 
 def test_mqar_stage_is_refused():

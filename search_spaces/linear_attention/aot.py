@@ -86,9 +86,9 @@ def analyse(space, architecture: str, stage: int, seeds: int, devices) -> dict:
     if not isinstance(task, train.ByteLMConfig):
         raise ValueError(f"stage {stage} is not byte-level LM; compile a byte-LM stage")
     cfg = space.model_config(space.seeds()[architecture], stage)
-    fn, population = train.abstract_byte_lm_population(cfg, task, budget, seeds)
+    fn, population, data = train.abstract_byte_lm_population(cfg, task, budget, seeds)
     runs = seeds * len(budget.learning_rates)
-    lowered = lower_population(fn, population, devices)
+    lowered = lower_population(fn, population, devices, *data)
     try:
         compiled = lowered.compile()
     except Exception as e:  # XLA refuses a program over the chip's memory at compile time

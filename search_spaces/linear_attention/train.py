@@ -122,15 +122,11 @@ def _masked_xent(logits_BTV, targets_BT) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(nll * mask) / count, correct.sum() / count
 
 
-@functools.lru_cache(maxsize=32)  # one function per (model, budget): its compilation is reused
-def _trainer(cfg: model.ModelConfig, train: TrainConfig):
-    """Per-run training function of one (seed, learning rate).
-
-    A run is (initial params, lr, inputs [S,B,T], positions [S,B,P] or None, targets, eval
-    inputs [N,E,T], eval positions, eval targets). With positions, logits are computed only there
-    (MQAR supervises a few positions per example: the vocabulary head is then cheap); without,
-    everywhere. Returns (params, training losses [S], eval loss [N], eval accuracy [N]).
-    """
+def _fitter(cfg: model.ModelConfig, train: TrainConfig):
+    """``fit(params, lr, batch_of, eval_batches)``: trains ``params`` for ``train.steps`` steps,
+    step s's batch (inputs, positions or None, targets) being ``batch_of(s)``, then evaluates on
+    ``eval_batches`` (a leading axis N); returns (params, training losses [S], eval loss [N],
+    eval accuracy [N])."""
     graphdef, shapes = model.abstract(cfg)
     tx = _optimizer(train, shapes)
 
@@ -139,25 +135,63 @@ def _trainer(cfg: model.ModelConfig, train: TrainConfig):
         logits = lm(inputs) if positions is None else lm.logits_at(inputs, positions)
         return _masked_xent(logits, targets)
 
-    def run(candidate):
-        params, lr, inputs_SBT, positions_SBP, targets_SBP = candidate[:5]
-        eval_inputs, eval_positions, eval_targets = candidate[5:]
+    def fit(params, lr, batch_of, eval_batches):
         opt_state = tx.init(params)
 
-        def step(carry, batch):
+        def step(carry, s):
             params, opt_state = carry
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch_of(s))
             updates, opt_state = tx.update(grads, opt_state, params)
             updates = jax.tree.map(lambda u: lr * u, updates)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, _), losses_S = jax.lax.scan(
-            step, (params, opt_state), (inputs_SBT, positions_SBP, targets_SBP)
-        )
-        eval_loss_N, eval_acc_N = jax.vmap(lambda i, p, t: loss_fn(params, i, p, t))(
-            eval_inputs, eval_positions, eval_targets
-        )
+        steps = jnp.arange(train.steps)
+        (params, _), losses_S = jax.lax.scan(step, (params, opt_state), steps)
+        eval_loss_N, eval_acc_N = jax.vmap(lambda batch: loss_fn(params, *batch))(eval_batches)
         return params, losses_S, eval_loss_N, eval_acc_N
+
+    return fit
+
+
+@functools.lru_cache(maxsize=32)  # one function per (model, budget): its compilation is reused
+def _trainer(cfg: model.ModelConfig, train: TrainConfig):
+    """Per-run training function of one (seed, learning rate), its data in the run.
+
+    A run is (initial params, lr, inputs [S,B,T], positions [S,B,P] or None, targets, eval
+    inputs [N,E,T], eval positions, eval targets). With positions, logits are computed only there
+    (MQAR supervises a few positions per example: the vocabulary head is then cheap); without,
+    everywhere. Returns (params, training losses [S], eval loss [N], eval accuracy [N]).
+    """
+    fit = _fitter(cfg, train)
+
+    def run(candidate):
+        params, lr, *data = candidate
+        batches = tuple(data[:3])
+        return fit(params, lr, lambda s: jax.tree.map(lambda x: x[s], batches), tuple(data[3:]))
+
+    return run
+
+
+def _split_windows(windows_W: jax.Array) -> tuple[jax.Array, None, jax.Array]:
+    """Byte windows [..., T + 1] (uint8) -> (inputs, no positions, targets), int32 [..., T]."""
+    tokens = windows_W.astype(jnp.int32)
+    return tokens[..., :-1], None, tokens[..., 1:]
+
+
+@functools.lru_cache(maxsize=32)
+def _byte_lm_trainer(cfg: model.ModelConfig, train: TrainConfig):
+    """Per-run byte-LM training function. A run is (initial params, lr, seed index); the data
+    come beside the runs, replicated, one uint8 copy per seed rather than int32 inputs and
+    targets per run: training windows [Z seeds, S, B, T + 1] and held-out windows [N, B, T + 1],
+    the targets being the inputs shifted by one. Each step gathers its own batch."""
+    fit = _fitter(cfg, train)
+
+    def run(candidate, windows_ZSBW, val_NBW):
+        params, lr, seed_index = candidate
+        return fit(
+            params, lr, lambda s: _split_windows(windows_ZSBW[seed_index, s]),
+            _split_windows(val_NBW),
+        )  # fmt: skip
 
     return run
 
@@ -275,20 +309,23 @@ def train_mqar(
 
 def abstract_byte_lm_population(
     cfg: model.ModelConfig, task: ByteLMConfig, train: TrainConfig, num_seeds: int
-) -> tuple[Any, Any]:
-    """(per-run function, population as ShapeDtypeStructs) of ``train_byte_lm``: what one
-    candidate's training program takes, for ahead-of-time compilation (aot.py)."""
+) -> tuple[Any, Any, tuple]:
+    """(per-run function, population, replicated data), as ShapeDtypeStructs, of
+    ``train_byte_lm``: what one candidate's training program takes, for ahead-of-time
+    compilation (aot.py)."""
+    runs = num_seeds * len(train.learning_rates)
 
     def spec(*shape, dtype=np.int32):
-        return jax.ShapeDtypeStruct((num_seeds * len(train.learning_rates), *shape), dtype)
+        return jax.ShapeDtypeStruct((runs, *shape), dtype)
 
-    B, T = train.batch_size, task.seq_len
+    B, W = train.batch_size, task.seq_len + 1
     params = jax.tree.map(lambda x: spec(*x.shape, dtype=x.dtype), model.abstract(cfg)[1])
-    population = (
-        params, spec(dtype=np.float32), spec(train.steps, B, T), None, spec(train.steps, B, T),
-        spec(task.val_batches, B, T), None, spec(task.val_batches, B, T),
-    )  # fmt: skip
-    return _trainer(cfg, train), population
+    population = (params, spec(dtype=np.float32), spec())
+    data = (
+        jax.ShapeDtypeStruct((num_seeds, train.steps, B, W), np.uint8),
+        jax.ShapeDtypeStruct((task.val_batches, B, W), np.uint8),
+    )
+    return _byte_lm_trainer(cfg, train), population, data
 
 
 def byte_lm_validation(
@@ -343,7 +380,8 @@ def train_byte_lm(
 ) -> list[SeedResult]:
     """Trains one architecture on byte-level LM; reports validation bits per byte."""
     windows = [byte_lm_training_windows(corpus, task, train, seed) for seed in seeds]
-    validation = byte_lm_validation(corpus, task, train.batch_size)
+    inputs, targets = byte_lm_validation(corpus, task, train.batch_size)
+    validation = np.concatenate([inputs, targets[..., -1:]], axis=-1).astype(np.uint8)
     return train_byte_lm_on(cfg, train, seeds, devices, windows, validation)
 
 
@@ -353,17 +391,15 @@ def train_byte_lm_on(
     seeds: Sequence[int],
     devices: Sequence[Any],
     windows: Sequence[np.ndarray],
-    validation: tuple[np.ndarray, np.ndarray],
+    validation: np.ndarray,
 ) -> list[SeedResult]:
-    """``train_byte_lm`` on given data: per seed, windows [steps, B, T + 1]; held-out
-    (inputs, targets) [N, B, T]."""
-    val_inputs, val_targets = validation
-    streams = [
-        (w[..., :-1].astype(np.int32), None, w[..., 1:].astype(np.int32), val_inputs, None,
-         val_targets)
-        for w in windows
-    ]  # fmt: skip
-    results = evaluate_population(_trainer(cfg, train), _runs(cfg, seeds, train, streams), devices)
+    """``train_byte_lm`` on given data: per seed, windows [steps, B, T + 1]; held-out windows
+    [N, B, T + 1] (uint8 both)."""
+    runs = _runs(cfg, seeds, train, [(np.int32(i),) for i in range(len(seeds))])
+    windows_ZSBW = np.stack([np.asarray(w, np.uint8) for w in windows])
+    results = evaluate_population(
+        _byte_lm_trainer(cfg, train), runs, devices, windows_ZSBW, np.asarray(validation, np.uint8)
+    )
     return _finish(
         results,
         train,
