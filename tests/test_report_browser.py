@@ -179,5 +179,10 @@ def test_bad_inputs_render_and_say_what_they_could_not_show(browser, tmp_path):
             if case == "huge and not UTF-8":
                 assert "first 20,000" in p.locator("#notices").inner_text()
                 p.click("#board tr.row >> nth=0")
-                assert "first 20,000" in p.locator("#detail").inner_text()
+                # The details are inflated after the click: wait for them (a loaded machine
+                # once read the panel before they came).
+                p.wait_for_function(
+                    "document.querySelector('#detail').innerText.includes('first 20,000')",
+                    timeout=10000,
+                )
             p.screenshot(path=str(tmp_path / f"{case}.png"))
