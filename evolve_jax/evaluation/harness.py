@@ -208,11 +208,10 @@ def failure_reason(report: sandbox.Report, header: Mapping | None) -> str:
     """Why a worker gave no usable reply: what the sandbox observed (timeout, memory, a
     signal) first, then the program's own error text, then its exit."""
     observed = report.reason()
-    if report.timed_out or report.memory_exceeded or observed is None:
-        error = header.get("error") if header else None
-        return observed or (str(error) if error else "the worker stopped without an answer")
-    error = header.get("error") if header else None
-    return str(error) if error else observed
+    error = str(header["error"]) if header and header.get("error") else None
+    if report.timed_out or report.memory_exceeded:
+        return observed
+    return error or observed or "the worker stopped without an answer"
 
 
 class Session:
@@ -396,15 +395,17 @@ class SuffixSwap:
             before = np.flatnonzero(positions[i][: self.cuts[i]])
             if not len(before):
                 continue
-            a = _log_softmax(scored[index[i, before]])
-            b = _log_softmax(swapped[swapped_index[row, before]])
+            a = log_softmax(scored[index[i, before]])
+            b = log_softmax(swapped[swapped_index[row, before]])
             change = float(np.abs(a - b).max())
-            if not np.isfinite(change) or change > worst:
-                worst, where = (np.inf if not np.isfinite(change) else change), int(i)
+            change = change if np.isfinite(change) else np.inf
+            if change > worst:
+                worst, where = change, int(i)
         return worst, where
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64."""
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

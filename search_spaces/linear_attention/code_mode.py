@@ -73,11 +73,9 @@ def score_logits(logits: Any, held: HeldOut, vocab: int) -> tuple[dict[int, tupl
     if not isinstance(logits, np.ndarray) or logits.shape != shape:
         got = getattr(logits, "shape", type(logits).__name__)
         return {}, f"outputs: logits of shape {got}, expected {shape}"
-    logits = logits.astype(np.float64)
     if not np.all(np.isfinite(logits)):
         return {}, "outputs: the logits hold non-finite values"
-    shifted = logits - logits.max(-1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    logp = harness.log_softmax(logits)
     nll = -np.take_along_axis(logp, held.targets[..., None], -1)[..., 0]
     correct = logits.argmax(-1) == held.targets
     if held.groups is None:
