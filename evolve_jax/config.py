@@ -99,6 +99,8 @@ class RunConfig:
     workdir: str
     steps: int = 10
     seed: int = 0
+    schedule: str = "steps"  # steps | async (loop.py)
+    eval_timeout_s: float = float("inf")  # deadline of one evaluation (scheduler.py)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     agents: str = "offline"
     samples_per_step: int = 4
@@ -124,6 +126,10 @@ class RunConfig:
         for name in ("steps", "promote_top_k", "max_repairs", "max_item_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule not in ("steps", "async"):
+            raise ValueError(f"schedule must be 'steps' or 'async', got {self.schedule!r}")
+        if not self.eval_timeout_s > 0:
+            raise ValueError(f"eval_timeout_s must be > 0, got {self.eval_timeout_s}")
         if not self.implausible_gain > 0:  # NaN fails this too
             raise ValueError(
                 f"implausible_gain must be a number > 0 (inf turns the check off), "

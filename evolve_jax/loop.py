@@ -25,6 +25,7 @@ from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, m
 from evolve_jax.agents.engineer import RuleEngineer
 from evolve_jax.config import RunConfig
 from evolve_jax.evaluation import cluster, compile_clock, sandbox, workers
+from evolve_jax.evaluation.layout import queue_group_size
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
 from evolve_jax.memory.history import History, Node, SlotTaken, worst_score
@@ -83,6 +84,7 @@ class ResearchLoop:
                 workdir=config.workdir,
                 run_name=config.run_name,
                 llm=config.llm,
+                eval_timeout_s=config.eval_timeout_s,
             ),
         )
         self._started = time.perf_counter()
@@ -473,13 +475,21 @@ class ResearchLoop:
         usage = self.agents.engineer.take_usage()
         if not usage.get("available_device_seconds"):
             return
-        layout = usage["layouts"][0]
+        runs = self.space.runs_per_candidate(stage, self.config.eval_seed_list)
+        usage["layout"] = {
+            "devices": len(self.devices),
+            "group_size": queue_group_size(len(self.devices), runs),
+            "runs_per_candidate": runs,
+        }
+        per = ", ".join(
+            f"process {p} {100 * u['utilisation']:.0f}%" for p, u in usage["processes"].items()
+        )
         logging.info(
-            "step %d stage %d: %d device(s) in %d group(s) of %d, %d run(s) per candidate; "
-            "device utilisation %.0f%% (%.1f of %.1f device-s)",
-            step, stage, layout["devices"], layout["groups"], layout["group_size"],
-            layout["runs_per_candidate"], 100 * usage["utilisation"],
-            usage["busy_device_seconds"], usage["available_device_seconds"],
+            "step %d stage %d: %d evaluation(s) in group(s) of %d of %d device(s), %d run(s) "
+            "each; device utilisation %.0f%% (%.1f of %.1f device-s; %s)",
+            step, stage, usage["evaluations"], usage["layout"]["group_size"], len(self.devices),
+            runs, 100 * usage["utilisation"], usage["busy_device_seconds"],
+            usage["available_device_seconds"], per,
         )  # fmt: skip
         self.history.write_record(
             "utilisation", f"{self.config.run_name}/{step:06d}/{stage:02d}", usage
@@ -582,6 +592,8 @@ class ResearchLoop:
                 return self._run()
             finally:  # ended, well or not: the page stops reloading itself
                 self._lease = None
+                if (close := getattr(self.agents.engineer, "close", None)) is not None:
+                    close()
                 if not lease.lost:  # else the page is the new holder's to write
                     self._write_page(live=False)
 
@@ -686,7 +698,7 @@ def run(config: RunConfig, space: SearchSpace | None = None) -> RunSummary:
     """Runs (or resumes) the search described by ``config``; returns its summary.
 
     In a job of several processes (``evaluation/cluster.py``) process 0 runs the search and the
-    others evaluate the shares it deals them until it is done.
+    others evaluate what its work queue deals them until it is done.
     """
     job = cluster.current()
     if not job.leader:
@@ -700,8 +712,9 @@ def run(config: RunConfig, space: SearchSpace | None = None) -> RunSummary:
 def _serve(config: RunConfig, space: SearchSpace | None, job: cluster.Cluster) -> RunSummary:
     space = space or load(config.search_space, **dict(config.space_options))
     space.bind(config.workdir)  # checkpoints of promoted candidates land in the same workdir
-    engineer = RuleEngineer(space, jax.local_devices(), config.concurrency, config.max_repairs)
-    evaluated = engineer.serve()
+    devices = jax.local_devices()
+    engineer = RuleEngineer(space, devices, config.concurrency, config.max_repairs)
+    evaluated = job.serve(engineer.evaluate_one, len(devices), engineer.concurrency)
     job.leave()
     text = (
         f"process {job.process_id} of {job.num_processes}: evaluated {evaluated} candidate(s) "

@@ -5,6 +5,7 @@ Flags become a frozen RunConfig here; everything else is the library (evolve_jax
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -187,12 +188,27 @@ _PROCESS_ID = flags.DEFINE_integer(
 _JOIN_TIMEOUT = flags.DEFINE_integer(
     "join_timeout_s", 300, "Seconds to wait for every process to join.", lower_bound=1
 )
-_ANSWER_TIMEOUT = flags.DEFINE_float(
-    "answer_timeout_s",
-    6 * 3600.0,
-    "Seconds process 0 waits for a worker's results (its candidates then fail with that reason, "
-    "and it is dealt nothing more), and a worker waits for its next job.",
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    100,
+    "Seconds without a heartbeat after which a process counts as dead (JAX's coordination "
+    "service); process 0 then re-deals the evaluations it held.",
+    lower_bound=1,
+)
+_EVAL_TIMEOUT = flags.DEFINE_float(
+    "eval_timeout_s",
+    None,
+    "Deadline of one evaluation, from its start on a device group: past it the candidate is "
+    "recorded as timed out and the late answer dropped (default: none).",
     lower_bound=1.0,
+)
+_SCHEDULE = flags.DEFINE_enum(
+    "schedule",
+    "steps",
+    ["steps", "async"],
+    "steps: each step's children are designed from the history as the step began and recorded "
+    "when all are evaluated (same flags and seed, same history); async: every free device "
+    "group gets a child designed from the history as it stands (README, 'Schedules').",
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir",
@@ -232,6 +248,8 @@ def config_from_flags() -> RunConfig:
         workdir=_WORKDIR.value,
         steps=_STEPS.value,
         seed=_SEED.value,
+        schedule=_SCHEDULE.value,
+        eval_timeout_s=_EVAL_TIMEOUT.value if _EVAL_TIMEOUT.value is not None else math.inf,
         sampler=SamplerConfig(
             name=_SAMPLER.value,
             num_references=_NUM_REFERENCES.value,
@@ -310,7 +328,7 @@ def join_cluster() -> None:
     try:
         cluster.initialize(
             _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-            _JOIN_TIMEOUT.value, _ANSWER_TIMEOUT.value,
+            _JOIN_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value,
         )  # fmt: skip
     except cluster.ClusterError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -162,6 +162,7 @@ class AgentEnv:
     workdir: str = ""
     run_name: str = "main"
     llm: Any = None  # evolve_jax.config.LLMConfig, read by model-backed backends
+    eval_timeout_s: float = float("inf")  # deadline of one evaluation (evaluation/scheduler.py)
 
 
 def available_backends() -> list[str]:

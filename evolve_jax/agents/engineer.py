@@ -3,17 +3,15 @@
 Cheap checks run first (schema, the search space's checks, novelty) so that an invalid
 candidate costs seconds, not a training run. Every repair attempt is recorded with its reason;
 a backend with a model overrides ``fix`` to repair what the rules cannot, failed runs included.
-Candidates are laid out over disjoint device groups (``evaluation/layout.py``), each group
-evaluating its share on ``concurrency`` threads (JAX releases the GIL while a compiled program
-runs); results keep their input order. ``usage`` keeps, per ``run`` call, the layout and the
-busy device-seconds against the device-seconds the call had. In a job of several processes the
-leader's Engineer deals the candidates over the processes first (``evaluation/cluster.py``);
-each process lays its share out over its own devices.
+Runs go through the work queue (``evaluation/scheduler.py``): each candidate takes the first
+free device group of this process or, on process 0 of a job, of any process
+(``evaluation/cluster.py``). ``run`` evaluates a batch and returns its outcomes in order; the
+asynchronous loop uses its parts (``start``, ``submit``, ``finish``) one candidate at a time.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -21,7 +19,8 @@ from typing import Any
 
 from evolve_jax.agents.base import Engineer, Outcome
 from evolve_jax.evaluation import cluster
-from evolve_jax.evaluation.layout import plan
+from evolve_jax.evaluation.layout import queue_group_size
+from evolve_jax.evaluation.scheduler import Evaluation, LocalExecutor, Scheduler
 from evolve_jax.search_space import (
     CheckFailure,
     EvalResult,
@@ -49,14 +48,21 @@ def _non_finite(metrics: dict[str, dict[str, float | None]]) -> str | None:
 
 class RuleEngineer(Engineer):
     def __init__(
-        self, space: SearchSpace, devices: Sequence[Any], concurrency: int = 1, max_repairs: int = 2
+        self,
+        space: SearchSpace,
+        devices: Sequence[Any],
+        concurrency: int = 1,
+        max_repairs: int = 2,
+        eval_timeout_s: float = math.inf,
     ):
         self.space = space
         self.devices = list(devices)
         self.concurrency = max(1, concurrency)
         self.max_repairs = max_repairs
-        self.usage: dict[str, Any] = {}
+        self.eval_timeout_s = eval_timeout_s
         self.cluster = cluster.current()
+        self._scheduler: Scheduler | None = None
+        self._usage_taken: dict[str, Any] = {}
 
     def fix(
         self,
@@ -103,149 +109,134 @@ class RuleEngineer(Engineer):
             return genome, f"novelty: duplicate of node {duplicate}", attempts
         return genome, None, attempts
 
-    def _evaluate(self, genomes, stage, seeds, devices) -> tuple[list[EvalResult], float, tuple]:
+    # ------------------------------------------------------------------ evaluation
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The work queue over this process's devices and, on process 0 of a job, every
+        worker's (built at first use: the workers say hello by then)."""
+        if self._scheduler is None:
+            local = LocalExecutor(self.evaluate_one, len(self.devices), self.concurrency)
+            remote = self.cluster.executors() if self.cluster.leader else []
+            self._scheduler = Scheduler(
+                [local, *remote], queue_group_size, eval_timeout_s=self.eval_timeout_s
+            )
+            self._usage_taken = self._scheduler.usage()
+        return self._scheduler
+
+    def evaluate_one(self, genome, stage, seeds, block) -> tuple[EvalResult, float]:
+        """Evaluates one candidate on the local devices numbered ``block`` (an executor's
+        evaluate function, here and on workers); a failure is its result."""
         start = time.perf_counter()
         try:
-            results = self.space.evaluate(genomes, stage, seeds, devices)
-            if len(results) != len(genomes):
-                raise RuntimeError(f"evaluate returned {len(results)} results for {len(genomes)}")
+            devices = [self.devices[i] for i in block]
+            results = self.space.evaluate([genome], stage, list(seeds), devices)
+            if len(results) != 1:
+                raise RuntimeError(f"evaluate returned {len(results)} results for 1")
+            result = results[0]
         except Exception as e:
-            results = [EvalResult(error=f"{type(e).__name__}: {e}") for _ in genomes]
-        end = time.perf_counter()
-        return results, end - start, (start, end)
+            result = EvalResult(error=f"{type(e).__name__}: {e}")
+        return result, time.perf_counter() - start
 
-    def _evaluate_groups(self, genomes, stage, seeds) -> list[tuple[EvalResult, float]]:
-        """(result, seconds) per genome, in order: on this process's devices, or dealt over
-        the job's processes when there are several."""
-        workers = self.cluster.live_workers() if self.cluster.leader else []
-        if not workers:
-            return self.evaluate_here(genomes, stage, seeds)
-        shares = cluster.deal(len(genomes), [0, *workers])
-        round_ = self.cluster.send({
-            p: {"stage": stage, "seeds": list(seeds), "candidates": [genomes[i] for i in share]}
-            for p, share in shares.items() if p
-        })  # fmt: skip
-        here = self.evaluate_here([genomes[i] for i in shares[0]], stage, seeds)
-        results = dict(zip(shares[0], here, strict=True))
-        for p in workers:
-            answer = self.cluster.receive(round_, p)
-            if answer is None:
-                reason = f"process {p} gave no answer within {self.cluster.answer_timeout_s:g} s"
-                results.update({i: (EvalResult(error=reason), 0.0) for i in shares[p]})
-                continue
-            for i, record in zip(shares[p], answer["results"], strict=True):
-                results[i] = cluster.result_from_json(record)
-            for key in ("busy_device_seconds", "available_device_seconds"):
-                self.usage[key] = self.usage.get(key, 0.0) + answer["usage"].get(key, 0.0)
-            layouts = [{**layout, "process": p} for layout in answer["usage"].get("layouts", [])]
-            self.usage.setdefault("layouts", []).extend(layouts)
-        return [results[i] for i in range(len(genomes))]
+    def start(
+        self, genome: Genome, known: dict[str, int], stage: int, seeds: Sequence[int], label=""
+    ) -> Outcome | Attempt:
+        """Checks and repairs a candidate: the Outcome of one that may not run, else its
+        Attempt, to ``submit``."""
+        genome, reason, attempts = self.prepare(genome, known, label)
+        if reason is not None:
+            return Outcome("invalid", reason, {}, genome, len(attempts), 0.0, tuple(attempts))
+        return Attempt(genome, known, stage, tuple(seeds), label, attempts)
 
-    def evaluate_here(self, genomes, stage, seeds) -> list[tuple[EvalResult, float]]:
-        """(result, seconds) per genome, in order, on this process's devices."""
-        if not genomes:
-            return []
-        layout = plan(self.devices, self.space.runs_per_candidate(stage, seeds), len(genomes))
-        jobs = []  # (group index, candidate indices): each group's share over its threads
-        for k, share in enumerate(layout.assignment()):
-            parts = [share[t :: self.concurrency] for t in range(self.concurrency)]
-            jobs += [(k, part) for part in parts if part]
-        results: dict[int, tuple[EvalResult, float]] = {}
-        busy: dict[int, list[tuple[float, float]]] = {}
-        start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) or 1) as pool:
-            futures = {
-                pool.submit(
-                    self._evaluate, [genomes[i] for i in part], stage, seeds, layout.groups[k]
-                ): (k, part)
-                for k, part in jobs
-            }
-            for future, (k, part) in futures.items():
-                part_results, seconds, interval = future.result()
-                busy.setdefault(k, []).append(interval)
-                for i, r in zip(part, part_results, strict=True):
-                    results[i] = (r, seconds / len(part))
-        self._account(layout, busy, time.perf_counter() - start)
-        return [results[i] for i in range(len(genomes))]
+    def submit(self, attempt: Attempt, tag: Any = None) -> Evaluation:
+        """Queues ``attempt``'s run; ``scheduler.wait`` returns it with ``tag``."""
+        runs = self.space.runs_per_candidate(attempt.stage, list(attempt.seeds))
+        evaluation = Evaluation(attempt.genome, attempt.stage, attempt.seeds, runs, tag)
+        return self.scheduler.submit(evaluation)
 
-    def serve(self) -> int:
-        """A worker's loop: evaluates the leader's jobs until told to stop; returns how many
-        candidates it evaluated."""
-        evaluated = 0
-        while True:
-            round_, job = self.cluster.next_job()
-            if job.get("stop"):
-                return evaluated
-            pairs = self.evaluate_here(job["candidates"], job["stage"], job["seeds"])
-            evaluated += len(pairs)
-            self.cluster.answer(round_, {
-                "results": [cluster.result_to_json(r, seconds) for r, seconds in pairs],
-                "usage": self.take_usage(),
-            })  # fmt: skip
-
-    def _account(self, layout, busy: dict[int, list[tuple[float, float]]], wall: float) -> None:
-        """Adds one evaluation round to ``usage``: a group is busy while any of its threads
-        evaluates, at the fraction of its run slots that hold real runs (not padding)."""
-        size = layout.group_size
-        slot_fill = layout.runs / (layout.runs + layout.padding)
-        busy_seconds = sum(_union(intervals) for intervals in busy.values()) * size * slot_fill
-        usage = self.usage
-        usage["busy_device_seconds"] = usage.get("busy_device_seconds", 0.0) + busy_seconds
-        available = wall * size * len(layout.groups)
-        usage["available_device_seconds"] = usage.get("available_device_seconds", 0.0) + available
-        usage.setdefault("layouts", []).append(layout.describe())
-
-    def take_usage(self) -> dict[str, Any]:
-        """The usage since the last call, with its utilisation (busy over available)."""
-        usage, self.usage = self.usage, {}
-        if usage.get("available_device_seconds"):
-            usage["utilisation"] = usage["busy_device_seconds"] / usage["available_device_seconds"]
-        return usage
+    def finish(self, attempt: Attempt, result: EvalResult, seconds: float) -> Outcome | Attempt:
+        """The Outcome of a finished run, or (a failed stage-0 run the repair budget still
+        covers, repaired) the next Attempt to submit."""
+        attempt.seconds += seconds
+        genome, attempts, label = attempt.genome, attempt.attempts, attempt.label
+        status, why, metrics = _classify(result)
+        if status == "failed" and attempt.stage == 0 and len(attempts) < self.max_repairs:
+            repaired = self.fix(genome, f"run: {why}", (), attempts, label)
+            if repaired is not None:
+                genome, reason, attempts = self.prepare(repaired, attempt.known, label, attempts)
+                if reason is None:
+                    attempt.genome = genome
+                    return attempt
+                status, why, metrics = "invalid", reason, {}
+        return Outcome(
+            status, why, metrics, genome, len(attempts), attempt.seconds, tuple(attempts),
+            dict(result.extra.get("output", {})),
+        )  # fmt: skip
 
     def run(self, candidates, known, stage, seeds, labels=None):
         labels = list(labels) if labels is not None else [""] * len(candidates)
-        prepared = [
-            self.prepare(g, known, label) for g, label in zip(candidates, labels, strict=True)
-        ]
         outcomes: list[Outcome | None] = [None] * len(candidates)
-        seconds = [0.0] * len(candidates)
-        for i, (genome, reason, attempts) in enumerate(prepared):
-            if reason is not None:
-                outcomes[i] = Outcome(
-                    "invalid", reason, {}, genome, len(attempts), 0.0, tuple(attempts)
-                )
-        pending = [i for i, o in enumerate(outcomes) if o is None]
-        while pending:  # a failed run goes back for repair while the repair budget lasts
-            results = self._evaluate_groups([prepared[i][0] for i in pending], stage, seeds)
-            retry = []
-            for i, (result, secs) in zip(pending, results, strict=True):
-                genome, _, attempts = prepared[i]
-                seconds[i] += secs
-                status, why, metrics = _classify(result)
-                if status == "failed" and stage == 0 and len(attempts) < self.max_repairs:
-                    repaired = self.fix(genome, f"run: {why}", (), attempts, labels[i])
-                    if repaired is not None:
-                        prepared[i] = self.prepare(repaired, known, labels[i], attempts)
-                        if prepared[i][1] is None:
-                            retry.append(i)
-                            continue
-                        status, why, metrics, genome = "invalid", prepared[i][1], {}, prepared[i][0]
-                outcomes[i] = Outcome(
-                    status, why, metrics, genome, len(attempts), seconds[i], tuple(attempts),
-                    dict(result.extra.get("output", {})),
-                )  # fmt: skip
-            pending = retry
+        attempts: dict[int, Attempt] = {}
+        for i, (genome, label) in enumerate(zip(candidates, labels, strict=True)):
+            started = self.start(genome, known, stage, seeds, label)
+            if isinstance(started, Outcome):
+                outcomes[i] = started
+            else:
+                attempts[i] = started
+                self.submit(started, tag=i)
+        while attempts:  # a failed run goes back for repair while the repair budget lasts
+            for done in self.scheduler.wait():
+                i = done.evaluation.tag
+                finished = self.finish(attempts[i], done.result, done.seconds)
+                if isinstance(finished, Outcome):
+                    outcomes[i] = finished
+                    del attempts[i]
+                else:
+                    self.submit(finished, tag=i)
         return outcomes
 
+    def take_usage(self) -> dict[str, Any]:
+        """Device usage since the last call (per process and in all), with its utilisation;
+        empty before the first evaluation."""
+        if self._scheduler is None:
+            return {}
+        now = self._scheduler.usage()
+        before, self._usage_taken = self._usage_taken, now
+        return _usage_since(before, now)
 
-def _union(intervals: list[tuple[float, float]]) -> float:
-    """Total length covered by possibly overlapping intervals."""
-    total, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+
+
+@dataclasses.dataclass
+class Attempt:
+    """A checked candidate on its way through the Engineer: its run is queued or due."""
+
+    genome: Genome
+    known: dict[str, int]
+    stage: int
+    seeds: tuple[int, ...]
+    label: str
+    attempts: list[dict]  # repair attempts so far
+    seconds: float = 0.0  # run time so far (earlier runs before repairs included)
+
+
+_COUNTERS = ("busy_device_seconds", "available_device_seconds", "evaluations")
+
+
+def _usage_since(before: dict, now: dict) -> dict[str, Any]:
+    def delta(a: dict, b: dict) -> dict:
+        out = {k: b[k] - a.get(k, 0) for k in _COUNTERS}
+        available = out["available_device_seconds"]
+        out["utilisation"] = out["busy_device_seconds"] / available if available else 0.0
+        return out
+
+    usage = delta(before, now)
+    usage["processes"] = {
+        p: delta(before.get("processes", {}).get(p, {}), u) for p, u in now["processes"].items()
+    }
+    return usage
 
 
 def _classify(result: EvalResult) -> tuple[str, str | None, dict]:

@@ -424,7 +424,9 @@ class GeminiEngineer(RuleEngineer):
     """Rule-based repairs first; the model repairs what they cannot, failed runs included."""
 
     def __init__(self, shared: Shared, env: AgentEnv):
-        super().__init__(env.space, env.devices, env.concurrency, env.max_repairs)
+        super().__init__(
+            env.space, env.devices, env.concurrency, env.max_repairs, env.eval_timeout_s
+        )
         self.shared = shared
         self.schema = {
             "type": "object",

@@ -22,7 +22,9 @@ def make_offline(env: AgentEnv) -> AgentTrio:
     preflight(None, env.space)
     return AgentTrio(
         researcher=OfflineResearcher(env.space, env.direction),
-        engineer=RuleEngineer(env.space, env.devices, env.concurrency, env.max_repairs),
+        engineer=RuleEngineer(
+            env.space, env.devices, env.concurrency, env.max_repairs, env.eval_timeout_s
+        ),
         analyzer=OfflineAnalyzer(env.cognition, env.direction),
     )
 

@@ -2,29 +2,33 @@
 
 Every process runs the same command. ``initialize`` joins them with ``jax.distributed`` when a
 cluster is named by flags or detected (Slurm with several tasks, a multi-host Cloud TPU slice).
-Process 0 runs the agents and commits every node. At each evaluation it deals the candidates
-round-robin over the processes, publishes each worker's share in JAX's distributed key-value
-store, evaluates its own share on its local devices and reads the workers' results back from
-the store. Workers (every other process) wait for a share, evaluate it on their local devices
-with the same layout rules, and answer. Processes meet only at these exchanges, once per
-evaluation round; no compiled program spans hosts.
+Process 0 runs the agents, keeps the work queue (``scheduler.py``) and commits every node.
+Each worker (every other process) says how many devices it has, then takes evaluations one by
+one from JAX's distributed key-value store as process 0 deals them, runs each on the device
+group it names, in a thread, and writes the result back as soon as it is done; process 0 polls
+for results. No compiled program spans hosts.
 
-A worker that gives no answer within ``answer_timeout_s`` fails the candidates it held, with
-that reason, and is dealt nothing more: the search goes on with the others.
+Two waits, two bounds: a worker waits for work as long as process 0 lives (the coordination
+service, in process 0, answers); process 0 finds a dead worker by its missed heartbeats
+(``--heartbeat_timeout_s``) and re-deals what it held. How long one evaluation may run is the
+queue's ``--eval_timeout_s``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import logging
 
+from evolve_jax.evaluation.scheduler import Evaluation, Executor
 from evolve_jax.search_space import EvalResult
 
 _PREFIX = "evolve_jax"
@@ -41,39 +45,27 @@ class Cluster:
     process_id: int = 0
     num_processes: int = 1
     client: Any = None  # jax's DistributedRuntimeClient; None for a single process
-    answer_timeout_s: float = 6 * 3600.0
-    dead: set[int] = dataclasses.field(default_factory=set)
-    _round: int = 0
+    join_timeout_s: float = 300.0
+    _executors: list[RemoteExecutor] | None = None
 
     @property
     def leader(self) -> bool:
         return self.process_id == 0
 
-    def live_workers(self) -> list[int]:
-        return [p for p in range(1, self.num_processes) if p not in self.dead]
-
     # ------------------------------------------------------------------ leader side
 
-    def send(self, jobs: dict[int, dict]) -> int:
-        """Publishes one job per live worker; returns the round they belong to."""
-        round_ = self._round
-        self._round += 1
-        for p, job in jobs.items():
-            self.client.key_value_set(_key(round_, "job", p), json.dumps(job))
-        return round_
-
-    def receive(self, round_: int, p: int) -> dict | None:
-        """Worker ``p``'s answer to ``round_``; None (and ``p`` marked dead) without one."""
-        try:
-            raw = self.client.blocking_key_value_get(
-                _key(round_, "answer", p), int(1000 * self.answer_timeout_s)
-            )
-        except Exception as e:  # deadline exceeded, or the coordination service lost p
-            logging.error("process %d gave no answer to round %d: %s", p, round_, e)
-            self.dead.add(p)
-            return None
-        self.client.key_value_delete(_key(round_, "answer", p))
-        return json.loads(raw)
+    def executors(self) -> list[RemoteExecutor]:
+        """One executor per worker, built once: each waits (up to the join timeout) for its
+        worker's hello; a worker that never says it is counted dead from the start."""
+        if self._executors is None:
+            self._executors = []
+            if self.client is not None and self.leader:
+                inbox = _Inbox(self.client)
+                self._executors = [
+                    RemoteExecutor(self.client, p, inbox, self.join_timeout_s)
+                    for p in range(1, self.num_processes)
+                ]
+        return self._executors
 
     def stop_workers(self, wait_s: float = 60.0) -> None:
         """Tells every live worker that the search is over, and waits (up to ``wait_s``) until
@@ -81,12 +73,13 @@ class Cluster:
         whose disconnect finds it gone aborts."""
         if self.client is None or not self.leader:
             return
-        workers = self.live_workers()
-        self.send({p: {"stop": True} for p in workers})
+        workers = [e.process for e in self.executors() if e.alive()]
+        for executor in self.executors():
+            executor.stop()
         deadline = time.monotonic() + wait_s
         while workers and time.monotonic() < deadline:
-            # Which of the workers the coordination service still counts as connected.
-            workers = [p for p in workers if p in self.client.get_live_nodes([0, *workers])]
+            live = _live(self.client, [0, *workers])
+            workers = [p for p in workers if p in live]
             if workers:
                 time.sleep(0.1)
         if workers:
@@ -102,21 +95,140 @@ class Cluster:
 
     # ------------------------------------------------------------------ worker side
 
-    def next_job(self) -> tuple[int, dict]:
-        """Blocks until the leader publishes this worker's next job."""
-        round_ = self._round
-        self._round += 1
-        key = _key(round_, "job", self.process_id)
-        raw = self.client.blocking_key_value_get(key, int(1000 * self.answer_timeout_s))
-        self.client.key_value_delete(key)
-        return round_, json.loads(raw)
+    def serve(
+        self,
+        evaluate: Callable[[Any, int, Sequence[int], Sequence[int]], tuple[EvalResult, float]],
+        devices: int,
+        lanes: int,
+    ) -> int:
+        """A worker's loop: runs the evaluations process 0 deals until it says stop (or is
+        gone); returns how many it finished."""
+        client, p = self.client, self.process_id
+        client.key_value_set(_key("hello", p), json.dumps({"devices": devices, "lanes": lanes}))
+        finished = 0
+        lock = threading.Lock()
 
-    def answer(self, round_: int, answer: dict) -> None:
-        self.client.key_value_set(_key(round_, "answer", self.process_id), json.dumps(answer))
+        def work(task: dict) -> None:
+            nonlocal finished
+            try:
+                result, seconds = evaluate(
+                    task["genome"], task["stage"], tuple(task["seeds"]), task["block"]
+                )
+            except Exception as e:  # the evaluate function keeps candidate errors; a bug here
+                result, seconds = EvalResult(error=f"{type(e).__name__}: {e}"), 0.0
+            answer = json.dumps({"key": task["key"], **result_to_json(result, seconds)})
+            client.key_value_set(_key("done", p, task["key"]), answer)
+            with lock:
+                finished += 1
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=devices * lanes)
+        n = 0
+        try:
+            while True:
+                key = _key("task", p, n)
+                try:
+                    raw = client.blocking_key_value_get(key, 10_000)
+                except Exception as e:  # no work for 10 s, or the coordination service is gone
+                    if 0 not in _live(client, [0]):
+                        logging.error("process 0 is gone (%s); this worker stops", e)
+                        break
+                    continue
+                client.key_value_delete(key)
+                n += 1
+                task = json.loads(raw)
+                if task.get("stop"):
+                    break
+                logging.info(
+                    "process %d: evaluation %d (stage %d) on device(s) %s",
+                    p, task["key"], task["stage"], task["block"],
+                )  # fmt: skip
+                pool.submit(work, task)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return finished
 
 
-def _key(round_: int, kind: str, p: int) -> str:
-    return f"{_PREFIX}/{round_:08d}/{kind}/{p}"
+class _Inbox:
+    """Process 0's view of the workers' answers: one directory read serves every worker."""
+
+    def __init__(self, client: Any, min_interval_s: float = 0.02):
+        self._client = client
+        self._min_interval_s = min_interval_s
+        self._read = -float("inf")
+        self._by_process: dict[int, list[tuple[str, str]]] = {}
+
+    def take(self, p: int) -> list[tuple[str, str]]:
+        now = time.monotonic()
+        if now - self._read >= self._min_interval_s:
+            self._read = now
+            for key, value in self._client.key_value_dir_get(f"{_PREFIX}/done/"):
+                process = int(key.rstrip("/").split("/")[-2])
+                self._by_process.setdefault(process, []).append((key, value))
+        return self._by_process.pop(p, [])
+
+
+class RemoteExecutor(Executor):
+    """A worker process, as process 0's work queue sees it."""
+
+    def __init__(self, client: Any, process: int, inbox: _Inbox, join_timeout_s: float):
+        self.process = process
+        self._client = client
+        self._inbox = inbox
+        self._sent = 0
+        self._gone = False
+        try:
+            hello = json.loads(
+                client.blocking_key_value_get(_key("hello", process), int(1000 * join_timeout_s))
+            )
+        except Exception as e:  # never said hello: left out from the start
+            logging.error("process %d never said hello (%s); it is left out", process, e)
+            hello, self._gone = {"devices": 1, "lanes": 1}, True
+        self.devices, self.lanes = int(hello["devices"]), int(hello["lanes"])
+
+    def start(self, evaluation: Evaluation, block: Sequence[int]) -> None:
+        task = {
+            "key": evaluation.key,
+            "genome": evaluation.genome,
+            "stage": evaluation.stage,
+            "seeds": list(evaluation.seeds),
+            "block": list(block),
+        }
+        self._send(task)
+
+    def _send(self, task: dict) -> None:
+        self._client.key_value_set(_key("task", self.process, self._sent), json.dumps(task))
+        self._sent += 1
+
+    def poll(self) -> list[tuple[int, EvalResult, float]]:
+        out = []
+        for key, raw in self._inbox.take(self.process):
+            self._client.key_value_delete(key)
+            record = json.loads(raw)
+            result, seconds = result_from_json(record)
+            out.append((int(record["key"]), result, seconds))
+        return out
+
+    def alive(self) -> bool:
+        if not self._gone:
+            self._gone = self.process not in _live(self._client, [0, self.process])
+        return not self._gone
+
+    def stop(self) -> None:
+        if not self._gone:
+            self._send({"stop": True})
+
+
+def _live(client: Any, processes: list[int]) -> set[int]:
+    """Which of ``processes`` the coordination service counts as connected (none if it cannot
+    be asked)."""
+    try:
+        return set(client.get_live_nodes(processes))
+    except Exception:  # the service (process 0) is gone, or the call failed outright
+        return set()
+
+
+def _key(kind: str, p: int, n: int | None = None) -> str:
+    return f"{_PREFIX}/{kind}/{p}" + ("" if n is None else f"/{n:010d}")
 
 
 # ---------------------------------------------------------------------- wire format
@@ -171,7 +283,7 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     init_timeout_s: int = 300,
-    answer_timeout_s: float = 6 * 3600.0,
+    heartbeat_timeout_s: int = 100,
 ) -> Cluster:
     """Joins this process to the job (``mode``: "auto", "on" or "off"); raises ClusterError.
 
@@ -185,7 +297,7 @@ def initialize(
     announced = detected_process_count()
     explicit = coordinator_address is not None or num_processes is not None
     if mode == "off" or (mode == "auto" and not explicit and (announced or 1) <= 1):
-        _CURRENT = Cluster(answer_timeout_s=answer_timeout_s)
+        _CURRENT = Cluster()
         return _CURRENT
     if num_processes is not None and announced is not None and num_processes != announced:
         raise ClusterError(
@@ -207,6 +319,7 @@ def initialize(
             num_processes=num_processes,
             process_id=process_id,
             initialization_timeout=init_timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
         )
     except Exception as e:  # unreachable coordinator, unknown cluster, bad ids
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -219,7 +332,7 @@ def initialize(
         process_id=jax.process_index(),
         num_processes=jax.process_count(),
         client=distributed.global_state.client,
-        answer_timeout_s=answer_timeout_s,
+        join_timeout_s=init_timeout_s,
     )
     logging.info(
         "process %d of %d joined; %d local device(s)",
@@ -245,11 +358,3 @@ def _wait_for(address: str, timeout_s: float) -> None:
                     "process 0 running, and is the address one every host can reach?"
                 ) from e
             time.sleep(0.5)
-
-
-def deal(count: int, processes: Sequence[int]) -> dict[int, list[int]]:
-    """Candidate indices per process, round-robin in input order."""
-    shares: dict[int, list[int]] = {p: [] for p in processes}
-    for i in range(count):
-        shares[processes[i % len(processes)]].append(i)
-    return shares

@@ -84,3 +84,11 @@ def plan(devices: Sequence[Any], runs: int, candidates: int) -> Layout:
         if best is None or (layout.rounds, layout.padding) < (best.rounds, best.padding):
             best = layout
     return dataclasses.replace(best, candidates=candidates)
+
+
+def queue_group_size(devices: int, runs: int) -> int:
+    """The group size of the work queue (``scheduler.py``) on a process with ``devices``
+    devices, for candidates of ``runs`` runs: ``plan``'s choice for a host's worth of
+    candidates (one per device), so that it depends on neither how much work is queued nor
+    which process takes a candidate."""
+    return plan(list(range(devices)), runs, devices).group_size
