@@ -97,6 +97,7 @@ class ResearchLoop:
         # (History.quarantine): claimed, so never redone; the node is left out.
         self._quarantined: dict[tuple[int, int], int] = {}
         self._lease: Lease | None = None  # the run's lease, held while run() runs
+        self._budget_said = False
 
     def _check_lease(self, before: str) -> None:
         """Raises LeaseLost (naming the run, why, and ``before``) if this process has lost the
@@ -171,13 +172,16 @@ class ResearchLoop:
             return None
         return float(np.mean(values))
 
-    def _implausible(self, step: int, slot: int, outcome: Outcome) -> dict | None:
+    def _implausible(
+        self, step: int, slot: int, outcome: Outcome, visible: frozenset[int] | None = None
+    ) -> dict | None:
         """The flag of a child whose stage-0 primary metric beats the best trusted value by
         more than ``implausible_gain`` of that value's magnitude; None when it does not.
 
         Trusted: the ok nodes not awaiting re-measurement (``sampling.sampleable``) of the
-        history as it stood when ``step`` began, and this step's earlier slots; the same
-        committed history gives the same decision, in a resumed run too. The gain is the
+        history as it stood when ``step`` began, and this step's earlier slots (in ``async``:
+        of the nodes its design saw, ``visible``); the same committed history gives the same
+        decision, in a resumed run too. The gain is the
         improvement in the metric's direction over ``|best|``; against a best of exactly 0 any
         improvement is an infinite gain (stored as null).
         """
@@ -193,7 +197,10 @@ class ResearchLoop:
         best: tuple[float, int] | None = None  # (signed value, -id): larger is better
         for node in self.history.nodes(refresh=False):
             o = node.origin
-            if o.get("run") == run and (o.get("step", 0), o.get("slot", 0)) >= (step, slot):
+            if visible is not None:
+                if node.id not in visible:
+                    continue  # its design did not see it
+            elif o.get("run") == run and (o.get("step", 0), o.get("slot", 0)) >= (step, slot):
                 continue  # recorded after this slot (or it is this slot)
             if not sampleable(node):
                 continue
@@ -236,6 +243,7 @@ class ResearchLoop:
         fitness: Fitness,
         siblings: list[tuple[Proposal, float]],
         design_seconds: float,
+        visible: frozenset[int] | None = None,
     ) -> Node:
         outcome, score, stats = self._score(outcome, fitness)
         parents = [self.history.get(p) for p in proposal.parents]
@@ -261,7 +269,7 @@ class ResearchLoop:
             stats["design"] = dict(proposal.notes)
         if judgement is not None:
             stats["judge"] = judgement
-        implausible = self._implausible(step, slot, outcome)
+        implausible = self._implausible(step, slot, outcome, visible)
         if implausible is not None:
             stats["implausible"] = implausible
         if self.agents.cost is not None:
@@ -460,6 +468,233 @@ class ResearchLoop:
         self.agents.analyzer.write_lessons(self._view(step + 1), step)
         self._record_step_cost(step)
 
+    # ------------------------------------------------------------------ async schedule
+
+    def evolve_async(self) -> None:
+        """``--schedule=async``: the ``steps * samples_per_step`` children of the run, each
+        designed when a device group is free, from the history as it stands then, and recorded
+        as soon as its evaluation is done. Child k takes step ``1 + k // samples_per_step`` and
+        slot ``k % samples_per_step`` (its seeds and name); a "generation" is complete when
+        that many more children are recorded: lessons are written and the top nodes promoted
+        (as evaluations in the same queue). Before a child is evaluated its design is recorded
+        (``records/designs``: the node ids it saw, the lessons it retrieved), so a resumed run
+        designs a child that was in flight from that record, and commits nothing twice."""
+        cfg = self.config
+        width = cfg.samples_per_step
+        engineer = self.agents.engineer
+        scheduler = engineer.scheduler
+        seeds = cfg.eval_seed_list
+        runs = self.space.runs_per_candidate(0, seeds)
+        self.history.refresh()
+        mine = self._mine()
+        designs = dict(self.history.records("designs"))
+        children = [
+            k
+            for k in range(cfg.steps * width)
+            if (1 + k // width, k % width) not in mine
+            and (1 + k // width, k % width) not in self._quarantined
+        ]
+        recorded = sum(1 for step, _ in mine if step >= 1) + sum(
+            1 for step, _ in self._quarantined if step >= 1
+        )
+        generation = recorded // width
+        in_flight: dict[int, tuple[Proposal, Any, frozenset[int], float]] = {}
+        promoting: dict[tuple[int, int], Outcome | None] = {}  # (node id, stage) -> outcome
+        batches: list[tuple[int, list[Node]]] = []  # promotions submitted, not yet recorded
+        self._generation_done(generation, promoting, batches)
+        while children or in_flight or promoting:
+            if children and not self._over_budget():
+                free = scheduler.free_lanes(runs) or (0 if scheduler.outstanding else 1)
+                batch, children = children[:free], children[free:]
+                if batch:
+                    self._design_async(batch, designs, in_flight)
+            for done in scheduler.wait() if scheduler.outstanding else []:
+                kind, key = done.evaluation.tag
+                if kind == "promotion":
+                    attempt = promoting[key]
+                    finished = engineer.finish(attempt, done.result, done.seconds)
+                    promoting[key] = finished  # stages are never repaired: an Outcome
+                    continue
+                proposal, attempt, visible, design_seconds = in_flight[key]
+                finished = engineer.finish(attempt, done.result, done.seconds)
+                if not isinstance(finished, Outcome):  # repaired: run again
+                    engineer.submit(finished, tag=("child", key))
+                    continue
+                del in_flight[key]
+                self._record_async(key, proposal, finished, visible, design_seconds)
+                recorded += 1
+                if recorded // width > generation:
+                    generation = recorded // width
+                    self._generation_done(generation, promoting, batches)
+            self._record_finished_promotions(promoting, batches)
+            if not children and not in_flight and not promoting:
+                break
+            if self._over_budget() and not in_flight and not promoting:
+                break
+
+    def _over_budget(self) -> bool:
+        budget = self.config.budget_usd
+        if budget is None or self._spent < budget:
+            return False
+        if not self._budget_said:
+            self._budget_said = True
+            logging.info(
+                "budget reached: $%.4f of $%.4f spent on LLM calls; designing no more children",
+                self._spent, budget,
+            )  # fmt: skip
+        return True
+
+    def _design_async(self, batch: list[int], designs: dict, in_flight: dict) -> None:
+        """Designs children ``batch`` (in one call, so a model designs them concurrently) and
+        submits each; a child whose design was recorded by an earlier process is designed
+        again from that record."""
+        cfg = self.config
+        start = time.perf_counter()
+        contexts, views = self._async_contexts(batch, designs)
+        proposals = self._propose(contexts, views)
+        seconds = (time.perf_counter() - start) / len(batch)
+        for k, context, proposal, view in zip(batch, contexts, proposals, views, strict=True):
+            visible = frozenset(n.id for n in view)
+            key = f"{cfg.run_name}/{context.step:06d}/{context.slot:04d}"
+            if key not in designs:
+                designs[key] = {
+                    "visible": _ranges(sorted(visible)),
+                    # Stage results change a node's standing (a flagged node re-measured ok
+                    # may be a parent): which ones the design saw.
+                    "stages": sorted([n.id, s] for n in view for s in n.stages),
+                    "lessons": [i.id for i in context.lessons],
+                }
+                self.history.write_record("designs", key, designs[key])
+            if proposal.failure is not None:
+                status, reason = proposal.failure
+                outcome = Outcome(status, reason, {}, proposal.candidate)
+                self._record_async(k, proposal, outcome, visible, seconds)
+                continue
+            known = {fingerprint(n.candidate): n.id for n in view}
+            label = f"{context.step}/{context.slot}"
+            started = self.agents.engineer.start(
+                proposal.candidate, known, 0, cfg.eval_seed_list, label
+            )
+            if isinstance(started, Outcome):
+                self._record_async(k, proposal, started, visible, seconds)
+                continue
+            in_flight[k] = (proposal, started, visible, seconds)
+            self.agents.engineer.submit(started, tag=("child", k))
+
+    def _async_contexts(
+        self, batch: list[int], designs: dict
+    ) -> tuple[list[DesignContext], list[list[Node]]]:
+        """The design context of each child of ``batch`` and the nodes it sees: those of its
+        design record if there is one, else the history as it stands."""
+        cfg = self.config
+        width = cfg.samples_per_step
+        now = self.history.nodes(refresh=False)
+        by_id = {n.id: n for n in now}
+        items = {i.id: i for i in self.cognition.items()}
+        contexts, views = [], []
+        for k in batch:
+            step, slot = 1 + k // width, k % width
+            record = designs.get(f"{cfg.run_name}/{step:06d}/{slot:04d}")
+            if record is not None:
+                seen = {tuple(pair) for pair in record["stages"]}
+                view = [
+                    dataclasses.replace(
+                        by_id[i],
+                        stages={s: r for s, r in by_id[i].stages.items() if (i, s) in seen},
+                    )
+                    for i in _expand(record["visible"])
+                    if i in by_id  # less any quarantined since
+                ]
+            else:
+                view = now
+            pool = [n for n in view if sampleable(n)]
+            if not pool:
+                raise LoopError(
+                    "no successful node to sample from: every seed failed (see history)"
+                )
+            self.sampler.sync(self.history, view, step)
+            rng = np.random.default_rng([cfg.seed, step, slot])
+            selection = self.sampler.select(pool, rng, slot)
+            if record is not None:
+                lessons = [items[i].clipped(cfg.max_item_chars) for i in record["lessons"]]
+            else:
+                self.cognition.restrict(frozenset(by_id))
+                query = " ".join(n.analysis for n in (selection.parent, *selection.references))
+                lessons = self.cognition.retrieve(query, cfg.retrieval_k, cfg.max_item_chars)
+                self.cognition.restrict(None)
+            known = frozenset(fingerprint(n.candidate) for n in view)
+            contexts.append(DesignContext(step, slot, selection, tuple(lessons), (), known, rng))
+            views.append(view)
+        return contexts, views
+
+    def redesign(self, step: int, slot: int) -> Proposal:
+        """Child (``step``, ``slot``) of an async run designed again from its design record
+        (what a resumed run does for a child that was in flight); KeyError without one."""
+        cfg = self.config
+        key = f"{cfg.run_name}/{step:06d}/{slot:04d}"
+        designs = dict(self.history.records("designs"))
+        if key not in designs:
+            raise KeyError(f"no design record {key}")
+        self.history.refresh()
+        k = (step - 1) * cfg.samples_per_step + slot
+        contexts, views = self._async_contexts([k], {key: designs[key]})
+        return self._propose(contexts, views)[0]
+
+    def _propose(self, contexts: list[DesignContext], views: list[list[Node]]) -> list[Proposal]:
+        """The Researcher's proposals, one batch per run of contexts that share a view (its
+        learned statistics are rebuilt from the view before each)."""
+        proposals: list[Proposal] = []
+        first = 0
+        while first < len(contexts):
+            last = first + 1
+            while last < len(contexts) and views[last] is views[first]:
+                last += 1
+            self.agents.researcher.sync(views[first])
+            proposals += self.agents.researcher.propose_batch(contexts[first:last])
+            first = last
+        return proposals
+
+    def _record_async(
+        self, k: int, proposal: Proposal, outcome: Outcome, visible: frozenset[int], seconds: float
+    ) -> None:
+        width = self.config.samples_per_step
+        step, slot = 1 + k // width, k % width
+        self._record(step, slot, proposal, outcome, self._fitness(0), [], seconds, visible)
+
+    def _generation_done(self, generation: int, promoting: dict, batches: list) -> None:
+        """What follows ``generation`` complete generations of children: lessons from the
+        history as it stands, and the promotions it calls for (submitted to the queue)."""
+        if generation < 1:
+            return
+        self._record_usage(generation, 0)  # in async, everything the queue ran meanwhile
+        view = self.history.nodes(refresh=False)
+        self.agents.analyzer.write_lessons(view, generation)
+        self._record_step_cost(generation)
+        self._write_page(live=True)
+        for stage, todo in self._promotions(view, busy=frozenset(promoting)):
+            for node in todo:
+                attempt = self.agents.engineer.start(
+                    node.candidate, {}, stage, self.config.eval_seed_list
+                )
+                if isinstance(attempt, Outcome):  # a recorded node that no longer passes checks
+                    promoting[(node.id, stage)] = attempt
+                    continue
+                promoting[(node.id, stage)] = attempt
+                self.agents.engineer.submit(attempt, tag=("promotion", (node.id, stage)))
+            batches.append((stage, todo))
+
+    def _record_finished_promotions(self, promoting: dict, batches: list) -> None:
+        """Records each promotion batch whose evaluations are all done, in submission order."""
+        while batches:
+            stage, todo = batches[0]
+            outcomes = [promoting[(n.id, stage)] for n in todo]
+            if not all(isinstance(o, Outcome) for o in outcomes):
+                return
+            batches.pop(0)
+            self._record_promotions(stage, todo, outcomes)
+            for n in todo:
+                del promoting[(n.id, stage)]
+
     def _record_usage(self, step: int, stage: int) -> None:
         """Logs and records (once) how busy the devices were while ``step`` evaluated at
         ``stage``: busy device-seconds over the device-seconds the evaluation took; and the
@@ -528,60 +763,75 @@ class ResearchLoop:
         The ranking is of the history as it stood at the end of ``step``, so a resumed run
         promotes what the uninterrupted run did.
         """
+        for stage, todo in self._promotions(self._view(step + 1)):
+            outcomes = self.agents.engineer.run(
+                [n.candidate for n in todo], {}, stage, self.config.eval_seed_list
+            )
+            self._record_usage(step, stage)
+            self._record_promotions(stage, todo, outcomes)
+
+    def _promotions(self, view: list[Node], busy=frozenset()) -> list[tuple[int, list[Node]]]:
+        """(stage, nodes) to evaluate at each costlier stage, ranked on ``view``; nodes already
+        evaluated at a stage (or in ``busy``, pairs of node id and stage) are left out."""
         k = self.config.promote_top_k
         if k == 0 or len(self.task.stages) < 2:
-            return
-        view = self._view(step + 1)
+            return []
         chosen = self.sampler.ranked([n for n in view if sampleable(n)])[:k]
         flagged = [n for n in view if n.ok and awaiting_remeasure(n) and 1 not in n.stages]
         base = self._baseline_node()
         if base is not None:
             chosen = [base] + [n for n in chosen if n.id != base.id]
+        batches = []
         for stage in range(1, len(self.task.stages)):
             todo = [n for n in chosen if stage not in n.stages]
             if stage == 1:
                 todo += flagged  # never among the chosen: those are trusted nodes
-            if not todo:
-                continue
-            outcomes = self.agents.engineer.run(
-                [n.candidate for n in todo], {}, stage, self.config.eval_seed_list
+            todo = [n for n in todo if (n.id, stage) not in busy]
+            if todo:
+                batches.append((stage, todo))
+        return batches
+
+    def _record_promotions(self, stage: int, todo: list[Node], outcomes: list[Outcome]) -> None:
+        """Records the stage-``stage`` results of ``todo`` (the baseline's first: the others'
+        scores are measured against it)."""
+        base = self._baseline_node()
+        order = sorted(range(len(todo)), key=lambda i: base is None or todo[i].id != base.id)
+        for i in order:
+            node, outcome = self.history.get(todo[i].id), outcomes[i]
+            if base is not None and node.id == base.id and outcome.status != "ok":
+                raise LoopError(f"baseline failed at stage {stage}: {outcome.reason}")
+            fitness = self._fitness(stage) if base is None or node.id != base.id else None
+            if fitness is None:
+                fitness = Fitness(self.task.stage_metrics(stage), baseline=outcome.metrics)
+            outcome, score, stats = self._score(outcome, fitness)
+            self._check_lease(f"recording node {node.id}'s result at stage {stage}")
+            self.history.add_stage_result(
+                node.id,
+                stage,
+                {
+                    "stage": stage,
+                    "stage_name": self.task.stages[stage].name,
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "metrics": outcome.metrics,
+                    "score": score,
+                    "stats": stats,
+                    "seconds": outcome.seconds,
+                    "created": time.time(),
+                },
             )
-            self._record_usage(step, stage)
-            for node, outcome in zip(todo, outcomes, strict=True):
-                if base is not None and node.id == base.id and outcome.status != "ok":
-                    raise LoopError(f"baseline failed at stage {stage}: {outcome.reason}")
-                fitness = self._fitness(stage) if node is not base else None
-                if fitness is None:
-                    fitness = Fitness(self.task.stage_metrics(stage), baseline=outcome.metrics)
-                outcome, score, stats = self._score(outcome, fitness)
-                self._check_lease(f"recording node {node.id}'s result at stage {stage}")
-                self.history.add_stage_result(
-                    node.id,
-                    stage,
-                    {
-                        "stage": stage,
-                        "stage_name": self.task.stages[stage].name,
-                        "status": outcome.status,
-                        "reason": outcome.reason,
-                        "metrics": outcome.metrics,
-                        "score": score,
-                        "stats": stats,
-                        "seconds": outcome.seconds,
-                        "created": time.time(),
-                    },
-                )
+            logging.info(
+                "promoted %s to stage %d (%s): %s score %.4g (stage 0: %.4g)",
+                node.name, stage, self.task.stages[stage].name, outcome.status, score,
+                node.score,
+            )  # fmt: skip
+            if "implausible" in node.stats and stage == 1:
                 logging.info(
-                    "promoted %s to stage %d (%s): %s score %.4g (stage 0: %.4g)",
-                    node.name, stage, self.task.stages[stage].name, outcome.status, score,
-                    node.score,
+                    "%s (node %d), flagged implausible, re-measured at stage 1: %s",
+                    node.name, node.id,
+                    "ok, it may be a parent now" if outcome.status == "ok"
+                    else "not ok, it stays out of parent selection",
                 )  # fmt: skip
-                if "implausible" in node.stats and stage == 1:
-                    logging.info(
-                        "%s (node %d), flagged implausible, re-measured at stage 1: %s",
-                        node.name, node.id,
-                        "ok, it may be a parent now" if outcome.status == "ok"
-                        else "not ok, it stays out of parent selection",
-                    )  # fmt: skip
 
     def run(self) -> RunSummary:
         """Runs (or resumes) the search, holding the run's lease throughout (lease.py); raises
@@ -621,6 +871,7 @@ class ResearchLoop:
                     "agents": cfg.agents,
                     "sampler": cfg.sampler.name,
                     "steps": cfg.steps,
+                    "schedule": cfg.schedule,
                     "samples_per_step": cfg.samples_per_step,
                     "eval_seeds": cfg.eval_seeds,
                     "promote_top_k": cfg.promote_top_k,
@@ -645,6 +896,14 @@ class ResearchLoop:
 
     def _run(self) -> RunSummary:
         cfg = self.config
+        described = dict(self.history.records("runs")).get(cfg.run_name)
+        if described is not None:
+            schedule = described.get("settings", {}).get("schedule", "steps")
+            if schedule != cfg.schedule:
+                raise LoopError(
+                    f"run {cfg.run_name!r} was started with --schedule={schedule}; resume it "
+                    f"with the same schedule (or start another --run_name)"
+                )
         self._describe_run()
         self.history.refresh()
         mine = self._mine()
@@ -669,7 +928,9 @@ class ResearchLoop:
         self.promote(0)
         self._write_page(live=True)
         self._spent = self.spent_usd()
-        for step in range(1, cfg.steps + 1):
+        if cfg.schedule == "async":
+            self.evolve_async()
+        for step in range(1, cfg.steps + 1) if cfg.schedule == "steps" else ():
             if cfg.budget_usd is not None and self._spent >= cfg.budget_usd:
                 logging.info(
                     "budget reached: $%.4f of $%.4f spent on LLM calls; stopping before step %d",
@@ -721,6 +982,21 @@ def _serve(config: RunConfig, space: SearchSpace | None, job: cluster.Cluster) -
         f"for process 0, which records them (report: {config.workdir})"
     )
     return RunSummary(config.workdir, [], None, "max", text)
+
+
+def _ranges(ids: Sequence[int]) -> list[list[int]]:
+    """Sorted ids as [first, last] runs (a design's view is usually one or two)."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def _expand(ranges: Sequence[Sequence[int]]) -> list[int]:
+    return [i for first, last in ranges for i in range(first, last + 1)]
 
 
 def same_history(a: Sequence[Node], b: Sequence[Node]) -> bool:

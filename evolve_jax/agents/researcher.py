@@ -7,7 +7,7 @@ are rebuilt from the history at every step, so a resumed run chooses as the orig
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,20 +50,23 @@ class OperatorBandit:
             self.pulls[node.operator] += 1
             self.wins[node.operator] += int(node.ok and better(node.score, parent.score, direction))
 
-    def choose(self, rng: np.random.Generator, allowed: Sequence[str]) -> str:
-        total = sum(self.pulls[n] for n in allowed) + 1
+    def choose(
+        self, rng: np.random.Generator, allowed: Sequence[str], pending: Counter | None = None
+    ) -> str:
+        """The operator to pull; ``pending`` counts pulls whose children are not in the view
+        yet (a step's earlier proposals), so that they spread over the operators."""
+        pending = pending or Counter()
+        total = sum(self.pulls[n] + pending[n] for n in allowed) + 1
         values = []
         for name in allowed:
-            n = self.pulls[name]
+            n = self.pulls[name] + pending[name]
             values.append(
                 math.inf
                 if n == 0
                 else self.wins[name] / n + self.c * math.sqrt(math.log(total) / n)
             )
         best = [name for name, v in zip(allowed, values, strict=True) if v == max(values)]
-        choice = best[int(rng.integers(len(best)))]
-        self.pulls[choice] += 1  # pending pull: later slots of this step see it
-        return choice
+        return best[int(rng.integers(len(best)))]
 
 
 class OfflineResearcher(Researcher):
@@ -85,7 +88,10 @@ class OfflineResearcher(Researcher):
             if op.arity <= 1 + len(sel.references)
         ]
         taken = set(context.known) | {fingerprint(p.candidate) for p in context.siblings}
-        op_name = self.bandit.choose(rng, allowed)
+        # The proposal depends on the context alone (no state kept between calls): an async
+        # run designs a child again from its record.
+        pending = Counter(p.operator for p in context.siblings if p.operator)
+        op_name = self.bandit.choose(rng, allowed, pending)
         op = self.operators[op_name]
         parents = [sel.parent, *sel.references[: op.arity - 1]]
         genomes = [p.candidate for p in parents]
@@ -100,7 +106,7 @@ class OfflineResearcher(Researcher):
             f"(node {sel.parent.id}, score {sel.parent.score:.4g})"
             + (f" with {', '.join(p.name for p in parents[1:])}" if len(parents) > 1 else "")
             + f"; {op_name} has beaten its parent {self.bandit.wins[op_name]} of "
-            f"{max(self.bandit.pulls[op_name] - 1, 0)} times so far."
+            f"{self.bandit.pulls[op_name] + pending[op_name]} times so far."
             + (f" Relevant lesson: {lesson.title}." if lesson else "")
         )
         return Proposal(
