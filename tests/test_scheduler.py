@@ -224,12 +224,6 @@ def test_with_no_live_process_left_lost_work_comes_back_failed():
     assert scheduler.outstanding == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="scheduler bug: evaluations still queued (never started) when the last process is "
-    "lost stay queued for good, so wait() and drain() never return",
-)
 def test_with_no_live_process_left_queued_work_comes_back_failed():
     world = World(limit=100.0)
     p = FakeProcess(world, 0, duration=lambda e: 10.0)

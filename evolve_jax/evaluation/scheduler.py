@@ -352,6 +352,11 @@ class Scheduler:
                 requeue.append(evaluation)
         self._pending.extendleft(reversed(requeue))
         self._load[p] = [0] * len(self._load[p])
+        if not self.live_processes():  # nothing will ever take what is queued
+            while self._pending:
+                evaluation = self._pending.popleft()
+                why = "no process is left to evaluate it (every one died)"
+                self._ready.append(Done(evaluation, EvalResult(error=why), 0.0, p))
 
     def _release(self, running: _Running) -> None:
         for i in running.block:
