@@ -403,6 +403,7 @@ def main(argv: list[str]) -> None:
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
+    from evolve_jax.agents.engineer import InfrastructureFailure
     from evolve_jax.evaluation import cluster
     from evolve_jax.loop import LoopError, run
     from evolve_jax.memory.cognition import CognitionError
@@ -413,7 +414,7 @@ def main(argv: list[str]) -> None:
         print(f"report (rewritten every step): {page.url(config.workdir)}", flush=True)
     try:
         summary = run(config, space)
-    except (LoopError, HistoryError, CognitionError) as e:
+    except (LoopError, HistoryError, CognitionError, InfrastructureFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(summary.report)

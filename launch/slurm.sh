@@ -7,7 +7,7 @@
 # Writes a batch script that runs `srun python -m evolve_jax.main --flagfile=...
 # --workdir=... --distributed=on` with one task per node, and submits it with sbatch. JAX reads
 # the job's layout from Slurm's environment and joins the tasks into one job: task 0 runs the
-# agents and records the history, every task evaluates its share of each step's candidates on
+# agents and records the history, every task takes candidates from task 0's work queue onto
 # all its node's GPUs (evolve_jax/evaluation/cluster.py). The script exports
 # JAX_LOCAL_DEVICE_IDS=0,...,GPUS-1: without it JAX's Slurm detection gives each task only the
 # GPU numbered by its SLURM_LOCALID, GPU 0 here, and the node's other GPUs would sit idle. DIR must be shared by the nodes (a

@@ -19,8 +19,8 @@
 #    with the tpu extra there.
 # 3. Starts `python -m evolve_jax.main --flagfile=... --workdir=... --distributed=on` on all
 #    workers under nohup (log: ~/evolve_jax.log, pid: ~/evolve_jax.pid on each). JAX joins the workers into one job;
-#    worker 0 runs the agents and records the history, every worker evaluates its share of
-#    each step's candidates on its own chips (evolve_jax/evaluation/cluster.py).
+#    worker 0 runs the agents and records the history, every worker takes candidates from
+#    worker 0's work queue onto its own chips (evolve_jax/evaluation/cluster.py).
 # 4. Streams worker 0's log until its driver (the pid in ~/evolve_jax.pid) exits, then prints the report from the workdir.
 # --dry-run prints each command instead of running it. Re-running the same command resumes
 # the search where it stopped; Ctrl-C stops only the streaming, not the search.

@@ -5,11 +5,13 @@ import pytest
 from evolve_jax.agents import available_backends, make_agents
 from evolve_jax.agents.analyzer import OfflineAnalyzer
 from evolve_jax.agents.base import AgentEnv
-from evolve_jax.agents.engineer import RuleEngineer
+from evolve_jax.agents.engineer import INFRASTRUCTURE_RETRIES, InfrastructureFailure, RuleEngineer
 from evolve_jax.agents.researcher import OperatorBandit
+from evolve_jax.config import RunConfig
+from evolve_jax.loop import ResearchLoop
 from evolve_jax.memory.cognition import Cognition
 from evolve_jax.memory.history import History, Node
-from evolve_jax.search_space import fingerprint
+from evolve_jax.search_space import EvalResult, fingerprint
 from tests.toy_space import ToySpace
 
 
@@ -132,3 +134,36 @@ def test_backend_registry_has_offline_and_refuses_unknown(tmp_path):
     assert {"offline", "gemini"} <= set(available_backends()) and trio.engineer.space is env.space
     with pytest.raises(ValueError, match="unknown agent backend 'oracle'"):
         make_agents("oracle", env)
+
+
+class _Unstartable(ToySpace):
+    """Its first ``failures`` evaluations come back as the harness reports a sandbox that would
+    not start (an infrastructure failure), then it evaluates."""
+
+    def __init__(self, failures):
+        super().__init__()
+        self.failures, self.calls = failures, 0
+
+    def evaluate(self, genomes, stage, seeds, devices):
+        self.calls += 1
+        if self.calls <= self.failures:
+            why = "infrastructure: no sandbox started in 3 attempts: fork failed"
+            return [EvalResult(error=why, extra={"infrastructure": True}) for _ in genomes]
+        return super().evaluate(genomes, stage, seeds, devices)
+
+
+def test_an_infrastructure_failure_is_run_again_not_recorded_as_the_candidates():
+    space = _Unstartable(failures=INFRASTRUCTURE_RETRIES - 1)
+    outcome = RuleEngineer(space, jax.devices()).run(
+        [{"x": [0.0] * 4, "shape": "bowl"}], {}, 0, [0]
+    )
+    assert (outcome[0].status, outcome[0].reason) == ("ok", None)
+    assert space.calls == INFRASTRUCTURE_RETRIES
+
+
+def test_an_infrastructure_that_keeps_failing_stops_the_run_with_nothing_recorded(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = RunConfig(search_space="toy", workdir=workdir, steps=1)
+    with pytest.raises(InfrastructureFailure, match="no sandbox started in 3 attempts"):
+        ResearchLoop(config, _Unstartable(failures=10**6)).run()
+    assert History(workdir).nodes() == []

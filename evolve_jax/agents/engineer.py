@@ -30,6 +30,14 @@ from evolve_jax.search_space import (
     fingerprint,
 )
 
+# Runs of one candidate the infrastructure may fail before the run stops (then nothing is
+# recorded for the candidate: an infrastructure failure is not the candidate's).
+INFRASTRUCTURE_RETRIES = 3
+
+
+class InfrastructureFailure(RuntimeError):
+    """The infrastructure failed one candidate's run again and again; the run stops."""
+
 
 def _metrics_json(result: EvalResult) -> dict[str, dict[str, float | None]]:
     return {
@@ -158,6 +166,15 @@ class RuleEngineer(Engineer):
         """The Outcome of a finished run, or (a failed stage-0 run the repair budget still
         covers, repaired) the next Attempt to submit."""
         attempt.seconds += seconds
+        if result.extra.get("infrastructure"):  # not the candidate's doing: run it again
+            attempt.infrastructure += 1
+            if attempt.infrastructure < INFRASTRUCTURE_RETRIES:
+                return attempt
+            raise InfrastructureFailure(
+                f"{result.error} ({attempt.infrastructure} times for candidate "
+                f"{attempt.label or fingerprint(attempt.genome)}; nothing is recorded for it, "
+                "and the same command resumes the run)"
+            )
         genome, attempts, label = attempt.genome, attempt.attempts, attempt.label
         status, why, metrics = _classify(result)
         if status == "failed" and attempt.stage == 0 and len(attempts) < self.max_repairs:
@@ -220,6 +237,7 @@ class Attempt:
     label: str
     attempts: list[dict]  # repair attempts so far
     seconds: float = 0.0  # run time so far (earlier runs before repairs included)
+    infrastructure: int = 0  # runs the infrastructure failed (a worker that would not start)
 
 
 _COUNTERS = ("busy_device_seconds", "available_device_seconds", "evaluations")

@@ -322,8 +322,9 @@ def per_candidate(
 ) -> list[EvalResult]:
     """``evaluate`` for each candidate, whatever goes wrong with one of them staying its own:
     a JobFailed or BadReply is that candidate's failure with its reason; a sandbox that would
-    not start is recorded as "infrastructure: ..." (it is not re-dealt yet); any other exception
-    is logged as a harness error and recorded as that candidate's failure."""
+    not start comes back marked ``extra["infrastructure"]`` (the Engineer runs it again, it is
+    not the candidate's failure); any other exception is logged as a harness error and
+    recorded as that candidate's failure."""
     results = []
     for candidate in candidates:
         try:
@@ -331,8 +332,10 @@ def per_candidate(
         except JobFailed as e:
             extra = {"output": e.report.output_tail()} if e.report else {}
             results.append(EvalResult(error=e.reason, timed_out=e.timed_out, extra=extra))
-        except (BadReply, InfrastructureError) as e:
+        except BadReply as e:
             results.append(EvalResult(error=str(e)))
+        except InfrastructureError as e:
+            results.append(EvalResult(error=str(e), extra={"infrastructure": True}))
         except Exception as e:
             _log.exception("harness error on one candidate")
             results.append(EvalResult(error=f"harness: {type(e).__name__}: {e}"))
