@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,9 +88,9 @@ def test_a_worker_that_dies_mid_evaluation_loses_only_its_time(tmp_path):
 def test_a_worker_killed_from_outside_mid_evaluation_loses_only_its_time(tmp_path):
     """SIGKILL lands while the worker holds an evaluation (each takes 2 s): it is re-dealt."""
     alone = str(tmp_path / "alone")
-    assert run_cli("evolve_jax.main", *SEARCH, f"--workdir={alone}").returncode == 0
+    assert run_cli("evolve_jax.main", *SEARCH, "--steps=1", f"--workdir={alone}").returncode == 0
     workdir = str(tmp_path / "run")
-    leader, worker = _job(workdir, "--heartbeat_timeout_s=3", "--space_opt=delay=2")
+    leader, worker = _job(workdir, "--steps=1", "--heartbeat_timeout_s=3", "--space_opt=delay=2")
     lines = []
     for line in worker.stderr:  # the worker's log, until it says it started an evaluation
         lines.append(line)
@@ -127,3 +128,33 @@ def test_a_job_that_cannot_be_joined_is_one_line_before_any_work(tmp_path, flags
     lines = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1 and said in lines[0], done.stderr
     assert not os.path.exists(workdir)
+
+
+def test_process_0_killed_mid_search_then_restarted_resumes_with_nothing_lost_or_twice(tmp_path):
+    """SIGKILL process 0 once it has recorded part of the search: the worker, its coordinator
+    gone, ends by itself; the same two commands run again finish the search, and the history
+    is the one an uninterrupted single process records."""
+    alone = str(tmp_path / "alone")
+    assert run_cli("evolve_jax.main", *SEARCH, f"--workdir={alone}").returncode == 0
+    workdir = str(tmp_path / "run")
+    slow = ("--heartbeat_timeout_s=3", "--space_opt=delay=0.5")
+    leader, worker = _job(workdir, *slow)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and leader.poll() is None:
+        if os.path.exists(workdir) and len(History(workdir, create=False).nodes()) >= 5:
+            break
+        time.sleep(0.1)
+    leader.kill()
+    leader.communicate(timeout=60)
+    assert leader.returncode == -9, "the search ended before the kill"
+    worker.communicate(timeout=60)  # ends by itself once process 0 is gone
+    recorded = {n.id: n.to_json() for n in History(workdir).nodes()}
+    assert 5 <= len(recorded) < 3 + 2 * 4
+
+    procs = _job(workdir, *slow)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err
+    nodes = History(workdir).nodes()
+    assert {n.id: n.to_json() for n in nodes if n.id in recorded} == recorded
+    assert same_history(History(alone).nodes(), nodes)

@@ -9,14 +9,17 @@ group it names, in a thread, and writes the result back as soon as it is done; p
 for results. No compiled program spans hosts.
 
 Two waits, two bounds: a worker waits for work as long as process 0 lives (the coordination
-service, in process 0, answers); process 0 finds a dead worker by its missed heartbeats
-(``--heartbeat_timeout_s``) and re-deals what it held. How long one evaluation may run is the
-queue's ``--eval_timeout_s``.
+service, in process 0, answers it); process 0 counts a worker dead once the counter the worker
+bumps every second in the store has not moved for ``--heartbeat_timeout_s`` (measured on
+process 0's clock, so no clocks need agree) and re-deals what it held. How long one
+evaluation may run is the queue's ``--eval_timeout_s``. (JAX's own ``get_live_nodes`` is a
+barrier across the processes it names, so it cannot serve as a probe.)
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,6 +49,7 @@ class Cluster:
     num_processes: int = 1
     client: Any = None  # jax's DistributedRuntimeClient; None for a single process
     join_timeout_s: float = 300.0
+    heartbeat_timeout_s: float = 100.0
     _executors: list[RemoteExecutor] | None = None
 
     @property
@@ -60,7 +64,7 @@ class Cluster:
         if self._executors is None:
             self._executors = []
             if self.client is not None and self.leader:
-                inbox = _Inbox(self.client)
+                inbox = _Inbox(self.client, self.heartbeat_timeout_s)
                 self._executors = [
                     RemoteExecutor(self.client, p, inbox, self.join_timeout_s)
                     for p in range(1, self.num_processes)
@@ -76,20 +80,27 @@ class Cluster:
         workers = [e.process for e in self.executors() if e.alive()]
         for executor in self.executors():
             executor.stop()
+        # Each worker says it is leaving, then disconnects; the disconnect needs this process.
         deadline = time.monotonic() + wait_s
         while workers and time.monotonic() < deadline:
-            live = _live(self.client, [0, *workers])
-            workers = [p for p in workers if p in live]
+            left = {int(k.rsplit("/", 1)[-1]) for k, _ in _dir(self.client, f"{_PREFIX}/left/")}
+            workers = [p for p in workers if p not in left and self._heard_from(p)]
             if workers:
                 time.sleep(0.1)
         if workers:
             logging.warning("process(es) %s did not leave the job within %.0f s", workers, wait_s)
+        time.sleep(1.0)  # their disconnects, which reach the coordination service here
+
+    def _heard_from(self, p: int) -> bool:
+        return any(e.process == p and e.alive() for e in self.executors())
 
     def leave(self) -> None:
         """A worker's last act: disconnects from the job while the leader still waits for it."""
         if self.client is not None and not self.leader:
             import jax
 
+            with contextlib.suppress(Exception):  # process 0 is gone: nothing to tell
+                self.client.key_value_set(_key("left", self.process_id), "1")
             jax.distributed.shutdown()
             self.client = None
 
@@ -107,6 +118,18 @@ class Cluster:
         client.key_value_set(_key("hello", p), json.dumps({"devices": devices, "lanes": lanes}))
         finished = 0
         lock = threading.Lock()
+        stopped = threading.Event()
+
+        def beat() -> None:  # the counter process 0 watches
+            count = 0
+            while not stopped.wait(1.0):
+                count += 1
+                try:
+                    client.key_value_set(_key("alive", p), str(count), allow_overwrite=True)
+                except Exception:  # process 0 is gone; the loop below finds out too
+                    return
+
+        threading.Thread(target=beat, name="evolve_jax-heartbeat", daemon=True).start()
 
         def work(task: dict) -> None:
             nonlocal finished
@@ -129,7 +152,9 @@ class Cluster:
                 try:
                     raw = client.blocking_key_value_get(key, 10_000)
                 except Exception as e:  # no work for 10 s, or the coordination service is gone
-                    if 0 not in _live(client, [0]):
+                    try:
+                        client.key_value_try_get(_key("hello", p))  # answered while 0 lives
+                    except Exception:
                         logging.error("process 0 is gone (%s); this worker stops", e)
                         break
                     continue
@@ -144,27 +169,46 @@ class Cluster:
                 )  # fmt: skip
                 pool.submit(work, task)
         finally:
+            stopped.set()
             pool.shutdown(wait=False, cancel_futures=True)
         return finished
 
 
 class _Inbox:
-    """Process 0's view of the workers' answers: one directory read serves every worker."""
+    """Process 0's view of the workers: one directory read each of their answers and of their
+    heartbeat counters serves every worker."""
 
-    def __init__(self, client: Any, min_interval_s: float = 0.02):
+    def __init__(self, client: Any, heartbeat_timeout_s: float, min_interval_s: float = 0.02):
         self._client = client
+        self._heartbeat_timeout_s = heartbeat_timeout_s
         self._min_interval_s = min_interval_s
         self._read = -float("inf")
         self._by_process: dict[int, list[tuple[str, str]]] = {}
+        self._beats: dict[int, tuple[str, float]] = {}  # process -> (counter, when it moved)
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._read < self._min_interval_s:
+            return
+        self._read = now
+        for key, value in _dir(self._client, f"{_PREFIX}/done/"):
+            process = int(key.rstrip("/").split("/")[-2])
+            self._by_process.setdefault(process, []).append((key, value))
+        for key, value in _dir(self._client, f"{_PREFIX}/alive/"):
+            process = int(key.rsplit("/", 1)[-1])
+            if self._beats.get(process, ("", 0.0))[0] != value:
+                self._beats[process] = (value, now)
 
     def take(self, p: int) -> list[tuple[str, str]]:
-        now = time.monotonic()
-        if now - self._read >= self._min_interval_s:
-            self._read = now
-            for key, value in self._client.key_value_dir_get(f"{_PREFIX}/done/"):
-                process = int(key.rstrip("/").split("/")[-2])
-                self._by_process.setdefault(process, []).append((key, value))
+        self._refresh()
         return self._by_process.pop(p, [])
+
+    def heard(self, p: int, since: float) -> bool:
+        """Whether worker ``p``'s counter moved within the heartbeat timeout (counting from
+        ``since``, when it said hello, until its first beat)."""
+        self._refresh()
+        moved = self._beats.get(p, ("", since))[1]
+        return time.monotonic() - max(moved, since) < self._heartbeat_timeout_s
 
 
 class RemoteExecutor(Executor):
@@ -184,6 +228,7 @@ class RemoteExecutor(Executor):
             logging.error("process %d never said hello (%s); it is left out", process, e)
             hello, self._gone = {"devices": 1, "lanes": 1}, True
         self.devices, self.lanes = int(hello["devices"]), int(hello["lanes"])
+        self._hello = time.monotonic()
 
     def start(self, evaluation: Evaluation, block: Sequence[int]) -> None:
         task = {
@@ -210,7 +255,7 @@ class RemoteExecutor(Executor):
 
     def alive(self) -> bool:
         if not self._gone:
-            self._gone = self.process not in _live(self._client, [0, self.process])
+            self._gone = not self._inbox.heard(self.process, self._hello)
         return not self._gone
 
     def stop(self) -> None:
@@ -218,13 +263,12 @@ class RemoteExecutor(Executor):
             self._send({"stop": True})
 
 
-def _live(client: Any, processes: list[int]) -> set[int]:
-    """Which of ``processes`` the coordination service counts as connected (none if it cannot
-    be asked)."""
+def _dir(client: Any, prefix: str) -> list[tuple[str, str]]:
+    """The store's entries under ``prefix`` (none if the store cannot be read)."""
     try:
-        return set(client.get_live_nodes(processes))
-    except Exception:  # the service (process 0) is gone, or the call failed outright
-        return set()
+        return client.key_value_dir_get(prefix)
+    except Exception:  # the coordination service is going away
+        return []
 
 
 def _key(kind: str, p: int, n: int | None = None) -> str:
@@ -333,6 +377,7 @@ def initialize(
         num_processes=jax.process_count(),
         client=distributed.global_state.client,
         join_timeout_s=init_timeout_s,
+        heartbeat_timeout_s=heartbeat_timeout_s,
     )
     logging.info(
         "process %d of %d joined; %d local device(s)",
