@@ -1,7 +1,7 @@
-"""A fake Google Cloud Storage server on 127.0.0.1 that TensorStore's real ``gcs`` driver can use.
+"""A fake Google Cloud Storage server on 127.0.0.1 for TensorStore's real ``gcs`` driver and gcsfs.
 
-TensorStore reads two environment variables once per process, so a ``gs://`` client must be a
-subprocess started with them (``gcs_env`` builds that environment)::
+Both clients read their settings from the environment (TensorStore once per process), so a
+``gs://`` client must be a subprocess started with them (``gcs_env`` builds that environment)::
 
     with fake_gcs_server() as server:
         subprocess.run([sys.executable, "-c", code], env=gcs_env(server.url), check=True)
@@ -11,15 +11,32 @@ subprocess started with them (``gcs_env`` builds that environment)::
 * ``GOOGLE_AUTH_TOKEN_FOR_TESTING``: a bearer token used as is, so no credentials are looked
   up (no application-default file, no metadata server) and nothing reaches Google.
 
-It keeps objects in memory and speaks the part of the GCS JSON API that the driver uses:
+Orbax reaches ``gs://`` two ways: array data through TensorStore's ``gcs`` driver, everything
+else (directories, JSON metadata, the commit marker) through ``etils.epath``, whose GCS backend
+without TensorFlow is gcsfs (fsspec). gcsfs is pointed here by:
 
-* ``GET /storage/v1/b/<bucket>/o/<object>?alt=media``: the object's bytes, with its generation
-  in ``x-goog-generation``; a ``Range: bytes=...`` header gets a 206 with that slice. Without
-  ``alt=media`` the answer is the object's JSON metadata.
+* ``STORAGE_EMULATOR_HOST``: the base URL of its JSON-API requests (google-cloud-storage's too).
+* ``FSSPEC_GCS_TOKEN`` with ``FETCH_RAW_TOKEN_EXPIRY=false``: the same test token, sent as a
+  bearer token as is (without the second, gcsfs would ask Google's tokeninfo for its expiry).
+* ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: the plain GCSFileSystem; the default one first asks
+  the Storage Control gRPC API for the bucket's type, which is not faked (it retries for 60 s).
+
+It keeps objects in memory and speaks the part of the GCS JSON API that these clients use:
+
+* ``GET /storage/v1/b/<bucket>/o/<object>?alt=media`` (or ``/download/storage/...``, gcsfs's
+  path): the object's bytes, with its generation in ``x-goog-generation``; a
+  ``Range: bytes=...`` header gets a 206 with that slice. Without ``alt=media`` the answer is
+  the object's JSON metadata.
 * ``POST /upload/storage/v1/b/<bucket>/o?uploadType=media&name=<object>`` (and
   ``uploadType=multipart``): stores the body under a new generation and answers its metadata.
+* ``POST /upload/storage/v1/b/<bucket>/o?uploadType=resumable&name=<object>``: starts a
+  resumable upload and answers its session URL in ``Location``; ``PUT`` (or ``POST``, as gcsfs
+  sends) to that URL with ``Content-Range: bytes a-b/*`` adds a chunk (308, with ``Range``),
+  ``bytes a-b/N`` or ``bytes */N`` ends it (the object is stored then, and its preconditions,
+  given when the upload started, are checked then); ``DELETE`` cancels it (499).
 * ``GET /storage/v1/b/<bucket>/o?prefix=&startOffset=&endOffset=&maxResults=&pageToken=``:
-  object metadata in name order, paged with ``nextPageToken``.
+  object metadata in name order, paged with ``nextPageToken``; with a ``delimiter=``, names
+  that have it after the prefix are rolled up into ``prefixes`` (each counts as one entry).
 * ``DELETE /storage/v1/b/<bucket>/o/<object>``: 204.
 
 Every object request honours ``ifGenerationMatch`` (0 means "must not exist") with a 412, and
@@ -28,8 +45,8 @@ Errors use GCS's body ``{"error": {"code", "message", "errors": [...]}}``.
 
 Not faked: authentication (any token is accepted; ``tokens`` records those sent), bucket
 resources (every bucket exists and starts empty), metagenerations (always 1), checksums (no
-``x-goog-hash``, so the client checks none), resumable uploads, ``fields`` projections,
-``delimiter`` listing, compose/copy/rewrite, and the gRPC API.
+``x-goog-hash``, so the client checks none), ``fields`` projections, compose/copy/rewrite, and
+the gRPC APIs.
 """
 
 from __future__ import annotations
@@ -56,6 +73,7 @@ _OBJECT = re.compile(r"/storage/v1/b/([^/]+)/o/(.+)")
 _LIST = re.compile(r"/storage/v1/b/([^/]+)/o/?")
 _UPLOAD = re.compile(r"/upload/storage/v1/b/([^/]+)/o/?")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 _REASONS = {
     304: ("notModified", "Not Modified"),
@@ -84,6 +102,11 @@ def gcs_env(url: str, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["TENSORSTORE_GCS_HTTP_URL"] = url
     env["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = TOKEN
+    # gcsfs, for Orbax's etils.epath paths (see the module docstring).
+    env["STORAGE_EMULATOR_HOST"] = url
+    env["FSSPEC_GCS_TOKEN"] = TOKEN
+    env["FETCH_RAW_TOKEN_EXPIRY"] = "false"
+    env["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     # Real credentials must not be the ones that make a test pass.
     env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     return env
@@ -110,6 +133,17 @@ class Request:
     path: str
     query: dict[str, str]
     status: int
+
+
+@dataclass
+class _Upload:
+    """A resumable upload in progress: where it goes, its preconditions, the bytes so far."""
+
+    bucket: str
+    name: str
+    preconditions: dict[str, str]
+    content_type: str
+    data: bytearray
 
 
 @dataclass
@@ -146,6 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def do_POST(self):
+        self._dispatch()
+
+    def do_PUT(self):
         self._dispatch()
 
     def do_DELETE(self):
@@ -196,6 +233,8 @@ class FakeGCS:
         # One counter for every object: a rewritten or re-created object never reuses a
         # generation, which is all GCS promises (it uses microsecond timestamps).
         self._generations = itertools.count(1_000_001)
+        self._uploads: dict[str, _Upload] = {}  # resumable uploads by upload_id
+        self._upload_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -278,12 +317,14 @@ class FakeGCS:
 
     def _answer(self, method: str, path: str, query: dict, headers, body: bytes) -> tuple:
         """(status, body, headers) for one request, which is logged with its status."""
-        if method == "POST" and (m := _UPLOAD.fullmatch(path)):
+        if method in ("PUT", "POST", "DELETE") and "upload_id" in query and _UPLOAD.fullmatch(path):
+            answer = self._resume(method, query["upload_id"], headers, body)
+        elif method == "POST" and (m := _UPLOAD.fullmatch(path)):
             self._wait_for_racers(query.get("name"))
             answer = self._upload(unquote(m[1]), query, headers, body)
         elif method == "GET" and (m := _LIST.fullmatch(path)):
             answer = self._list(unquote(m[1]), query)
-        elif method == "GET" and (m := _OBJECT.fullmatch(path)):
+        elif method == "GET" and (m := _OBJECT.fullmatch(path.removeprefix("/download"))):
             answer = self._get(unquote(m[1]), unquote(m[2]), query, headers.get("Range"))
         elif method == "DELETE" and (m := _OBJECT.fullmatch(path)):
             answer = self._delete(unquote(m[1]), unquote(m[2]), query)
@@ -347,18 +388,73 @@ class FakeGCS:
             except ValueError as e:
                 return 400, error_body(400, f"Bad multipart upload: {e}")
             name = metadata.get("name", name)
+        elif query.get("uploadType") == "resumable":
+            return self._start_upload(bucket, query, headers, body)
         elif query.get("uploadType") != "media":
             return 400, error_body(400, f"uploadType {query.get('uploadType')!r} is not faked")
         if not name:
             return 400, error_body(400, "Required parameter: name")
+        return self._store(bucket, name, query, content_type, body)
+
+    def _store(self, bucket: str, name: str, preconditions: dict, content_type: str, data: bytes):
         with self._lock:  # check and store together: the precondition is the whole point
-            status = self._precondition(self._objects.get((bucket, name)), query, read=False)
+            status = self._precondition(
+                self._objects.get((bucket, name)), preconditions, read=False
+            )
             if status is not None:
                 return status, error_body(status)
             now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            obj = Object(body, next(self._generations), now, content_type)
+            obj = Object(data, next(self._generations), now, content_type)
             self._objects[(bucket, name)] = obj
             return 200, obj.metadata(bucket, name)
+
+    def _start_upload(self, bucket: str, query: dict, headers, body: bytes):
+        try:
+            metadata = json.loads(body) if body else {}
+        except ValueError:
+            return 400, error_body(400, "Bad resumable upload metadata")
+        name = metadata.get("name") or query.get("name")
+        if not name:
+            return 400, error_body(400, "Required parameter: name")
+        content_type = headers.get("X-Upload-Content-Type") or "application/octet-stream"
+        preconditions = {k: v for k, v in query.items() if k.startswith("ifGeneration")}
+        with self._lock:
+            upload_id = str(next(self._upload_ids))
+            self._uploads[upload_id] = _Upload(
+                bucket, name, preconditions, content_type, bytearray()
+            )
+        location = (
+            f"{self.url}/upload/storage/v1/b/{bucket}/o?uploadType=resumable&upload_id={upload_id}"
+        )
+        return 200, b"", {"Location": location}
+
+    def _resume(self, method: str, upload_id: str, headers, body: bytes):
+        """A chunk, the end, a status query or the cancelling of a resumable upload."""
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+            if upload is None:
+                return 404, error_body(404, f"No such upload: {upload_id}")
+            if method == "DELETE":
+                del self._uploads[upload_id]
+                return 499, b""
+            m = _CONTENT_RANGE.fullmatch(headers.get("Content-Range") or "bytes */*")
+            if m is None:
+                return 400, error_body(400, "Bad Content-Range")
+            first, last, total = m[1], m[2], m[3]
+            if first is not None:
+                if int(first) != len(upload.data) or int(last) - int(first) + 1 != len(body):
+                    return 400, error_body(400, "Chunk does not continue the upload")
+                upload.data += body
+            if total == "*":  # more to come: say how much has arrived
+                received = {"Range": f"bytes=0-{len(upload.data) - 1}"} if upload.data else {}
+                return 308, b"", received
+            if int(total) != len(upload.data):
+                return 400, error_body(400, f"Upload of {total} bytes has {len(upload.data)}")
+            del self._uploads[upload_id]
+        data = bytes(upload.data)
+        return self._store(
+            upload.bucket, upload.name, upload.preconditions, upload.content_type, data
+        )
 
     def _delete(self, bucket: str, name: str, query: dict):
         with self._lock:
@@ -371,30 +467,41 @@ class FakeGCS:
             return 204, None
 
     def _list(self, bucket: str, query: dict):
-        prefix = query.get("prefix", "")
+        prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
         start, end = query.get("startOffset", ""), query.get("endOffset") or None
         try:
             limit = min(int(query.get("maxResults") or PAGE_SIZE), PAGE_SIZE)
-            # A page token here is the previous page's last name in hex (GCS's are opaque).
+            # A page token here is the previous page's last entry in hex (GCS's are opaque).
             after = bytes.fromhex(query.get("pageToken", "")).decode()
         except ValueError:
             return 400, error_body(400, "Invalid maxResults or pageToken")
+
+        def entry(name: str) -> tuple[str, bool]:  # (name, False) or (its rolled-up prefix, True)
+            cut = name.find(delimiter, len(prefix)) if delimiter else -1
+            return (name, False) if cut < 0 else (name[: cut + len(delimiter)], True)
+
         with self._lock:
-            names = sorted(
-                n
-                for b, n in self._objects
-                if b == bucket
-                and n.startswith(prefix)
-                and n >= start
-                and (end is None or n < end)
-                and n > after
+            entries = sorted(
+                {
+                    entry(n)
+                    for b, n in self._objects
+                    if b == bucket
+                    and n.startswith(prefix)
+                    and n >= start
+                    and (end is None or n < end)
+                }
             )
-            items = [self._objects[(bucket, n)].metadata(bucket, n) for n in names[:limit]]
+            entries = [(e, rolled) for e, rolled in entries if e > after]
+            page = entries[:limit]
+            items = [self._objects[(bucket, e)].metadata(bucket, e) for e, r in page if not r]
+            prefixes = [e for e, rolled in page if rolled]
         result: dict = {"kind": "storage#objects"}
         if items:
             result["items"] = items
-        if len(names) > limit:
-            result["nextPageToken"] = names[limit - 1].encode().hex()
+        if prefixes:
+            result["prefixes"] = prefixes
+        if len(entries) > limit:
+            result["nextPageToken"] = page[-1][0].encode().hex()
         return 200, result
 
 
