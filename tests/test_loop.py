@@ -174,6 +174,10 @@ def test_cli_runs_and_history_prints_json_lines(tmp_path):
         (("--seed=-5",), "seed must be an integer from 0 to 4294967"),
         (("--seed=4294968",), "seed must be an integer from 0 to 4294967"),
         (("--seed=4294967", "--eval_seeds=1000"), "seed must be an integer from 0 to 4294966"),
+        (("--schedule=sometimes",), "flag --schedule=sometimes"),
+        (("--eval_timeout_s=0",), "flag --eval_timeout_s=0"),
+        (("--eval_timeout_s=nan",), "eval_timeout_s must be > 0"),
+        (("--heartbeat_timeout_s=0",), "flag --heartbeat_timeout_s=0"),
     ],
 )
 def test_bad_flags_fail_before_any_work_with_one_line(tmp_path, args, message):

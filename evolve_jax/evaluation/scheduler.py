@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import abc
 import collections
-import concurrent.futures
 import dataclasses
 import math
 import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -97,7 +97,6 @@ class LocalExecutor(Executor):
         self.process, self.devices, self.lanes = process, devices, lanes
         self._evaluate = evaluate
         self._finished: queue.Queue = queue.Queue()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=devices * lanes)
 
     def start(self, evaluation: Evaluation, block: Sequence[int]) -> None:
         key, genome, stage, seeds = (
@@ -114,7 +113,8 @@ class LocalExecutor(Executor):
                 result, seconds = EvalResult(error=f"{type(e).__name__}: {e}"), 0.0
             self._finished.put((key, result, seconds))
 
-        self._pool.submit(work)
+        # A thread per evaluation (the queue bounds how many run): none is left idle after.
+        threading.Thread(target=work, name=f"evolve_jax-evaluation-{key}").start()
 
     def poll(self) -> list[tuple[int, EvalResult, float]]:
         out = []
@@ -132,9 +132,6 @@ class LocalExecutor(Executor):
         except queue.Empty:
             return
         self._finished.put(item)
-
-    def stop(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclasses.dataclass
