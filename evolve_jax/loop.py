@@ -98,6 +98,7 @@ class ResearchLoop:
         self._quarantined: dict[tuple[int, int], int] = {}
         self._lease: Lease | None = None  # the run's lease, held while run() runs
         self._budget_said = False
+        self._fingerprints: dict[int, str] = {}  # node id -> fingerprint of its candidate
 
     def _check_lease(self, before: str) -> None:
         """Raises LeaseLost (naming the run, why, and ``before``) if this process has lost the
@@ -570,7 +571,7 @@ class ResearchLoop:
                 outcome = Outcome(status, reason, {}, proposal.candidate)
                 self._record_async(k, proposal, outcome, visible, seconds)
                 continue
-            known = {fingerprint(n.candidate): n.id for n in view}
+            known = self._known(view)
             label = f"{context.step}/{context.slot}"
             started = self.agents.engineer.start(
                 proposal.candidate, known, 0, cfg.eval_seed_list, label
@@ -592,6 +593,7 @@ class ResearchLoop:
         by_id = {n.id: n for n in now}
         items = {i.id: i for i in self.cognition.items()}
         contexts, views = [], []
+        synced = None
         for k in batch:
             step, slot = 1 + k // width, k % width
             record = designs.get(f"{cfg.run_name}/{step:06d}/{slot:04d}")
@@ -612,7 +614,9 @@ class ResearchLoop:
                 raise LoopError(
                     "no successful node to sample from: every seed failed (see history)"
                 )
-            self.sampler.sync(self.history, view, step)
+            if synced != (id(view), step):  # children of one batch share their view
+                self.sampler.sync(self.history, view, step)
+                synced = (id(view), step)
             rng = np.random.default_rng([cfg.seed, step, slot])
             selection = self.sampler.select(pool, rng, slot)
             if record is not None:
@@ -622,10 +626,17 @@ class ResearchLoop:
                 query = " ".join(n.analysis for n in (selection.parent, *selection.references))
                 lessons = self.cognition.retrieve(query, cfg.retrieval_k, cfg.max_item_chars)
                 self.cognition.restrict(None)
-            known = frozenset(fingerprint(n.candidate) for n in view)
+            known = frozenset(self._known(view))
             contexts.append(DesignContext(step, slot, selection, tuple(lessons), (), known, rng))
             views.append(view)
         return contexts, views
+
+    def _known(self, view: list[Node]) -> dict[str, int]:
+        """Fingerprint -> node id over ``view`` (each node's fingerprint computed once)."""
+        for n in view:
+            if n.id not in self._fingerprints:
+                self._fingerprints[n.id] = fingerprint(n.candidate)
+        return {self._fingerprints[n.id]: n.id for n in view}
 
     def redesign(self, step: int, slot: int) -> Proposal:
         """Child (``step``, ``slot``) of an async run designed again from its design record
