@@ -593,7 +593,6 @@ class ResearchLoop:
         by_id = {n.id: n for n in now}
         items = {i.id: i for i in self.cognition.items()}
         contexts, views = [], []
-        synced = None
         for k in batch:
             step, slot = 1 + k // width, k % width
             record = designs.get(f"{cfg.run_name}/{step:06d}/{slot:04d}")
@@ -614,9 +613,7 @@ class ResearchLoop:
                 raise LoopError(
                     "no successful node to sample from: every seed failed (see history)"
                 )
-            if synced != (id(view), step):  # children of one batch share their view
-                self.sampler.sync(self.history, view, step)
-                synced = (id(view), step)
+            self.sampler.sync(self.history, view, step)  # per child: select counts pending visits
             rng = np.random.default_rng([cfg.seed, step, slot])
             selection = self.sampler.select(pool, rng, slot)
             if record is not None:
