@@ -953,6 +953,8 @@ class ResearchLoop:
         nodes = self.history.nodes()
         self.history.refresh_stages()
         text = report.render(nodes, self.direction, self.task, cfg.top_k_report, cfg.workdir)
+        if (utilisation := report.utilisation_line(self.history, cfg.run_name)) is not None:
+            text += "\n" + utilisation
         if self.agents.cost is not None:
             text += "\n" + report.cost_line(nodes, self.history, cfg.run_name, cfg.budget_usd)
         if quarantined:

@@ -140,6 +140,31 @@ def save(workdir: str, text: str) -> str:
     return storage.write_text(workdir, "report.txt", text + "\n")
 
 
+def utilisation_line(history, run: str) -> str | None:
+    """The run's device utilisation, per process and in all, summed over its utilisation
+    records (busy over available device-seconds); None without records."""
+    busy: dict[str, float] = {}
+    available: dict[str, float] = {}
+    for key, usage in history.records("utilisation"):
+        if not key.startswith(f"{run}/"):
+            continue
+        for p, u in usage.get("processes", {}).items():
+            busy[p] = busy.get(p, 0.0) + u["busy_device_seconds"]
+            available[p] = available.get(p, 0.0) + u["available_device_seconds"]
+    total = sum(available.values())
+    if not total:
+        return None
+    per = ", ".join(
+        f"process {p} {100 * busy[p] / available[p]:.0f}%"
+        for p in sorted(available, key=int)
+        if available[p]
+    )
+    return (
+        f"device utilisation of run {run!r}: {100 * sum(busy.values()) / total:.0f}% "
+        f"({sum(busy.values()):.1f} of {total:.1f} device-s; {per})"
+    )
+
+
 def cost_line(nodes: Sequence[Node], history, run: str, budget_usd: float | None) -> str:
     """The run's LLM usage: calls, tokens and estimated USD (nodes plus per-step calls)."""
     total: dict[str, float] = {}
