@@ -67,6 +67,8 @@ def test_two_processes_run_one_search_with_the_history_of_one(tmp_path):
     records = dict(History(joined).records("utilisation"))
     assert set(records["main/000001/00"]["processes"]) == {"0", "1"}
     assert sum(r["processes"]["1"]["evaluations"] for r in records.values()) > 0
+    [line] = [x for x in outs[0][0].splitlines() if x.startswith("device utilisation of run")]
+    assert "process 0 " in line and "process 1 " in line, line
 
 
 def test_a_worker_that_dies_mid_evaluation_loses_only_its_time(tmp_path):
