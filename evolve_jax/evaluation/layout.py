@@ -1,17 +1,19 @@
-"""How a step's candidates share the devices: disjoint device groups, no duplicate work.
+"""How candidates share a process's devices: disjoint device groups, no duplicate work.
 
 A candidate is a population of ``runs`` independent training runs (its seeds, times its
 learning rates where the search space stacks them). It is evaluated on one *group* of devices
 whose size divides the device count, its runs sharded over the group (``population.py``); the
-other groups evaluate other candidates at the same time. The group size is chosen to minimise
-the step's time, counted in rounds of one run per device:
+other groups evaluate other candidates at the same time. ``plan`` chooses the group size that
+minimises the time of a batch of candidates, counted in rounds of one run per device:
 
     time(g) = ceil(candidates / (devices / g)) * ceil(runs / g)
 
 with ties going to the layout with fewer padded slots (duplicate runs), then to the larger group
 (fewer programs in flight, each candidate done sooner).
 Padding is what ``ceil(runs / g) * g - runs`` counts, and idle groups what the last round leaves
-over; ``fill`` is the fraction of device time that is real work.
+over; ``fill`` is the fraction of device time that is real work. The work queue
+(``scheduler.py``) uses ``queue_group_size``: the plan for one candidate per device, whatever
+is queued.
 
 Example, 8 devices and 8 candidates of 2 runs: groups of 2 take 2 rounds with every slot used;
 one candidate at a time over all 8 devices takes 8 rounds at 25% fill.
@@ -51,11 +53,6 @@ class Layout:
         """Real runs over the run slots the devices offer in that time (1.0: nothing idle)."""
         slots = self.rounds * len(self.groups) * self.group_size
         return self.candidates * self.runs / slots if slots else 0.0
-
-    def assignment(self) -> list[list[int]]:
-        """Candidate indices per group, dealt round-robin (group k gets k, k + G, ...)."""
-        count = len(self.groups)
-        return [list(range(k, self.candidates, count)) for k in range(count)]
 
     def describe(self) -> dict[str, Any]:
         return {
