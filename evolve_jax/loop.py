@@ -99,6 +99,7 @@ class ResearchLoop:
         self._lease: Lease | None = None  # the run's lease, held while run() runs
         self._budget_said = False
         self._fingerprints: dict[int, str] = {}  # node id -> fingerprint of its candidate
+        self._async_recorded = 0  # children of this run recorded (or quarantined), async
 
     def _check_lease(self, before: str) -> None:
         """Raises LeaseLost (naming the run, why, and ``before``) if this process has lost the
@@ -478,8 +479,9 @@ class ResearchLoop:
         slot ``k % samples_per_step`` (its seeds and name); a "generation" is complete when
         that many more children are recorded: lessons are written and the top nodes promoted
         (as evaluations in the same queue). Before a child is evaluated its design is recorded
-        (``records/designs``: the node ids it saw, the lessons it retrieved), so a resumed run
-        designs a child that was in flight from that record, and commits nothing twice."""
+        (``records/designs``: the node ids it saw, which of their stage results, the lessons it
+        retrieved), so a resumed run designs a child that was in flight again from that
+        record, and commits nothing twice."""
         cfg = self.config
         width = cfg.samples_per_step
         engineer = self.agents.engineer
@@ -495,12 +497,12 @@ class ResearchLoop:
             if (1 + k // width, k % width) not in mine
             and (1 + k // width, k % width) not in self._quarantined
         ]
-        recorded = sum(1 for step, _ in mine if step >= 1) + sum(
+        self._async_recorded = sum(1 for step, _ in mine if step >= 1) + sum(
             1 for step, _ in self._quarantined if step >= 1
         )
-        generation = recorded // width
+        generation = self._async_recorded // width
         in_flight: dict[int, tuple[Proposal, Any, frozenset[int], float]] = {}
-        promoting: dict[tuple[int, int], Outcome | None] = {}  # (node id, stage) -> outcome
+        promoting: dict[tuple[int, int], Any] = {}  # (node id, stage) -> Attempt, then Outcome
         batches: list[tuple[int, list[Node]]] = []  # promotions submitted, not yet recorded
         self._generation_done(generation, promoting, batches)
         while children or in_flight or promoting:
@@ -511,22 +513,18 @@ class ResearchLoop:
                     self._design_async(batch, designs, in_flight)
             for done in scheduler.wait() if scheduler.outstanding else []:
                 kind, key = done.evaluation.tag
-                if kind == "promotion":
-                    attempt = promoting[key]
-                    finished = engineer.finish(attempt, done.result, done.seconds)
-                    promoting[key] = finished  # stages are never repaired: an Outcome
-                    continue
-                proposal, attempt, visible, design_seconds = in_flight[key]
+                attempt = promoting[key] if kind == "promotion" else in_flight[key][1]
                 finished = engineer.finish(attempt, done.result, done.seconds)
-                if not isinstance(finished, Outcome):  # repaired: run again
-                    engineer.submit(finished, tag=("child", key))
-                    continue
-                del in_flight[key]
-                self._record_async(key, proposal, finished, visible, design_seconds)
-                recorded += 1
-                if recorded // width > generation:
-                    generation = recorded // width
-                    self._generation_done(generation, promoting, batches)
+                if not isinstance(finished, Outcome):  # repaired, or the infrastructure failed
+                    engineer.submit(finished, tag=(kind, key))
+                elif kind == "promotion":
+                    promoting[key] = finished
+                else:
+                    proposal, _, visible, design_seconds = in_flight.pop(key)
+                    self._record_async(key, proposal, finished, visible, design_seconds)
+            while self._async_recorded // width > generation:
+                generation += 1
+                self._generation_done(generation, promoting, batches)
             self._record_finished_promotions(promoting, batches)
             if not children and not in_flight and not promoting:
                 break
@@ -668,6 +666,7 @@ class ResearchLoop:
         width = self.config.samples_per_step
         step, slot = 1 + k // width, k % width
         self._record(step, slot, proposal, outcome, self._fitness(0), [], seconds, visible)
+        self._async_recorded += 1
 
     def _generation_done(self, generation: int, promoting: dict, batches: list) -> None:
         """What follows ``generation`` complete generations of children: lessons from the

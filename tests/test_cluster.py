@@ -160,3 +160,16 @@ def test_process_0_killed_mid_search_then_restarted_resumes_with_nothing_lost_or
     nodes = History(workdir).nodes()
     assert {n.id: n.to_json() for n in nodes if n.id in recorded} == recorded
     assert same_history(History(alone).nodes(), nodes)
+
+
+def test_two_processes_run_an_async_search_with_each_child_recorded_once(tmp_path):
+    workdir = str(tmp_path / "async")
+    procs = _job(workdir, "--schedule=async", "--space_opt=delay=0.2")
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err
+    assert _worker_stages(outs[1][1]), "the worker evaluated nothing"
+    slots = sorted((n.origin["step"], n.origin["slot"]) for n in History(workdir).nodes())
+    assert slots == [(0, s) for s in range(3)] + [(t, s) for t in (1, 2) for s in range(4)]
+    designs = dict(History(workdir).records("designs"))
+    assert {f"main/{t:06d}/{s:04d}" for t in (1, 2) for s in range(4)} == set(designs)
