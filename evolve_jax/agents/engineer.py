@@ -1,7 +1,8 @@
 """The Engineer: static checks and rule-based repair before running, evaluation, failure records.
 
-Cheap checks run first (schema, the search space's checks, novelty) so that an invalid
-candidate costs seconds, not a training run. Every repair attempt is recorded with its reason;
+Cheap checks run first so that an invalid candidate costs seconds, not a training run: schema
+and novelty on process 0, the search space's static checks on the process that evaluates the
+candidate, just before its run (they compile; on process 0 they would hold up every design). Every repair attempt is recorded with its reason;
 a backend with a model overrides ``fix`` to repair what the rules cannot, failed runs included.
 Runs go through the work queue (``evaluation/scheduler.py``): each candidate takes the first
 free device group of this process or, on process 0 of a job, of any process
@@ -92,15 +93,21 @@ class RuleEngineer(Engineer):
         return repaired
 
     def prepare(
-        self, genome: Genome, known: dict[str, int], label: str = "", attempts=None
+        self,
+        genome: Genome,
+        known: dict[str, int],
+        label: str = "",
+        attempts=None,
+        checks: bool = True,
     ) -> tuple[Genome, str | None, list[dict]]:
-        """Validates, checks and repairs; returns (genome, reason it may not run, attempts)."""
+        """Validates, checks (unless ``checks`` is False) and repairs; returns (genome, reason
+        it may not run, attempts)."""
         attempts = [] if attempts is None else attempts
         while True:
             failures: list[CheckFailure] = []
             try:
                 genome = self.space.validate(genome)
-                failures = self.space.check(genome)
+                failures = self.space.check(genome) if checks else []
                 reason = "; ".join(f"{f.check}: {f.reason}" for f in failures) or None
             except GenomeError as e:
                 reason = f"schema: {e}"
@@ -137,11 +144,22 @@ class RuleEngineer(Engineer):
         evaluate function, here and on workers); a failure is its result."""
         start = time.perf_counter()
         try:
+            # The static checks run here, on the process that evaluates (they cost seconds of
+            # compiling; on process 0 they would hold up every other design).
+            failures = self.space.check(genome)
+            if failures:
+                reason = "; ".join(f"{f.check}: {f.reason}" for f in failures)
+                found = [[f.check, f.reason] for f in failures]
+                return EvalResult(error=reason, extra={"check_failures": found}), (
+                    time.perf_counter() - start
+                )
             devices = [self.devices[i] for i in block]
             results = self.space.evaluate([genome], stage, list(seeds), devices)
             if len(results) != 1:
                 raise RuntimeError(f"evaluate returned {len(results)} results for 1")
             result = results[0]
+        except GenomeError as e:  # a check that found the genome malformed
+            result = EvalResult(error=f"schema: {e}", extra={"check_failures": []})
         except Exception as e:
             result = EvalResult(error=f"{type(e).__name__}: {e}")
         return result, time.perf_counter() - start
@@ -149,9 +167,10 @@ class RuleEngineer(Engineer):
     def start(
         self, genome: Genome, known: dict[str, int], stage: int, seeds: Sequence[int], label=""
     ) -> Outcome | Attempt:
-        """Checks and repairs a candidate: the Outcome of one that may not run, else its
-        Attempt, to ``submit``."""
-        genome, reason, attempts = self.prepare(genome, known, label)
+        """Validates a candidate (schema, novelty; its static checks run with its evaluation,
+        ``evaluate_one``): the Outcome of one that may not run, else its Attempt, to
+        ``submit``."""
+        genome, reason, attempts = self.prepare(genome, known, label, checks=False)
         if reason is not None:
             return Outcome("invalid", reason, {}, genome, len(attempts), 0.0, tuple(attempts))
         return Attempt(genome, known, stage, tuple(seeds), label, attempts)
@@ -176,11 +195,29 @@ class RuleEngineer(Engineer):
                 "and the same command resumes the run)"
             )
         genome, attempts, label = attempt.genome, attempt.attempts, attempt.label
+        if "check_failures" in result.extra:  # failed its static checks: repair, or invalid
+            failures = [CheckFailure(c, r) for c, r in result.extra["check_failures"]]
+            reason = result.error or "check failed"
+            repaired = None
+            if len(attempts) < self.max_repairs:
+                repaired = self.fix(genome, reason, failures, attempts, label)
+            if repaired is not None:
+                genome, reason, attempts = self.prepare(
+                    repaired, attempt.known, label, attempts, checks=False
+                )
+                if reason is None:
+                    attempt.genome = genome
+                    return attempt
+            return Outcome(
+                "invalid", reason, {}, genome, len(attempts), attempt.seconds, tuple(attempts)
+            )
         status, why, metrics = _classify(result)
         if status == "failed" and attempt.stage == 0 and len(attempts) < self.max_repairs:
             repaired = self.fix(genome, f"run: {why}", (), attempts, label)
             if repaired is not None:
-                genome, reason, attempts = self.prepare(repaired, attempt.known, label, attempts)
+                genome, reason, attempts = self.prepare(
+                    repaired, attempt.known, label, attempts, checks=False
+                )
                 if reason is None:
                     attempt.genome = genome
                     return attempt
