@@ -296,3 +296,19 @@ def test_usage_counts_idle_time_and_weights_processes_by_their_devices():
     usage = scheduler.usage()
     assert usage["processes"]["1"]["available_device_seconds"] == 16.0
     assert usage["processes"]["0"]["available_device_seconds"] == 40.0
+
+
+def test_a_finished_group_waiting_for_a_busy_process_0_is_not_counted_busy():
+    """The evaluation ends at 2 s; process 0, busy designing, collects it at 10 s: the 8 s
+    between are idle device time."""
+    world = World()
+    p = FakeProcess(world, 0, devices=2, duration=lambda e: 2.0)
+    scheduler = _scheduler(world, [p])
+    _submit(scheduler, [1], runs=2)
+    scheduler.wait(timeout=0)  # dispatched at 0 s
+    world.now = 10.0  # process 0 was away
+    [done] = scheduler.wait()
+    usage = scheduler.usage()
+    assert done.seconds == 2.0
+    assert usage["busy_device_seconds"] == pytest.approx(2 * 2.0)
+    assert usage["available_device_seconds"] == pytest.approx(2 * 10.0)

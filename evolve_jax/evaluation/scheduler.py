@@ -299,6 +299,12 @@ class Scheduler:
                 running = self._running.pop(key, None)
                 if running is None:
                     continue  # an answer from a process already given up on
+                # It finished about ``seconds`` after it started, not when it was collected
+                # (process 0 may have been busy designing): the wait is not busy time.
+                idle = now - (running.started + seconds)
+                if idle > 0 and not running.overdue:
+                    waste = idle * len(running.block) * running.fill
+                    self._usage[p]["busy_device_seconds"] -= min(waste, self._busy_since(running))
                 self._release(running)
                 if not running.overdue:
                     self._usage[p]["evaluations"] += 1
@@ -354,6 +360,11 @@ class Scheduler:
                 evaluation = self._pending.popleft()
                 why = "no process is left to evaluate it (every one died)"
                 self._ready.append(Done(evaluation, EvalResult(error=why), 0.0, p))
+
+    def _busy_since(self, running: _Running) -> float:
+        """The busy device-seconds counted for ``running`` so far (an upper bound of what may
+        be taken back)."""
+        return (self._accounted - running.started) * len(running.block) * running.fill
 
     def _release(self, running: _Running) -> None:
         for i in running.block:
