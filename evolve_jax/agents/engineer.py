@@ -182,8 +182,9 @@ class RuleEngineer(Engineer):
         return self.scheduler.submit(evaluation)
 
     def finish(self, attempt: Attempt, result: EvalResult, seconds: float) -> Outcome | Attempt:
-        """The Outcome of a finished run, or (a failed stage-0 run the repair budget still
-        covers, repaired) the next Attempt to submit."""
+        """The Outcome of a finished run, or the next Attempt to submit: the same candidate
+        after an infrastructure failure, or the repaired one after failed checks or a failed
+        stage-0 run the repair budget still covers."""
         attempt.seconds += seconds
         if result.extra.get("infrastructure"):  # not the candidate's doing: run it again
             attempt.infrastructure += 1
