@@ -235,6 +235,24 @@ def test_with_no_live_process_left_queued_work_comes_back_failed():
     assert all(d.result.error for d in done)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=TimeoutError,
+    reason="scheduler bug: an evaluation submitted once every process is gone is never "
+    "failed (only _lose fails what is queued), so wait() and drain() never return",
+)
+def test_work_submitted_after_every_process_is_gone_comes_back_failed():
+    world = World(limit=100.0)
+    p = FakeProcess(world, 0, duration=lambda e: 10.0)
+    p.dies_at = 3.0
+    scheduler = _scheduler(world, [p])
+    _submit(scheduler, [7])
+    scheduler.drain()  # process 0 is found gone
+    [late] = _submit(scheduler, [8])
+    [done] = scheduler.drain()
+    assert done.evaluation.key == late.key and done.result.error
+
+
 def test_a_straggler_times_out_its_group_stays_busy_and_its_late_answer_is_dropped():
     world = World()
     p = FakeProcess(world, 0, duration=lambda e: 30.0 if e.genome == 0 else 2.0)
