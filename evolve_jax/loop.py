@@ -530,6 +530,7 @@ class ResearchLoop:
                 break
             if self._over_budget() and not in_flight and not promoting:
                 break
+        self._record_usage(generation, 1)  # what ran after the last generation's end
 
     def _over_budget(self) -> bool:
         budget = self.config.budget_usd
@@ -669,15 +670,15 @@ class ResearchLoop:
         self._async_recorded += 1
 
     def _generation_done(self, generation: int, promoting: dict, batches: list) -> None:
-        """What follows ``generation`` complete generations of children: lessons from the
-        history as it stands, and the promotions it calls for (submitted to the queue)."""
-        if generation < 1:
-            return
-        self._record_usage(generation, 0)  # in async, everything the queue ran meanwhile
+        """What follows ``generation`` complete generations of children (0: the seeds):
+        lessons from the history as it stands, and the promotions it calls for, submitted to
+        the queue (the devices need not wait for them)."""
         view = self.history.nodes(refresh=False)
-        self.agents.analyzer.write_lessons(view, generation)
-        self._record_step_cost(generation)
-        self._write_page(live=True)
+        if generation >= 1:
+            self._record_usage(generation, 0)  # everything the queue ran meanwhile
+            self.agents.analyzer.write_lessons(view, generation)
+            self._record_step_cost(generation)
+            self._write_page(live=True)
         for stage, todo in self._promotions(view, busy=frozenset(promoting)):
             for node in todo:
                 attempt = self.agents.engineer.start(
@@ -932,7 +933,8 @@ class ResearchLoop:
         self.seed_step()
         self.agents.analyzer.write_lessons(self._view(1), 0)
         self._record_step_cost(0)
-        self.promote(0)
+        if cfg.schedule == "steps":
+            self.promote(0)  # async queues these with the first children
         self._write_page(live=True)
         self._spent = self.spent_usd()
         if cfg.schedule == "async":

@@ -235,12 +235,6 @@ def test_with_no_live_process_left_queued_work_comes_back_failed():
     assert all(d.result.error for d in done)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="scheduler bug: an evaluation submitted once every process is gone is never "
-    "failed (only _lose fails what is queued), so wait() and drain() never return",
-)
 def test_work_submitted_after_every_process_is_gone_comes_back_failed():
     world = World(limit=100.0)
     p = FakeProcess(world, 0, duration=lambda e: 10.0)

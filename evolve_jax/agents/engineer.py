@@ -2,8 +2,9 @@
 
 Cheap checks run first so that an invalid candidate costs seconds, not a training run: schema
 and novelty on process 0, the search space's static checks on the process that evaluates the
-candidate, just before its run (they compile; on process 0 they would hold up every design). Every repair attempt is recorded with its reason;
-a backend with a model overrides ``fix`` to repair what the rules cannot, failed runs included.
+candidate, just before its run (they compile; on process 0 they would hold up every design).
+Every repair attempt is recorded with its reason; a backend with a model overrides ``fix`` to
+repair what the rules cannot, failed runs included.
 Runs go through the work queue (``evaluation/scheduler.py``): each candidate takes the first
 free device group of this process or, on process 0 of a job, of any process
 (``evaluation/cluster.py``). ``run`` evaluates a batch and returns its outcomes in order; the

@@ -251,6 +251,9 @@ class Scheduler:
         """Starts queued evaluations, first submitted first, each where ``_place`` finds it a
         group; one that fits nowhere waits (and so does every one behind it of the same
         size)."""
+        if not self.live_processes():  # nothing will ever take what is queued
+            self._fail_pending()
+            return
         blocked: set[int] = set()
         waiting: collections.deque[Evaluation] = collections.deque()
         while self._pending:
@@ -356,10 +359,13 @@ class Scheduler:
         self._pending.extendleft(reversed(requeue))
         self._load[p] = [0] * len(self._load[p])
         if not self.live_processes():  # nothing will ever take what is queued
-            while self._pending:
-                evaluation = self._pending.popleft()
-                why = "no process is left to evaluate it (every one died)"
-                self._ready.append(Done(evaluation, EvalResult(error=why), 0.0, p))
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        while self._pending:
+            evaluation = self._pending.popleft()
+            why = "no process is left to evaluate it (every one died)"
+            self._ready.append(Done(evaluation, EvalResult(error=why), 0.0, -1))
 
     def _busy_since(self, running: _Running) -> float:
         """The busy device-seconds counted for ``running`` so far (an upper bound of what may
