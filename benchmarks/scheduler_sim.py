@@ -14,19 +14,25 @@ and stops being ``alive()`` ``--heartbeat_timeout_s`` (100 s) later, when the re
 re-deals what it held. Time is a virtual clock: the scheduler's idle wait jumps to the next
 event, and process 0's own work (designing, recording) advances the clock by measured
 constants while the devices keep running, as process 0's single thread does. The two schedules
-are the loop's policies (evolve_jax/loop.py at commit 7a14a5c) replayed over the real queue:
+are the loop's policies (evolve_jax/loop.py at commit 0a0c123) replayed over the real queue:
 
 * both start as ``ResearchLoop._run`` does: the seed step (6 seeds submitted, all waited for,
-  recorded), lessons, and ``promote(0)``, a stage-1 batch waited for and recorded;
-* ``steps``: each step designs ``samples_per_step`` children, submits them (the Engineer's
-  ``start``: schema and novelty on process 0), waits for all, records them, writes the step's
-  lessons and page, and promotes the top ``promote_top_k`` not yet promoted to stage 1 as
-  another batch, waited for and recorded;
-* ``async`` (``ResearchLoop.evolve_async``): ``free_lanes(runs)`` children (1 if that is 0 and
-  nothing is outstanding) are designed, each design recorded and submitted; then ``wait``;
-  every finished child is recorded at once; every ``samples_per_step`` recorded children the
-  usage record, lessons and page are written and the top ``promote_top_k`` not yet promoted are
-  submitted to the same queue; a promotion batch is recorded once all of it is done.
+  recorded, a usage record), lessons and page;
+* ``steps``: then ``promote(0)``, a stage-1 batch waited for and recorded; each step designs
+  ``samples_per_step`` children, submits them (the Engineer's ``start``: schema and novelty on
+  process 0), waits for all, records them, writes the step's lessons and page, and promotes
+  the top ``promote_top_k`` not yet promoted to stage 1 as another batch, waited for and
+  recorded;
+* ``async`` (``ResearchLoop.evolve_async``; no ``promote(0)`` in ``_run`` since commit
+  0a0c123): ``_generation_done(0)`` submits the seeds' promotions to the queue (no usage
+  record, lessons or page for generation 0) and the children start beside them; then, over
+  and over, ``free_lanes(runs)`` children (1 if that is 0 and nothing is outstanding) are
+  designed, each design recorded and submitted; then ``wait``; every finished child is
+  recorded at once; once all of the wait's answers are recorded, for every further
+  ``samples_per_step`` recorded children the usage record, lessons and page are written and
+  the top ``promote_top_k`` not yet promoted are submitted to the same queue; a promotion batch
+  is recorded once all of it is done; after the loop, a last usage record (what ran after the
+  last generation's end).
 
 Scores are i.i.d. normal draws (the sim does not model a search that improves, which would
 promote more often); the top-k ranking is of those scores. Every child is evaluated and every
@@ -68,43 +74,57 @@ Utilisation is reported two ways: ``utilisation`` is the scheduler's own ``usage
 loop records); ``true`` counts only the seconds the devices computed (start to finish, or to
 the host's death) over the seconds each host was up. Both over the whole run, and (``fed``,
 added after the first results were seen, to explain them) over the part of the run in which
-children were being fed: from the end of step 0 and its promotions to the submission of the
-last child. The issue's goal: ``async`` at 64 hosts at least 90% utilisation.
+children were being fed: from the end of step 0 (``steps``: and of ``promote(0)``; ``async``
+queues those promotions with the first children) to the submission of the last child. The
+issue's goal: ``async`` at 64 hosts at least 90% utilisation.
 
-Results at commit 7a14a5c (benchmarks/results/scheduler_sim.json; mean ± standard deviation
-over the 5 seeds; evaluations, stages 0 and 1, per virtual hour):
+Results against evolve_jax/loop.py as of commit 0a0c123 (benchmarks/results/scheduler_sim.json;
+mean ± standard deviation over the 5 seeds; evaluations, stages 0 and 1, per virtual hour; the
+same settings and seeds as before; the simulation takes 64 to 70 s of wall time here):
 
     scale hosts schedule | utilisation  | true         | fed: util.   | fed: true    | evals/h
         1     1    steps |  99.9% ± 0.0 |  99.9% ± 0.0 |  99.9% ± 0.0 |  99.9% ± 0.0 |  100 ±   1
         1     1    async |  99.9% ± 0.0 |  99.9% ± 0.0 |  99.9% ± 0.0 |  99.9% ± 0.0 |  100 ±   1
         1     4    steps |  73.2% ± 0.8 |  73.2% ± 0.8 |  73.2% ± 1.0 |  73.2% ± 1.0 |  293 ±   8
-        1     4    async |  99.1% ± 0.5 |  99.1% ± 0.5 |  99.9% ± 0.0 |  99.9% ± 0.0 |  397 ±   8
+        1     4    async |  99.7% ± 0.2 |  99.7% ± 0.2 |  99.9% ± 0.0 |  99.9% ± 0.0 |  400 ±   7
         1    16    steps |  31.2% ± 0.7 |  31.2% ± 0.8 |  31.3% ± 0.8 |  31.3% ± 0.8 |  495 ±  17
-        1    16    async |  93.4% ± 2.5 |  93.4% ± 2.5 |  99.9% ± 0.0 |  99.9% ± 0.0 | 1500 ±  59
+        1    16    async |  97.6% ± 1.0 |  97.6% ± 1.0 |  99.9% ± 0.0 |  99.9% ± 0.0 | 1567 ±  37
         1    64    steps |   7.8% ± 0.2 |   7.8% ± 0.2 |   7.9% ± 0.2 |   7.9% ± 0.2 |  497 ±  16
-        1    64    async |  70.9% ± 5.8 |  70.9% ± 5.8 |  99.9% ± 0.0 |  99.9% ± 0.0 | 4621 ± 406
+        1    64    async |  84.7% ± 3.7 |  84.7% ± 3.7 |  99.9% ± 0.0 |  99.9% ± 0.0 | 5495 ± 251
        10     1    steps | 100.0% ± 0.0 | 100.0% ± 0.0 | 100.0% ± 0.0 | 100.0% ± 0.0 |   10 ±   0
        10     1    async | 100.0% ± 0.0 | 100.0% ± 0.0 | 100.0% ± 0.0 | 100.0% ± 0.0 |   10 ±   0
        10     4    steps |  82.4% ± 6.6 |  82.4% ± 6.6 |  82.7% ± 6.9 |  82.7% ± 6.9 |   20 ±   6
-       10     4    async |  99.2% ± 0.5 |  99.2% ± 0.5 | 100.0% ± 0.0 | 100.0% ± 0.0 |   28 ±  11
+       10     4    async |  99.9% ± 0.0 |  99.9% ± 0.0 | 100.0% ± 0.0 | 100.0% ± 0.0 |   28 ±  11
        10    16    steps |  36.3% ± 3.4 |  36.3% ± 3.4 |  36.5% ± 3.6 |  36.5% ± 3.6 |   47 ±   3
-       10    16    async |  93.8% ± 2.5 |  93.8% ± 2.5 | 100.0% ± 0.0 | 100.0% ± 0.0 |  143 ±  11
+       10    16    async |  98.2% ± 0.9 |  98.2% ± 0.9 | 100.0% ± 0.0 | 100.0% ± 0.0 |  150 ±   8
        10    64    steps |   9.3% ± 0.2 |   9.3% ± 0.2 |   9.3% ± 0.3 |   9.3% ± 0.3 |   51 ±   2
-       10    64    async |  70.3% ± 5.9 |  70.3% ± 5.9 | 100.0% ± 0.0 | 100.0% ± 0.0 |  474 ±  43
+       10    64    async |  84.5% ± 3.9 |  84.5% ± 3.9 | 100.0% ± 0.0 | 100.0% ± 0.0 |  569 ±  24
 
-The goal is met while children are fed (99.9% at 64 hosts) and not over the whole run (70.9%
-and 70.3%): the seed step and ``promote(0)`` are waited for with 6 of 64 groups busy (stage 1
-takes 6.3 times stage 0), and the last promotions drain at the end; 2,048 children are 32 per
-host, too few to hide that. ``steps`` cannot use more groups than ``samples_per_step`` (16 of
-64 hosts) and waits for each step's slowest evaluation and promotion batch: 8 to 9% at 64
-hosts. (The first version of this benchmark, commit d82733f, ran against the code before
-7d9e9a1 and f8be0b0: process 0 ran each child's checks, 1.79 s, and kept 15 groups fed, not 64:
-``async`` at 64 hosts computed 26.6% of the time while the queue recorded 46.9%, since it
-counted a finished group busy until process 0 collected its answer.)
+Before 0a0c123 (loop.py as of commit 7a14a5c: ``async`` waited for ``promote(0)`` as ``steps``
+does, with 6 of 64 groups busy and stage 1 taking 6.3 times stage 0), ``async`` at 64 hosts was
+at 70.9% ± 5.8 (scale 1; 4621 ± 406 evaluations per hour) and 70.3% ± 5.9 (scale 10; 474 ±
+43), 93.4% and 93.8% at 16 hosts, 99.1% and 99.2% at 4; 99.9% or more while fed in every case.
+``steps`` is unchanged (the same numbers: its schedule did not change).
 
-Real processes against the simulation (``--real``; results file, "real"): benchmarks/
-sleep_space.py, whose evaluations sleep for the same lognormal at ``REAL_SCALE`` 0.05 (median
-1.29 s, stage 1 6.30 times longer) and load no CPU; 4 processes of 4 CPU devices on this
+Queuing the seeds' promotions with the first children puts ``async`` at 64 hosts at 84.7% and
+84.5% over the whole run: better by 14 points, but short of the 90% goal (one seed of 5
+reaches 90.1% at scale 1, none at scale 10); while children are fed it stays at 99.9% and
+100.0%. What is left, at 64 hosts and scale 1: the seed step, still waited for with 6 of 64
+groups busy (33 to 81 s from the start), and the drain after the last child is submitted (116
+to 278 s: the last children, then the last promotions at stage 1, 6.3 times as long), out of
+runs of 1,315 to 1,451 s; 2,048 children are 32 per host, too few to hide that. ``steps``
+cannot use more groups than ``samples_per_step`` (16 of 64 hosts) and waits for each step's
+slowest evaluation and promotion batch: 8 to 9% at 64 hosts. (The first version of this
+benchmark, commit d82733f, ran against the code before 7d9e9a1 and f8be0b0: process 0 ran each
+child's checks, 1.79 s, and kept 15 groups fed, not 64: ``async`` at 64 hosts computed 26.6%
+of the time while the queue recorded 46.9%, since it counted a finished group busy until
+process 0 collected its answer.)
+
+Real processes against the simulation (``--real``; results file, "real"; measured before
+0a0c123, on the code as of commit 7a14a5c, with ``async`` waiting for ``promote(0)``; not run
+again since, so neither column reflects the queued promotions): benchmarks/sleep_space.py,
+whose evaluations sleep for the same lognormal at ``REAL_SCALE`` 0.05 (median 1.29 s, stage 1
+6.30 times longer) and load no CPU; 4 processes of 4 CPU devices on this
 machine (jax.distributed, the real cluster executors), 4 evaluation seeds (one group of 4
 devices per candidate), 6 steps of 16 after the 6 seeds, ``promote_top_k`` 16, no failures;
 utilisation added up from the run's ``utilisation`` records. The simulation of the same
@@ -155,6 +175,7 @@ FAILURES_PER_HOST_HOUR = 0.01
 HEARTBEAT_TIMEOUT_S = 100.0  # --heartbeat_timeout_s's default
 TIME_SCALES = (1.0, 10.0)
 SCHEDULES = ("steps", "async")
+LOOP_COMMIT = "0a0c123"  # the evolve_jax/loop.py whose schedules the policies below replay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,15 +437,16 @@ class Search:
             self.record_usage()
 
     def seed_step(self) -> None:
-        """Step 0 and ``promote(0)``, the same in both schedules: the seeds checked, evaluated,
-        recorded; lessons; their promotions evaluated and recorded."""
+        """Step 0, the same in both schedules: the seeds checked, evaluated, recorded (a usage
+        record); lessons and page."""
         self.batch(list(range(self.setup.space_seeds)), 0)
         self.world.work(self.leader["steps_step_s"])
-        self.batch(self.promotions(), 1)
 
     def run_steps(self) -> None:
-        """``ResearchLoop._run`` with ``--schedule=steps``: evolve_step, promote, page."""
+        """``ResearchLoop._run`` with ``--schedule=steps``: the seed step and ``promote(0)``
+        (waited for), then evolve_step, promote, page."""
         self.seed_step()
+        self.batch(self.promotions(), 1)
         self.fed_from = (self.world.now, self.scheduler.usage())
         width = self.setup.samples_per_step
         steps = self.setup.children // width
@@ -437,7 +459,9 @@ class Search:
             self.batch(self.promotions(), 1)
 
     def run_async(self) -> None:
-        """``ResearchLoop.evolve_async`` after the seed step and its promotions."""
+        """``ResearchLoop._run`` with ``--schedule=async``: the seed step, not ``promote(0)``,
+        then ``evolve_async``, whose ``_generation_done(0)`` queues the seeds' promotions (no
+        usage record, lessons or page for generation 0) before the first children."""
         self.seed_step()
         self.fed_from = (self.world.now, self.scheduler.usage())
         first = self.setup.space_seeds
@@ -446,7 +470,19 @@ class Search:
         in_flight: set[int] = set()
         promoting: dict[int, bool] = {}  # candidate -> its stage-1 evaluation is done
         batches: list[list[int]] = []  # promotions submitted, recorded when all are done
+
+        def generation_done(generation: int) -> None:
+            if generation >= 1:  # usage record, lessons, step cost, page
+                self.record_usage()
+                self.world.work(self.leader["async_generation_s"])
+            todo = self.promotions()
+            for p in todo:
+                self.submit(p, 1)
+                promoting[p] = False
+            batches.append(todo)
+
         recorded = generation = 0
+        generation_done(generation)
         while children or in_flight or promoting:
             if children:
                 free = self.scheduler.free_lanes(self.setup.runs[0]) or (
@@ -468,21 +504,15 @@ class Search:
                 in_flight.remove(c)
                 self.record(done)
                 recorded += 1
-                if recorded // width > generation:
-                    generation = recorded // width
-                    self.record_usage()
-                    self.world.work(self.leader["async_generation_s"])
-                    todo = self.promotions()
-                    for p in todo:
-                        self.submit(p, 1)
-                        promoting[p] = False
-                    if todo:
-                        batches.append(todo)
+            while recorded // width > generation:  # after all of wait()'s answers are recorded
+                generation += 1
+                generation_done(generation)
             while batches and all(promoting[p] for p in batches[0]):
                 for p in batches.pop(0):
                     self.evaluations += 1
                     self.world.work(self.leader["stage_record_s"])
                     del promoting[p]
+        self.record_usage()  # the last usage record: what ran after the last generation's end
 
     def run(self, schedule: str) -> dict[str, Any]:
         getattr(self, f"run_{schedule}")()
@@ -820,6 +850,7 @@ def real_against_sim(fit: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     )
     logging.set_verbosity(logging.FATAL)
     out = {"setup": dataclasses.asdict(REAL_SIM), "scale": REAL_SCALE, "leader": leader}
+    out["loop_commit"] = LOOP_COMMIT
     out["leader_measurements"] = leader_runs
     out["rows"] = []
     for schedule in SCHEDULES:
@@ -898,6 +929,7 @@ def main(argv):
     goal = [r for r in rows if r["schedule"] == "async" and r["hosts"] == 64]
     result = {
         "python": sys.version.split()[0],
+        "loop_commit": LOOP_COMMIT,
         "fit": fit,
         "leader": LEADER,
         "check_s": CHECK_S,
@@ -916,6 +948,12 @@ def main(argv):
             earlier = json.load(f)
         if "real" in earlier:
             result["real"] = earlier["real"]
+            if "loop_commit" not in result["real"]:  # run before LOOP_COMMIT was recorded
+                result["real"]["loop_commit"] = "7a14a5c"
+                result["real"]["note"] = (
+                    "measured on the code as of commit 7a14a5c, before 0a0c123 (async waited "
+                    "for promote(0)); both its real and its simulated numbers"
+                )
     with open(_OUT.value, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"written to {_OUT.value}")
