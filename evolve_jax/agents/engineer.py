@@ -196,38 +196,41 @@ class RuleEngineer(Engineer):
                 f"{attempt.label or fingerprint(attempt.genome)}; nothing is recorded for it, "
                 "and the same command resumes the run)"
             )
-        genome, attempts, label = attempt.genome, attempt.attempts, attempt.label
         if "check_failures" in result.extra:  # failed its static checks: repair, or invalid
             failures = [CheckFailure(c, r) for c, r in result.extra["check_failures"]]
             reason = result.error or "check failed"
-            repaired = None
-            if len(attempts) < self.max_repairs:
-                repaired = self.fix(genome, reason, failures, attempts, label)
-            if repaired is not None:
-                genome, reason, attempts = self.prepare(
-                    repaired, attempt.known, label, attempts, checks=False
-                )
-                if reason is None:
-                    attempt.genome = genome
-                    return attempt
-            return Outcome(
-                "invalid", reason, {}, genome, len(attempts), attempt.seconds, tuple(attempts)
-            )
-        status, why, metrics = _classify(result)
-        if status == "failed" and attempt.stage == 0 and len(attempts) < self.max_repairs:
-            repaired = self.fix(genome, f"run: {why}", (), attempts, label)
-            if repaired is not None:
-                genome, reason, attempts = self.prepare(
-                    repaired, attempt.known, label, attempts, checks=False
-                )
-                if reason is None:
-                    attempt.genome = genome
-                    return attempt
-                status, why, metrics = "invalid", reason, {}
+            retry = self._repair(attempt, reason, failures)
+            if isinstance(retry, Attempt):
+                return retry
+            status, why, metrics = "invalid", retry or reason, {}
+        else:
+            status, why, metrics = _classify(result)
+            if status == "failed" and attempt.stage == 0:
+                retry = self._repair(attempt, f"run: {why}", ())
+                if isinstance(retry, Attempt):
+                    return retry
+                if retry is not None:
+                    status, why, metrics = "invalid", retry, {}
         return Outcome(
-            status, why, metrics, genome, len(attempts), attempt.seconds, tuple(attempts),
-            dict(result.extra.get("output", {})),
+            status, why, metrics, attempt.genome, len(attempt.attempts), attempt.seconds,
+            tuple(attempt.attempts), dict(result.extra.get("output", {})),
         )  # fmt: skip
+
+    def _repair(
+        self, attempt: Attempt, reason: str, failures: Sequence[CheckFailure]
+    ) -> Attempt | str | None:
+        """Repairs ``attempt``'s candidate for ``reason`` while the repair budget lasts: the
+        Attempt to run again, the reason the repaired candidate may not run, or None when
+        there is no repair."""
+        if len(attempt.attempts) >= self.max_repairs:
+            return None
+        repaired = self.fix(attempt.genome, reason, failures, attempt.attempts, attempt.label)
+        if repaired is None:
+            return None
+        attempt.genome, why, _ = self.prepare(
+            repaired, attempt.known, attempt.label, attempt.attempts, checks=False
+        )
+        return attempt if why is None else why
 
     def run(self, candidates, known, stage, seeds, labels=None):
         labels = list(labels) if labels is not None else [""] * len(candidates)
