@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from evolve_jax.sampling import SamplerConfig
 
@@ -150,6 +151,48 @@ class RunConfig:
             raise ValueError("workdir must be set")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"run_name must be non-empty without '/', got {self.run_name!r}")
+
+    def shaping_flags(self) -> dict[str, Any]:
+        """The flags whose values shape what a run records, by flag name (JSON values): a run
+        resumed with other values would not continue the same search (loop.py refuses it).
+        ``--steps`` is left out (more steps extend a run), as are flags of speed and
+        reporting (``--concurrency``, timeouts, ``--budget_usd``, ``--top_k_report``)."""
+        s = self.sampler
+        flags: dict[str, Any] = {
+            "search_space": self.search_space,
+            "seed": self.seed,
+            "schedule": self.schedule,
+            "sampler": s.name,
+            "num_references": s.num_references,
+            "ucb_c": s.ucb_c,
+            "num_islands": s.num_islands,
+            "migration_interval": s.migration_interval,
+            "migration_rate": s.migration_rate,
+            "exploration": s.exploration,
+            "exploitation": s.exploitation,
+            "agents": self.agents,
+            "samples_per_step": self.samples_per_step,
+            "eval_seeds": self.eval_seeds,
+            "promote_top_k": self.promote_top_k,
+            "retrieval_k": self.retrieval_k,
+            "max_item_chars": self.max_item_chars,
+            "max_repairs": self.max_repairs,
+            "implausible_gain": self.implausible_gain
+            if self.implausible_gain < float("inf")
+            else None,
+            "space_opt": sorted(f"{k}={v}" for k, v in self.space_options),
+        }
+        if self.agents != "offline":  # the models and how they are asked
+            llm = self.llm
+            for name in (
+                "researcher_model", "engineer_model", "analyzer_model", "judge_model",
+                "judge_weight", "embedding_model", "embedding_dims", "max_output_tokens",
+                "thinking_budget", "temperature", "offline_share", "max_reasks",
+                "novelty_threshold", "novelty_retries",
+            ):  # fmt: skip
+                flags[name] = getattr(llm, name)
+            flags["edit_mix"] = ",".join(f"{k}={w:g}" for k, w in llm.edit_mix)
+        return flags
 
     @property
     def eval_seed_list(self) -> list[int]:

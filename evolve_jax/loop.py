@@ -11,6 +11,7 @@ command recomputes the same proposals, skips the nodes already committed, and go
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -855,6 +856,35 @@ class ResearchLoop:
                 if not lease.lost:  # else the page is the new holder's to write
                     self._write_page(live=False)
 
+    def _check_same_run(self) -> None:
+        """Raises LoopError, naming each difference, when the run was started with other
+        values of the flags that shape it (``RunConfig.shaping_flags``): resuming would mix
+        two searches in one run."""
+        cfg = self.config
+        described = dict(self.history.records("runs")).get(cfg.run_name)
+        if described is None:
+            return
+        recorded = described.get("flags")
+        if recorded is None:  # a run described before flags were recorded: its schedule only
+            recorded = {"schedule": described.get("settings", {}).get("schedule", "steps")}
+        now = json.loads(json.dumps(cfg.shaping_flags()))  # as stored: lists, not tuples
+
+        def text(name: str, value: Any) -> str:
+            if name == "space_opt":
+                return " ".join(f"--space_opt={v}" for v in value) or "no --space_opt"
+            return f"--{name}={'' if value is None else value}"
+
+        changed = [n for n in sorted(set(recorded) | set(now)) if recorded.get(n) != now.get(n)]
+        if changed:
+            was = " ".join(text(n, recorded.get(n)) for n in changed)
+            asked = " ".join(text(n, now.get(n)) for n in changed)
+            raise LoopError(
+                f"run {cfg.run_name!r} in {cfg.workdir} was started with {was}; this command "
+                f"has {asked}. Resuming would mix two searches: start a new run with another "
+                f"--run_name or --workdir, or resume with the run's own flags (--steps may "
+                f"change: more steps extend the run)"
+            )
+
     def _describe_run(self) -> None:
         """Records once what the report needs beyond the nodes: how each stage is measured,
         the run's settings and the prior knowledge the search started from."""
@@ -886,6 +916,7 @@ class ResearchLoop:
                     "implausible_gain": cfg.implausible_gain,  # inf (off) is stored as null
                     "space_options": [list(o) for o in cfg.space_options],
                 },
+                "flags": cfg.shaping_flags(),
                 "prior_knowledge": [
                     {"id": i.id, "title": i.title, "source": i.source, "tags": list(i.tags)}
                     for i in self.cognition.items()
@@ -904,14 +935,7 @@ class ResearchLoop:
 
     def _run(self) -> RunSummary:
         cfg = self.config
-        described = dict(self.history.records("runs")).get(cfg.run_name)
-        if described is not None:
-            schedule = described.get("settings", {}).get("schedule", "steps")
-            if schedule != cfg.schedule:
-                raise LoopError(
-                    f"run {cfg.run_name!r} was started with --schedule={schedule}; resume it "
-                    f"with the same schedule (or start another --run_name)"
-                )
+        self._check_same_run()
         self._describe_run()
         self.history.refresh()
         mine = self._mine()

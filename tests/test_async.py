@@ -99,7 +99,7 @@ def test_async_killed_mid_evaluation_resumes_from_its_design_records(tmp_path):
     in_flight = [k for k in designs if (int(k.split("/")[1]), int(k.split("/")[2])) not in recorded]
     assert in_flight, "no child was in flight when the kill landed"
 
-    done = run_cli("evolve_jax.main", *SEARCH, f"--workdir={workdir}")
+    done = run_cli("evolve_jax.main", *SEARCH, f"--workdir={workdir}", "--space_opt=delay=0.5")
     assert done.returncode == 0, done.stderr
     after = {n.id: n.to_json() for n in History(workdir).nodes()}
     assert {i: after[i] for i in before} == before  # what the killed run recorded stands
@@ -114,5 +114,5 @@ def test_a_run_resumed_with_another_schedule_is_refused_and_left_as_it_was(tmp_p
     before = [n.to_json() for n in History(workdir).nodes()]
     done = run_cli("evolve_jax.main", *SEARCH, f"--workdir={workdir}")
     assert done.returncode == 1
-    assert "was started with --schedule=steps; resume it with the same schedule" in done.stderr
+    assert "was started with --schedule=steps; this command has --schedule=async" in done.stderr
     assert [n.to_json() for n in History(workdir).nodes()] == before

@@ -387,3 +387,22 @@ def test_a_corrupt_node_is_quarantined_and_the_run_goes_on(tmp_path):
     }  # fmt: skip
     notices = data.collect(workdir, live=False)["notices"]
     assert any(n.startswith("Node 4 is quarantined") for n in notices)
+
+
+def test_a_run_resumed_with_other_flags_stops_naming_them_and_more_steps_go_on(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = ("--steps=1", "--samples_per_step=2", "--eval_seeds=2", "--seed=0")
+    assert run_cli("evolve_jax.main", *_main_args(workdir, *first)).returncode == 0
+    before = [n.to_json() for n in History(workdir).nodes()]
+    changed = run_cli("evolve_jax.main", *_main_args(workdir, *first, "--eval_seeds=3", "--seed=5"))
+    assert changed.returncode == 1
+    [line] = [x for x in changed.stderr.splitlines() if x.startswith("error: ")]
+    assert (
+        "was started with --eval_seeds=2 --seed=0; this command has --eval_seeds=3 --seed=5" in line
+    )
+    assert "--run_name" in line
+    assert [n.to_json() for n in History(workdir).nodes()] == before
+    # More steps continue the same search.
+    more = run_cli("evolve_jax.main", *_main_args(workdir, *first, "--steps=2"))
+    assert more.returncode == 0, more.stderr
+    assert len(History(workdir).nodes()) == len(before) + 2
