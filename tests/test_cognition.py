@@ -1,10 +1,13 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from evolve_jax.memory.cognition import Cognition, CognitionError, Item, load_seed_file
 from evolve_jax.memory.history import History
+from tests.conftest import REPO
 
 SEED = os.path.join(os.path.dirname(__file__), "toy_cognition.jsonl")
 
@@ -60,6 +63,32 @@ def test_retrieval_deduplicates_identical_items():
     copy = Item(id="b", title="blend", content="blend two parents.", source="y")
     cognition = Cognition([twin, copy])
     assert len(cognition.retrieve("blend parents", k=5)) == 1
+
+
+# In a fresh interpreter: bm25s is imported on first use, and its import is what sets its
+# logger to DEBUG, so a process that imported it already would not show the chatter.
+_BUILD_AN_INDEX = f"""
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s %(message)s")
+from evolve_jax.memory.cognition import Cognition, load_seed_file
+assert Cognition(load_seed_file({SEED!r})).retrieve("blend parents", k=1)
+logging.getLogger("bm25s").warning("a bm25s warning")
+"""
+
+
+def test_building_the_index_logs_no_bm25s_chatter_but_keeps_its_warnings():
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD_AN_INDEX],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    bm25s_lines = [x for x in done.stderr.splitlines() if x.startswith("bm25s")]
+    assert bm25s_lines == ["bm25s a bm25s warning"]
 
 
 def test_lessons_persist_with_provenance_and_supersede_by_key(tmp_path):

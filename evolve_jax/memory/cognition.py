@@ -22,8 +22,6 @@ import numpy as np
 from evolve_jax.memory.embeddings import Embedder, cosine_top_k
 from evolve_jax.memory.history import History
 
-# bm25s logs every index build at DEBUG through the root logger; keep run logs readable.
-logging.getLogger("bm25s").setLevel(logging.WARNING)
 _log = logging.getLogger(__name__)
 # The usual reciprocal rank fusion constant: damps the weight of the very first ranks.
 RRF_K = 60
@@ -91,9 +89,15 @@ def load_seed_file(path: str) -> list[Item]:
 
 def _bm25s():
     """bm25s, imported on first use: its import runs a JAX op, which starts JAX's default
-    backend, and the driver must set XLA flags and join other processes before that."""
+    backend, and the driver must set XLA flags and join other processes before that.
+
+    Its import sets its logger to DEBUG, which then reports every index build ("Building index
+    from IDs objects") through the root logger's handlers; raised to WARNING after the import
+    (setting it before, at this module's import, is undone by it), so its warnings still show.
+    """
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     return bm25s
 
 

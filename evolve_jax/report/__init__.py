@@ -56,13 +56,25 @@ def _mean_metric(node: Node, stage: int, task: TaskDescription) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def stage_metric(node: Node, stage: int, task: TaskDescription) -> str:
-    """The stage's primary metric, mean over seeds, or the stage's status when it has none."""
+def stage_metric(node: Node, stage: int, task: TaskDescription, digits: int = 4) -> str:
+    """The stage's primary metric, mean over seeds, to ``digits`` significant digits, or the
+    stage's status when it has none."""
     value = _mean_metric(node, stage, task)
     if value is not None:
-        return f"{value:.4g}"
+        return f"{value:.{digits}g}"
     record = node.stages.get(stage)
     return record.get("status", "?") if stage and record else "-"
+
+
+def column_digits(values: Sequence[float | None]) -> int:
+    """The fewest significant digits, from 4 to 10, at which a column's distinct values print
+    distinct: a reader compares rows by what is printed, and on some tasks (circle packing's
+    sum of radii) candidates differ only in the sixth decimal. 10 when even that ties them."""
+    distinct = {v for v in values if v is not None and math.isfinite(v)}
+    for digits in range(4, 10):
+        if len({f"{v:.{digits}g}" for v in distinct}) == len(distinct):
+            return digits
+    return 10
 
 
 def implausible_note(node: Node) -> str | None:
@@ -93,19 +105,25 @@ def render(
     metrics = [task.stage_metrics(s)[0].name for s in range(len(task.stages))]
     # Headed by stage, since stages may share a metric (a short and a long run of one task).
     headers = [f"s{s}:{m}" for s, m in enumerate(metrics)]
-    widths = [max(9, len(h)) for h in headers]
+    top = ranked(nodes, direction)[:k]
+    score_digits = column_digits([n.score for n in top])
+    digits = [column_digits([_mean_metric(n, s, task) for n in top]) for s in range(len(metrics))]
+    cells = [[stage_metric(n, s, task, d) for s, d in enumerate(digits)] for n in top]
+    scores = [f"{n.score:.{score_digits}g}" for n in top]
+    score_width = max([9, *map(len, scores)])
+    widths = [max([9, len(h), *(len(row[s]) for row in cells)]) for s, h in enumerate(headers)]
     lines = [
         f"{task.title}: {len(nodes)} nodes ("
         + ", ".join(f"{v} {s}" for s, v in counts.items() if v)
         + f"); score is {'higher' if direction == 'max' else 'lower'}-is-better; stages "
         + ", ".join(f"s{i} {stage.name}" for i, stage in enumerate(task.stages)),
-        f"{'rank':>4}  {'id':>5}  {'score':>9}  "
+        f"{'rank':>4}  {'id':>5}  {'score':>{score_width}}  "
         + "  ".join(f"{h:>{w}}" for h, w in zip(headers, widths, strict=True))
         + f"  {'vs baseline':>22}  name",
     ]
     primary = metrics[0]
-    for rank, node in enumerate(ranked(nodes, direction)[:k], start=1):
-        per_stage = "  ".join(f"{stage_metric(node, s, task):>{w}}" for s, w in enumerate(widths))
+    for rank, (node, row, score) in enumerate(zip(top, cells, scores, strict=True), start=1):
+        per_stage = "  ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True))
         paired = node.stats.get("vs_baseline", {}).get(primary)
         if paired and paired.get("n", 0) >= 2 and paired["ci95"][0] is not None:
             low, high = paired["ci95"]
@@ -116,7 +134,9 @@ def render(
             vs = "-"
         note = implausible_note(node)
         name = f"{node.name}  [{note}]" if note else node.name
-        lines.append(f"{rank:>4}  {node.id:>5}  {node.score:>9.4g}  {per_stage}  {vs:>22}  {name}")
+        lines.append(
+            f"{rank:>4}  {node.id:>5}  {score:>{score_width}}  {per_stage}  {vs:>22}  {name}"
+        )
     held = [n.id for n in nodes if n.ok and awaiting_remeasure(n)]
     if held:
         lines.append(
@@ -126,10 +146,17 @@ def render(
         )
     for stage in range(1, len(task.stages)):
         agreement = stage_correlation(nodes, task, stage)
-        if agreement.n:
+        what = (
+            f"Spearman rank correlation, stage 0 ({task.stages[0].name}) vs stage {stage} "
+            f"({task.stages[stage].name})"
+        )
+        if agreement.n >= rank_stats.MIN_MEANINGFUL:
+            lines.append(f"{what}, over the promoted nodes: {agreement.text()}")
+        elif agreement.n:
+            # Below that, any value misleads (rank_stats.MIN_MEANINGFUL): none is printed.
             lines.append(
-                f"Spearman rank correlation, stage 0 ({task.stages[0].name}) vs stage {stage} "
-                f"({task.stages[stage].name}), over the promoted nodes: {agreement.text()}"
+                f"{what}: not shown, {agreement.n} promoted node(s) measured at both stages and "
+                f"{rank_stats.MIN_MEANINGFUL} needed for it to mean anything"
             )
     lines.append(f"History: {workdir} (python -m evolve_jax.history --workdir={workdir})")
     return "\n".join(lines)
