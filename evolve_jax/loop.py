@@ -25,7 +25,7 @@ from evolve_jax import report, storage
 from evolve_jax.agents.base import AgentEnv, DesignContext, Outcome, Proposal, make_agents
 from evolve_jax.agents.engineer import RuleEngineer
 from evolve_jax.config import RunConfig
-from evolve_jax.evaluation import cluster, compile_clock, sandbox, workers
+from evolve_jax.evaluation import cluster, compile_clock, sandbox, scheduler, workers
 from evolve_jax.evaluation.layout import queue_group_size
 from evolve_jax.fitness import Fitness
 from evolve_jax.memory.cognition import Cognition, load_seed_file
@@ -104,7 +104,10 @@ class ResearchLoop:
 
     def _check_lease(self, before: str) -> None:
         """Raises LeaseLost (naming the run, why, and ``before``) if this process has lost the
-        run's lease: another process drives the run now, or may."""
+        run's lease: another process drives the run now, or may; Interrupted if the user asked
+        the run to stop."""
+        if scheduler.STOP.is_set():
+            raise scheduler.Interrupted(f"interrupted before {before}")
         if self._lease is not None:
             self._lease.check(before)
 
@@ -486,7 +489,7 @@ class ResearchLoop:
         cfg = self.config
         width = cfg.samples_per_step
         engineer = self.agents.engineer
-        scheduler = engineer.scheduler
+        queue = engineer.scheduler
         seeds = cfg.eval_seed_list
         runs = self.space.runs_per_candidate(0, seeds)
         self.history.refresh()
@@ -508,11 +511,11 @@ class ResearchLoop:
         self._generation_done(generation, promoting, batches)
         while children or in_flight or promoting:
             if children and not self._over_budget():
-                free = scheduler.free_lanes(runs) or (0 if scheduler.outstanding else 1)
+                free = queue.free_lanes(runs) or (0 if queue.outstanding else 1)
                 batch, children = children[:free], children[free:]
                 if batch:
                     self._design_async(batch, designs, in_flight)
-            for done in scheduler.wait() if scheduler.outstanding else []:
+            for done in queue.wait() if queue.outstanding else []:
                 kind, key = done.evaluation.tag
                 attempt = promoting[key] if kind == "promotion" else in_flight[key][1]
                 finished = engineer.finish(attempt, done.result, done.seconds)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -404,7 +405,7 @@ def main(argv: list[str]) -> None:
             sys.exit(2)
 
     from evolve_jax.agents.engineer import InfrastructureFailure
-    from evolve_jax.evaluation import cluster
+    from evolve_jax.evaluation import cluster, scheduler
     from evolve_jax.loop import LoopError, run
     from evolve_jax.memory.cognition import CognitionError
     from evolve_jax.memory.history import HistoryError
@@ -412,12 +413,48 @@ def main(argv: list[str]) -> None:
 
     if cluster.current().leader:
         print(f"report (rewritten every step): {page.url(config.workdir)}", flush=True)
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         summary = run(config, space)
     except (LoopError, HistoryError, CognitionError, InfrastructureFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except scheduler.Interrupted:
+        _stopped(config)
     print(summary.report)
+
+
+def _on_interrupt(signum, frame) -> None:
+    """First Ctrl-C: stop at the next safe point (the loop checks before each commit and while
+    it waits for evaluations); a second: stop at once."""
+    del signum, frame
+    from evolve_jax.evaluation import scheduler
+
+    if scheduler.STOP.is_set():
+        print("\nstopped at once; the same command continues the run", file=sys.stderr)
+        os._exit(130)
+    scheduler.STOP.set()
+    print(
+        "\nstopping at the next safe point (Ctrl-C again to stop at once)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _stopped(config: RunConfig) -> None:
+    """Says how far the run got and how to go on, then exits 130 without waiting for the
+    evaluations still running (their work is redone when the run continues)."""
+    from evolve_jax.memory.history import History
+
+    mine = [n for n in History(config.workdir).nodes() if n.origin.get("run") == config.run_name]
+    print(
+        f"interrupted: run {config.run_name!r} has {len(mine)} node(s) recorded in "
+        f"{config.workdir}; run the same command to continue it",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

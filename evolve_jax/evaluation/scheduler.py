@@ -39,6 +39,13 @@ from absl import logging
 
 from evolve_jax.search_space import EvalResult
 
+# Set by the driver's first Ctrl-C: every ``wait`` then raises Interrupted at once.
+STOP = threading.Event()
+
+
+class Interrupted(Exception):
+    """The user asked the run to stop (Ctrl-C); what is committed stays."""
+
 
 @dataclasses.dataclass
 class Evaluation:
@@ -215,6 +222,8 @@ class Scheduler:
         outstanding)."""
         deadline = None if timeout is None else self._clock() + timeout
         while True:
+            if STOP.is_set():
+                raise Interrupted("interrupted while evaluations were running")
             self._dispatch()
             self._collect()
             if self._ready or not self.outstanding:
