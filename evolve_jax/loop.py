@@ -35,6 +35,15 @@ from evolve_jax.report import page
 from evolve_jax.sampling import awaiting_remeasure, make_sampler, sampleable
 from evolve_jax.search_space import SearchSpace, fingerprint, load
 
+# The flags that say what a run is: resuming it with other values would mix two searches (other
+# measurements, other random draws, other slots or models), so it is refused. The others of
+# RunConfig.shaping_flags tune later designs and may change on resume (a warning says so).
+IDENTITY_FLAGS = frozenset({
+    "search_space", "space_opt", "seed", "eval_seeds", "samples_per_step", "schedule", "agents",
+    "sampler", "num_islands", "researcher_model", "engineer_model", "analyzer_model",
+    "embedding_model", "embedding_dims",
+})  # fmt: skip
+
 
 class LoopError(RuntimeError):
     """The run cannot go on; the message says why."""
@@ -861,8 +870,8 @@ class ResearchLoop:
 
     def _check_same_run(self) -> None:
         """Raises LoopError, naming each difference, when the run was started with other
-        values of the flags that shape it (``RunConfig.shaping_flags``): resuming would mix
-        two searches in one run."""
+        values of the flags that say what it is (``IDENTITY_FLAGS``): resuming would mix two
+        searches in one run. Other shaping flags may change; a warning names them."""
         cfg = self.config
         described = dict(self.history.records("runs")).get(cfg.run_name)
         if described is None:
@@ -877,7 +886,15 @@ class ResearchLoop:
                 return " ".join(f"--space_opt={v}" for v in value) or "no --space_opt"
             return f"--{name}={'' if value is None else value}"
 
-        changed = [n for n in sorted(set(recorded) | set(now)) if recorded.get(n) != now.get(n)]
+        differ = [n for n in sorted(set(recorded) | set(now)) if recorded.get(n) != now.get(n)]
+        tuned = [n for n in differ if n not in IDENTITY_FLAGS]
+        if tuned:
+            logging.warning(
+                "resuming %r with %s (it was started with %s): the designs from now on use them",
+                cfg.run_name, " ".join(text(n, now.get(n)) for n in tuned),
+                " ".join(text(n, recorded.get(n)) for n in tuned),
+            )  # fmt: skip
+        changed = [n for n in differ if n in IDENTITY_FLAGS]
         if changed:
             was = " ".join(text(n, recorded.get(n)) for n in changed)
             asked = " ".join(text(n, now.get(n)) for n in changed)
