@@ -5,6 +5,7 @@ Flags become a frozen RunConfig here; everything else is the library (evolve_jax
 
 from __future__ import annotations
 
+import logging as std_logging
 import math
 import os
 import signal
@@ -379,6 +380,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.INFO)
+    # JAX says at INFO that it found no TPU on every machine without one: not news.
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     if space.code_spec() is None:
         setup_devices()
     else:

@@ -157,6 +157,9 @@ def test_cli_runs_and_history_prints_json_lines(tmp_path):
     assert "rank" in done.stdout and workdir in done.stdout
     assert "step 1/1 slot 1" in done.stderr  # progress lines; --steps=1 overrode the file
     assert "JAX backend cpu: 4 device(s)" in done.stderr
+    # No noise: JAX's search for a TPU, bm25s building its index.
+    assert "Unable to initialize backend" not in done.stderr
+    assert "Building index" not in done.stderr
     listing = run_cli("evolve_jax.history", f"--workdir={workdir}", "--sort=score")
     rows = [json.loads(line) for line in listing.stdout.splitlines()]
     assert len(rows) == 3 + 2
@@ -463,3 +466,11 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert done.returncode == 130
     assert "stopped at once; the same command continues the run" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_missing_flagfile_is_one_plain_line(tmp_path):
+    done = run_cli("evolve_jax.main", f"--flagfile={tmp_path}/missing.flags")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: cannot open the flagfile {tmp_path}/missing.flags: No such file or directory"
+    )
