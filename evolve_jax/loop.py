@@ -56,6 +56,8 @@ class RunSummary:
     best: Node | None
     direction: str
     report: str
+    # Why the run, though it ran to its end, did not search (the driver then exits 1).
+    failure: str | None = None
 
 
 class ResearchLoop:
@@ -1007,7 +1009,24 @@ class ResearchLoop:
             text += f"\nquarantined, left out: node(s) {ids} (python -m evolve_jax.history "
             text += f"--workdir={cfg.workdir} --quarantined)"
         report.save(cfg.workdir, text)
-        return RunSummary(cfg.workdir, nodes, self._best(), self.direction, text)
+        return RunSummary(
+            cfg.workdir, nodes, self._best(), self.direction, text, self._no_search(nodes)
+        )
+
+    def _no_search(self, nodes: list[Node]) -> str | None:
+        """Says so when every child of this run failed calling the model (an unreachable API,
+        a wrong key or address): the run spent its compute on the seeds alone."""
+        run = self.config.run_name
+        children = [n for n in nodes if n.origin.get("run") == run and n.origin.get("step", 0)]
+        failed = [n for n in children if n.status == "failed" and (n.reason or "").startswith(
+            "researcher: ")]  # fmt: skip
+        if not children or len(failed) < len(children):
+            return None
+        return (
+            f"every child of run {run!r} ({len(children)}) failed calling the model, so nothing "
+            f"was searched (first: {failed[0].reason}); check the API's address, the key and "
+            "the network, then start another --run_name (these slots are recorded as failed)"
+        )
 
 
 def run(config: RunConfig, space: SearchSpace | None = None) -> RunSummary:

@@ -425,6 +425,9 @@ def main(argv: list[str]) -> None:
     except scheduler.Interrupted:
         _stopped(config)
     print(summary.report)
+    if summary.failure is not None:
+        print(f"error: {summary.failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _on_interrupt(signum, frame) -> None:

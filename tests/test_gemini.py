@@ -211,6 +211,16 @@ def test_server_error_on_every_attempt_fails_the_slot_and_the_run_goes_on(tmp_pa
     assert failed.reason.startswith("researcher: Gemini API error")
     assert all(n.ok for n in summary.nodes if n.id != failed.id)
     assert len([n for n in summary.nodes if n.origin["step"] == 2]) == 2
+    assert summary.failure is None  # one child failed, not every one
+
+
+def test_a_run_whose_every_child_failed_calling_the_model_says_so(tmp_path, server, prices):
+    server.enqueue(status=500, model=RESEARCHER, times=100)  # every attempt of every design
+    summary = _run(_config(tmp_path, server, prices, steps=1, samples_per_step=2, llm={
+        "concurrency": 1}))  # fmt: skip
+    assert summary.failure is not None
+    assert summary.failure.startswith("every child of run 'main' (2) failed calling the model")
+    assert "researcher: Gemini API error" in summary.failure
 
 
 def test_near_duplicate_is_sent_back_with_its_nearest_matches(tmp_path, server, prices):
