@@ -1,6 +1,8 @@
-"""Prints the experiment history: one JSON object per node (for jq or pandas.read_json(lines=True)).
+"""Prints the experiment history: one JSON object per node (for jq or pandas.read_json(lines=True)),
+or a table to read.
 
 python -m evolve_jax.history --workdir=W [--status=ok] [--sort=score] [--limit=10]
+python -m evolve_jax.history --workdir=W --format=table [--fields=id,name,score,reason]
 python -m evolve_jax.history --workdir=W --quarantine=ID   # set an unreadable node aside
 python -m evolve_jax.history --workdir=W --quarantined     # the nodes set aside, as JSON lines
 """
@@ -32,6 +34,17 @@ _QUARANTINE = flags.DEFINE_integer(
     "resumed run does not redo it) and its id is not reused. Refused while a run is live.",
     lower_bound=0,
 )
+_FORMAT = flags.DEFINE_enum(
+    "format", "jsonl", ["jsonl", "table"], "jsonl: a JSON object per node; table: a row each."
+)
+_FIELDS = flags.DEFINE_list(
+    "fields",
+    None,
+    "The node fields to print, dotted into objects (origin.step, stages.1.score); default: "
+    "all (jsonl) or id,origin.step,name,status,score,reason (table).",
+)
+_TABLE_FIELDS = ["id", "origin.step", "name", "status", "score", "reason"]
+_CELL = 48  # characters a table cell shows; longer values end in "…"
 _QUARANTINED = flags.DEFINE_bool(
     "quarantined", False, "Print the quarantined records instead: {id, key, record} per line."
 )
@@ -73,8 +86,46 @@ def main(argv: list[str]) -> None:
         nodes = ranked(nodes, direction) + [n for n in nodes if not n.ok]
     if _LIMIT.value:
         nodes = nodes[: _LIMIT.value]
-    for node in nodes:
-        print(json.dumps(node.summary(), sort_keys=True))
+    records = [node.summary() for node in nodes]
+    fields = _FIELDS.value or (_TABLE_FIELDS if _FORMAT.value == "table" else None)
+    if fields:
+        known = sorted(records[0]) if records else []
+        for name in fields:
+            if records and name.split(".")[0] not in records[0]:
+                print(f"error: --fields: unknown field {name!r} (fields: {', '.join(known)})",
+                      file=sys.stderr)  # fmt: skip
+                sys.exit(2)
+        records = [{name: _get(r, name) for name in fields} for r in records]
+    if _FORMAT.value == "table":
+        _print_table(records, fields or [])
+        return
+    for record in records:
+        print(json.dumps(record, sort_keys=fields is None))
+
+
+def _get(record: dict, dotted: str):
+    """``record``'s value at a dotted path (None where the path ends early)."""
+    value = record
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
+
+
+def _print_table(records: list[dict], fields: list[str]) -> None:
+    rows = [[_cell(r[f]) for f in fields] for r in records]
+    widths = [max([len(f)] + [len(row[i]) for row in rows]) for i, f in enumerate(fields)]
+    print("  ".join(f.ljust(w) for f, w in zip(fields, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 if __name__ == "__main__":

@@ -474,3 +474,21 @@ def test_a_missing_flagfile_is_one_plain_line(tmp_path):
     assert done.stderr.strip() == (
         f"error: cannot open the flagfile {tmp_path}/missing.flags: No such file or directory"
     )
+
+
+def test_history_prints_a_table_and_chosen_fields(tmp_path):
+    workdir = str(tmp_path / "run")
+    done = run_cli("evolve_jax.main", *_main_args(workdir, "--steps=1", "--samples_per_step=2"))
+    assert done.returncode == 0, done.stderr
+    nodes = History(workdir).nodes()
+    table = run_cli("evolve_jax.history", f"--workdir={workdir}", "--format=table")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["id", "origin.step", "name", "status", "score", "reason"]
+    assert len(lines) == 1 + len(nodes)
+    assert lines[1].split()[:4] == ["0", "0", nodes[0].name, nodes[0].status]
+    picked = run_cli("evolve_jax.history", f"--workdir={workdir}", "--fields=id,origin.slot")
+    rows = [json.loads(line) for line in picked.stdout.splitlines()]
+    assert rows == [{"id": n.id, "origin.slot": n.origin["slot"]} for n in nodes]
+    bad = run_cli("evolve_jax.history", f"--workdir={workdir}", "--fields=id,bogus")
+    assert bad.returncode == 2 and "unknown field 'bogus'" in bad.stderr
