@@ -422,7 +422,7 @@ class ResearchLoop:
             raise LoopError("no successful node to sample from: every seed failed (see history)")
         self.sampler.sync(self.history, view, step)
         self.agents.researcher.sync(view)
-        known = {fingerprint(n.candidate): n.id for n in view}
+        known = self._known(view)
         proposals: list[Proposal] = []
         design_seconds = []
         width = max(1, self.agents.researcher.batch_size)
@@ -699,11 +699,9 @@ class ResearchLoop:
                 attempt = self.agents.engineer.start(
                     node.candidate, {}, stage, self.config.eval_seed_list
                 )
-                if isinstance(attempt, Outcome):  # a recorded node that no longer passes checks
-                    promoting[(node.id, stage)] = attempt
-                    continue
                 promoting[(node.id, stage)] = attempt
-                self.agents.engineer.submit(attempt, tag=("promotion", (node.id, stage)))
+                if not isinstance(attempt, Outcome):  # an Outcome: its schema no longer holds
+                    self.agents.engineer.submit(attempt, tag=("promotion", (node.id, stage)))
             batches.append((stage, todo))
 
     def _record_finished_promotions(self, promoting: dict, batches: list) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from absl import logging
 
-from evolve_jax.evaluation.scheduler import Evaluation, Executor
+from evolve_jax.evaluation.scheduler import Evaluation, Executor, run_evaluation
 from evolve_jax.search_space import EvalResult
 
 _PREFIX = "evolve_jax"
@@ -133,12 +133,9 @@ class Cluster:
 
         def work(task: dict) -> None:
             nonlocal finished
-            try:
-                result, seconds = evaluate(
-                    task["genome"], task["stage"], tuple(task["seeds"]), task["block"]
-                )
-            except Exception as e:  # the evaluate function keeps candidate errors; a bug here
-                result, seconds = EvalResult(error=f"{type(e).__name__}: {e}"), 0.0
+            result, seconds = run_evaluation(
+                evaluate, task["genome"], task["stage"], tuple(task["seeds"]), task["block"]
+            )
             answer = json.dumps({"key": task["key"], **result_to_json(result, seconds)})
             client.key_value_set(_key("done", p, task["key"]), answer)
             with lock:

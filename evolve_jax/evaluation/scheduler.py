@@ -90,6 +90,15 @@ class Executor(abc.ABC):
         """No more work is coming (the search is over)."""
 
 
+def run_evaluation(evaluate, genome, stage, seeds, block) -> tuple[EvalResult, float]:
+    """``evaluate(genome, stage, seeds, block)``; an exception it lets through (it keeps the
+    candidate's own errors, so this is a bug) becomes the result instead of a lost answer."""
+    try:
+        return evaluate(genome, stage, seeds, block)
+    except Exception as e:
+        return EvalResult(error=f"{type(e).__name__}: {e}"), 0.0
+
+
 class LocalExecutor(Executor):
     """This process's devices: each evaluation runs in a thread (JAX releases the GIL while a
     compiled program runs)."""
@@ -114,11 +123,7 @@ class LocalExecutor(Executor):
         )
 
         def work():
-            try:
-                result, seconds = self._evaluate(genome, stage, seeds, block)
-            except Exception as e:  # the evaluate function keeps candidate errors; this is a bug
-                result, seconds = EvalResult(error=f"{type(e).__name__}: {e}"), 0.0
-            self._finished.put((key, result, seconds))
+            self._finished.put((key, *run_evaluation(self._evaluate, genome, stage, seeds, block)))
 
         # A thread per evaluation (the queue bounds how many run): none is left idle after.
         threading.Thread(target=work, name=f"evolve_jax-evaluation-{key}").start()
@@ -172,7 +177,8 @@ class Scheduler:
         self._pending: collections.deque[Evaluation] = collections.deque()
         self._running: dict[int, _Running] = {}
         self._load = {p: [0] * e.devices for p, e in self._executors.items()}
-        self._dead: set[int] = set()
+        # A process that never joined (a worker that never said hello) takes nothing.
+        self._dead = {p for p, e in self._executors.items() if not e.alive()}
         self._next_key = 0
         self._ready: list[Done] = []
         now = clock()
